@@ -1,0 +1,196 @@
+"""Grouped cross-attention: every pixel attends only to its own item's prompt.
+
+The UNet is given one long text sequence per image: the encoded prompts of all its items, one after
+another. An :class:`ItemLayout` says, for every batch element, which item owns each latent pixel and which
+span of that sequence is each item's prompt. :class:`GroupedAttnProcessor` is a diffusers attention
+processor (installed with ``unet.set_attn_processor``) that reads the layout from
+``cross_attention_kwargs={"item_layout": layout}``; without a layout, and in self-attention, it is plain
+scaled-dot-product attention, identical to diffusers' ``AttnProcessor2_0``.
+
+Cost: pixels are sorted by item once per layer resolution, and each item's pixels run one attention against
+that item's keys only, so the work is sum_k N_k * L_k = N * L, the same as a single ungrouped attention,
+whatever the number of items. (The reference code computes K full attentions and masks them.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+Span = tuple[int, int]
+
+
+@dataclass
+class _Plan:
+    """Per layer resolution: for each group of batch elements that share a layout, the pixel order that
+    sorts pixels by item, and each present item's pixel count and key span."""
+
+    groups: list[tuple[torch.Tensor | None, torch.Tensor, list[int], list[Span]]]
+
+
+@dataclass
+class ItemLayout:
+    """Which item owns each latent pixel, and where each item's prompt sits in the text sequence.
+
+    labels: ``(B, H, W)`` integer item index per latent pixel, for each batch element.
+    spans: for each batch element, a list over items of ``(start, end)`` token ranges into
+        ``encoder_hidden_states``; item ``k`` of element ``b`` attends to keys ``spans[b][k]`` only.
+    """
+
+    labels: torch.Tensor
+    spans: Sequence[Sequence[Span]]
+    _plans: dict = field(default_factory=dict, repr=False)
+    _groups: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        if self.labels.ndim != 3:
+            raise ValueError(f"ItemLayout.labels must be (B, H, W), got {tuple(self.labels.shape)}")
+        if len(self.spans) != self.labels.shape[0]:
+            raise ValueError(f"ItemLayout has {self.labels.shape[0]} label maps but {len(self.spans)} span lists")
+        self.labels = self.labels.long()
+        for b, spans in enumerate(self.spans):
+            top = int(self.labels[b].max())
+            if int(self.labels[b].min()) < 0 or top >= len(spans):
+                raise ValueError(f"batch element {b}: labels reach item {top} but only {len(spans)} prompt spans given")
+        # Batch elements with the same label map and spans (e.g. repeated samples) share one plan.
+        keys: dict = {}
+        for b in range(self.labels.shape[0]):
+            key = (tuple(map(tuple, self.spans[b])), self.labels[b].cpu().numpy().tobytes())
+            keys.setdefault(key, []).append(b)
+        self._groups = list(keys.values())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.labels.shape[1]), int(self.labels.shape[2])
+
+    def level_labels(self, num_tokens: int) -> torch.Tensor:
+        """Label maps at the resolution of a layer with ``num_tokens`` pixels: each cell takes the item that
+        covers most of its block (so every cell keeps exactly one item)."""
+        h, w = self.shape
+        factor = 1
+        while (h // factor) * (w // factor) > num_tokens and h % (factor * 2) == 0 and w % (factor * 2) == 0:
+            factor *= 2
+        if (h // factor) * (w // factor) != num_tokens:
+            raise ValueError(
+                f"a cross-attention layer has {num_tokens} pixels, which is no power-of-two reduction of the "
+                f"{w}x{h} latent; image sides must be multiples of the model's latent factor")
+        if factor == 1:
+            return self.labels
+        num_items = max(len(s) for s in self.spans)
+        onehot = F.one_hot(self.labels, num_items).permute(0, 3, 1, 2).float()
+        return F.avg_pool2d(onehot, factor).argmax(dim=1)
+
+    def plan(self, num_tokens: int, device: torch.device) -> _Plan:
+        cached = self._plans.get((num_tokens, device))
+        if cached is not None:
+            return cached
+        labels = self.level_labels(num_tokens).reshape(self.labels.shape[0], -1).to(device)
+        groups = []
+        for members in self._groups:
+            flat = labels[members[0]]
+            order = torch.argsort(flat, stable=True)
+            counts = torch.bincount(flat, minlength=len(self.spans[members[0]])).tolist()
+            batch_index = None if len(members) == labels.shape[0] else torch.tensor(members, device=device)
+            groups.append((batch_index, order, counts, list(self.spans[members[0]])))
+        plan = _Plan(groups)
+        self._plans[(num_tokens, device)] = plan
+        return plan
+
+
+def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: ItemLayout
+                      ) -> torch.Tensor:
+    """Attention where each query pixel sees only its item's keys.
+
+    query: ``(B, heads, N, d)``; key, value: ``(B, heads, S, d)``. Returns ``(B, heads, N, d)``.
+    """
+    batch, _, num_tokens, _ = query.shape
+    if batch != layout.labels.shape[0]:
+        raise ValueError(f"attention batch {batch} does not match the item layout's batch {layout.labels.shape[0]}")
+    plan = layout.plan(num_tokens, query.device)
+    out = torch.zeros_like(query)
+    for batch_index, order, counts, spans in plan.groups:
+        q = query if batch_index is None else query.index_select(0, batch_index)
+        k = key if batch_index is None else key.index_select(0, batch_index)
+        v = value if batch_index is None else value.index_select(0, batch_index)
+        q_sorted = q.index_select(2, order)
+        pieces, start = [], 0
+        for count, (s, e) in zip(counts, spans):
+            if count:  # items too small to reach this resolution own no pixels here
+                pieces.append(F.scaled_dot_product_attention(
+                    q_sorted[:, :, start:start + count], k[:, :, s:e], v[:, :, s:e]))
+            start += count
+        grouped = torch.empty_like(q)
+        grouped.index_copy_(2, order, torch.cat(pieces, dim=2))
+        if batch_index is None:
+            out = grouped
+        else:
+            out.index_copy_(0, batch_index, grouped)
+    return out
+
+
+class GroupedAttnProcessor:
+    """Diffusers attention processor for D-Edit.
+
+    Cross-attention with an ``item_layout`` in ``cross_attention_kwargs`` is grouped by item; everything else
+    (self-attention, or no layout) is standard scaled-dot-product attention. Install on all layers with
+    ``unet.set_attn_processor(GroupedAttnProcessor())``.
+    """
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 item_layout: ItemLayout | None = None) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        is_cross = encoder_hidden_states is not None
+        batch, seq_len, _ = (encoder_hidden_states if is_cross else hidden_states).shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if not is_cross:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if is_cross and item_layout is not None:
+            if attention_mask is not None:
+                raise ValueError("grouped cross-attention takes no attention_mask: item spans select the keys")
+            hidden_states = grouped_attention(query, key, value, item_layout)
+        else:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def install_grouped_attention(unet) -> None:
+    """Put :class:`GroupedAttnProcessor` on every attention layer of a diffusers UNet."""
+    unet.set_attn_processor(GroupedAttnProcessor())

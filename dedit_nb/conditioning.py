@@ -1,0 +1,85 @@
+"""Item prompts -> the UNet's grouped text conditioning (shared by finetuning and sampling)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import masks as M
+from .attention import ItemLayout, Span
+
+ITEM_PROMPT_LENGTH = 40   # item prompts, as in the reference
+TEXT_PROMPT_LENGTH = 77   # free text prompts (text edits)
+
+
+@dataclass
+class Conditioning:
+    """One image's prompts end to end: states ``(1, S, D)``, each item's span, and the pooled embedding."""
+
+    states: torch.Tensor
+    spans: list[Span]
+    pooled: torch.Tensor | None
+
+
+def encode_items(model, prompts: Sequence[str], lengths: Sequence[int], areas: Sequence[float] | None = None
+                 ) -> Conditioning:
+    """Encode one prompt per item (``lengths[k]`` tokens each) into one sequence.
+
+    The pooled embedding (SDXL) is the area-weighted mean of the items' pooled embeddings.
+    """
+    pieces, pooled_rows, spans, start = [], [], [], 0
+    by_length: dict[int, list[int]] = {}
+    for k, length in enumerate(lengths):
+        by_length.setdefault(min(length, model.text.max_length), []).append(k)
+    encoded: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for length, ks in by_length.items():
+        states, pooled = model.text.encode([prompts[k] for k in ks], length)
+        for j, k in enumerate(ks):
+            encoded[k] = (states[j], None if pooled is None else pooled[j])
+    for k in range(len(prompts)):
+        states, pooled = encoded[k]
+        pieces.append(states)
+        spans.append((start, start + states.shape[0]))
+        start += states.shape[0]
+        if pooled is not None:
+            pooled_rows.append(pooled)
+    pooled = None
+    if pooled_rows:
+        weights = torch.tensor(areas if areas is not None else [1.0] * len(prompts), dtype=pooled_rows[0].dtype,
+                               device=pooled_rows[0].device)
+        weights = weights / weights.sum().clamp_min(1e-8)
+        pooled = (torch.stack(pooled_rows) * weights[:, None]).sum(0, keepdim=True)
+    return Conditioning(torch.cat(pieces, dim=0)[None], spans, pooled)
+
+
+def unconditional(model, length: int = TEXT_PROMPT_LENGTH) -> Conditioning:
+    """The classifier-free guidance branch: the empty prompt over the whole image (zeros for models
+    trained that way, e.g. SDXL's ``force_zeros_for_empty_prompt``)."""
+    states, pooled = model.text.encode([""], length)
+    if model.zero_uncond:
+        states = torch.zeros_like(states)
+        pooled = None if pooled is None else torch.zeros_like(pooled)
+    return Conditioning(states, [(0, states.shape[1])], pooled)
+
+
+def latent_labels(model, labels: np.ndarray, num_items: int) -> torch.Tensor:
+    """A pixel label map at latent resolution (majority of each VAE block)."""
+    if model.vae_scale == 1:
+        small = labels
+    else:
+        small = M.downsample_labels_majority(labels, model.vae_scale, num_items)
+    return torch.as_tensor(np.ascontiguousarray(small), dtype=torch.long)
+
+
+def batch(conds: Sequence[Conditioning], labels: Sequence[torch.Tensor]
+          ) -> tuple[torch.Tensor, ItemLayout, torch.Tensor | None]:
+    """Stack several images' conditionings (padded with unused zero keys) and their item layout."""
+    length = max(c.states.shape[1] for c in conds)
+    states = torch.cat([torch.nn.functional.pad(c.states, (0, 0, 0, length - c.states.shape[1])) for c in conds])
+    layout = ItemLayout(torch.stack([l.to(states.device) for l in labels]), [c.spans for c in conds])
+    pooled = None
+    if conds[0].pooled is not None:
+        pooled = torch.cat([c.pooled for c in conds])
+    return states, layout, pooled

@@ -1,0 +1,226 @@
+"""D-Edit's edits on a finetuned session: each is a change of prompts and/or masks, then masked sampling.
+
+An :class:`Editor` puts a session's learned tokens and UNet delta into a model; its methods return an
+:class:`EditResult` (images, the hard/soft/active regions, the label map used, and a manifest of every
+parameter). Edits never change the session's items; each is recorded in the session's history.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from PIL import Image
+
+from . import conditioning as C
+from . import masks as M
+from .sampler import SamplingConfig, masked_sample
+from .session import Session, SessionError, atomic_write_bytes
+
+EDIT_KINDS = ("recon", "text", "image", "move", "remove")
+
+
+@dataclass
+class EditResult:
+    """Images of one edit, the regions it used, and its manifest."""
+
+    kind: str
+    images: list[np.ndarray]
+    original: np.ndarray
+    labels: np.ndarray
+    regions: M.Regions
+    manifest: dict = field(default_factory=dict)
+
+    def save(self, output_dir: str | Path) -> Path:
+        """Write ``image_<j>.png``, ``hard.png``/``soft.png``/``active.png``, ``labels.npy`` and
+        ``manifest.json`` (each file written atomically)."""
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        files = {"images": []}
+        for j, img in enumerate(self.images):
+            name = f"image_{j}.png"
+            _save_png(out / name, img)
+            files["images"].append(name)
+        for region in ("hard", "soft", "active"):
+            _save_png(out / f"{region}.png", getattr(self.regions, region).astype(np.uint8) * 255)
+            files[region] = f"{region}.png"
+        import io
+        buf = io.BytesIO()
+        np.save(buf, self.labels.astype(np.int32), allow_pickle=False)
+        atomic_write_bytes(out / "labels.npy", buf.getvalue())
+        files["labels"] = "labels.npy"
+        manifest = {**self.manifest, "files": files}
+        atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+        return out
+
+    def figure(self, max_images: int = 4):
+        """Original, regions and results side by side (matplotlib figure)."""
+        import matplotlib.pyplot as plt
+        shown = self.images[:max_images]
+        fig, axes = plt.subplots(1, 2 + len(shown), figsize=(3 * (2 + len(shown)), 3))
+        axes[0].imshow(self.original)
+        axes[0].set_title("original")
+        axes[1].imshow(self.regions.as_uint8(), cmap="viridis", vmin=0, vmax=2)
+        axes[1].set_title("hard / soft / active")
+        for ax, img, j in zip(axes[2:], shown, range(len(shown))):
+            ax.imshow(img)
+            ax.set_title(f"{self.kind} #{j}")
+        for ax in axes:
+            ax.axis("off")
+        fig.tight_layout()
+        return fig
+
+
+def _save_png(path: Path, arr: np.ndarray) -> None:
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _as_move(value) -> M.ItemMove:
+    if isinstance(value, M.ItemMove):
+        return value
+    if isinstance(value, np.ndarray):
+        return M.ItemMove(mask=value)
+    if isinstance(value, Mapping):
+        return M.ItemMove(**value)
+    dx, dy, *rest = value
+    return M.ItemMove(dx=dx, dy=dy, scale=rest[0] if rest else 1.0)
+
+
+class Editor:
+    """Runs edits on a finetuned session.
+
+    ``Editor(model, session)`` loads the session's learned weights into ``model`` (undoing any other
+    session's). Every edit method takes the sampling settings of :class:`SamplingConfig` as keywords
+    (steps, guidance, strength, edge_thickness, seed, num_images, eta).
+    """
+
+    def __init__(self, model, session: Session, progress: bool = True, record: bool = True):
+        if not session.has_weights:
+            raise SessionError("this session has no learned weights yet; run finetune(model, session) first")
+        session.check_model(model)
+        state = session.finetune_state or {}
+        if not state.get("done", False):
+            raise SessionError("this session's finetune did not finish; call finetune(model, session) again to resume it")
+        self.model, self.session, self.progress, self.record = model, session, progress, record
+        meta = session.weights_meta
+        model.text.set_token_rows(session.load_weights("tokens"))
+        model.load_unet_delta(meta["mode"], session.load_weights("unet"), meta.get("lora"))
+        self.item_prompt_length = state.get("config", {}).get("item_prompt_length", C.ITEM_PROMPT_LENGTH)
+
+    # --- the edits -----------------------------------------------------------------------------------
+    def reconstruct(self, image: int | str = 0, **sampling) -> EditResult:
+        """Regenerate the image from its item prompts (a check of the finetune); nothing is frozen."""
+        entry = self.session.image(image)
+        prompts = [it.prompt() for it in entry.items]
+        active = np.ones(entry.labels.shape, bool)
+        return self._run("recon", image, prompts, [self.item_prompt_length] * len(prompts), entry.labels,
+                         active, sampling, {})
+
+    def text(self, image: int | str, item: int | str, prompt: str, **sampling) -> EditResult:
+        """Replace an item's prompt by ``prompt``; a ``*`` in it stands for the item's own tokens, so
+        ``"a red *"`` refines the item rather than replacing it."""
+        if not prompt or not prompt.strip():
+            raise ValueError("a text edit needs a prompt, e.g. 'a red bag' or 'a photo of * in gold'")
+        entry = self.session.image(image)
+        k = entry.item_index(item)
+        self._require_pixels(entry, k)
+        prompts = [it.prompt() for it in entry.items]
+        lengths = [self.item_prompt_length] * len(prompts)
+        prompts[k] = entry.items[k].prompt(prompt) if "*" in prompt else prompt
+        lengths[k] = C.TEXT_PROMPT_LENGTH
+        return self._run("text", image, prompts, lengths, entry.labels, entry.labels == k, sampling,
+                         {"item": entry.items[k].label, "item_index": k, "prompt": prompt})
+
+    def image(self, image: int | str, item: int | str, source_image: int | str, source_item: int | str,
+              template: str | None = None, **sampling) -> EditResult:
+        """Put an item learned from another image of the session in place of ``item``; ``template``
+        (e.g. ``"a photo of * in gold"``) adds text around the source item's tokens."""
+        entry = self.session.image(image)
+        source = self.session.image(source_image)
+        k = entry.item_index(item)
+        sk = source.item_index(source_item)
+        self._require_pixels(entry, k)
+        prompts = [it.prompt() for it in entry.items]
+        lengths = [self.item_prompt_length] * len(prompts)
+        prompts[k] = source.items[sk].prompt(template)
+        if template:
+            lengths[k] = C.TEXT_PROMPT_LENGTH
+        return self._run("image", image, prompts, lengths, entry.labels, entry.labels == k, sampling,
+                         {"item": entry.items[k].label, "item_index": k, "source_image": source.name,
+                          "source_item": source.items[sk].label, "source_item_index": sk, "template": template})
+
+    def move(self, image: int | str, moves: Mapping, priority=None, **sampling) -> EditResult:
+        """Move, resize or redraw items: ``moves`` maps an item to ``(dx, dy[, scale])``, a dict of
+        :class:`masks.ItemMove` fields, or a boolean mask. ``priority`` lists the moved items bottom to top.
+        Uncovered pixels go to the nearest unmoved items."""
+        entry = self.session.image(image)
+        resolved = {entry.item_index(k): _as_move(v) for k, v in moves.items()}
+        order = [entry.item_index(k) for k in priority] if priority is not None else None
+        labels, active = M.move_items(entry.labels, resolved, order)
+        prompts = [it.prompt() for it in entry.items]
+        params = {"moves": {entry.items[k].label: {"dx": m.dx, "dy": m.dy, "scale": m.scale,
+                                                   "mask": m.mask is not None} for k, m in resolved.items()},
+                  "priority": [entry.items[k].label for k in (order or resolved)]}
+        return self._run("move", image, prompts, [self.item_prompt_length] * len(prompts), labels, active,
+                         sampling, params)
+
+    def remove(self, image: int | str, item: int | str, **sampling) -> EditResult:
+        """Delete an item; its pixels go to the nearest other items and are regenerated."""
+        entry = self.session.image(image)
+        k = entry.item_index(item)
+        labels, freed = M.remove_item(entry.labels, k)
+        prompts = [it.prompt() for it in entry.items]
+        return self._run("remove", image, prompts, [self.item_prompt_length] * len(prompts), labels, freed,
+                         sampling, {"item": entry.items[k].label, "item_index": k})
+
+    # --- machinery -----------------------------------------------------------------------------------
+    @staticmethod
+    def _require_pixels(entry, k: int) -> None:
+        if not (entry.labels == k).any():
+            raise M.PartitionError(f"item {entry.items[k].label!r} has no pixels in image {entry.name!r}")
+
+    def _run(self, kind, image, prompts, lengths, labels, active, sampling: dict, params: dict) -> EditResult:
+        config = SamplingConfig(**sampling)
+        entry = self.session.image(image)
+        if kind == "recon":
+            regions = M.Regions(hard=np.zeros_like(active), soft=np.zeros_like(active), active=active)
+        else:
+            regions = M.edit_regions(active, config.edge_thickness)
+        n = len(entry.items)
+        areas = M.item_areas(labels, n).astype(float).tolist()
+        cond = C.encode_items(self.model, prompts, lengths, areas)
+        images = masked_sample(self.model, cond, C.latent_labels(self.model, labels, n), entry.working,
+                               regions, config, progress=self.progress)
+        manifest = {"kind": kind, "session": str(self.session.folder), "session_id": self.session.id,
+                    "image": entry.name, "model_id": self.model.model_id, "params": params,
+                    "sampling": asdict(config), "seeds": [config.seed + j for j in range(config.num_images)],
+                    "prompts": {it.label: p for it, p in zip(entry.items, prompts)},
+                    "region_pixels": {r: int(getattr(regions, r).sum()) for r in ("hard", "soft", "active")}}
+        if self.record:
+            self.session.record_edit(manifest)
+        return EditResult(kind, images, entry.working, labels, regions, manifest)
+
+
+def run_edit(editor: Editor, kind: str, image=0, item=None, prompt=None, dx=0.0, dy=0.0, scale=1.0,
+             source_image=None, source_item=None, **sampling) -> EditResult:
+    """One edit by name, with flat parameters (what papermill and batch runs pass)."""
+    if kind not in EDIT_KINDS:
+        raise ValueError(f"unknown edit {kind!r}; choose one of {EDIT_KINDS}")
+    if kind != "recon" and item is None:
+        raise ValueError(f"the {kind} edit needs an item (index or label)")
+    if kind == "recon":
+        return editor.reconstruct(image, **sampling)
+    if kind == "text":
+        return editor.text(image, item, prompt, **sampling)
+    if kind == "image":
+        if source_image is None or source_item is None:
+            raise ValueError("the image edit needs source_image and source_item")
+        return editor.image(image, item, source_image, source_item, template=prompt, **sampling)
+    if kind == "move":
+        return editor.move(image, {item: M.ItemMove(dx=dx, dy=dy, scale=scale)}, **sampling)
+    return editor.remove(image, item, **sampling)

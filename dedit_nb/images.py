@@ -1,0 +1,100 @@
+"""Reading images of any kind into 8-bit RGB, and the working size a model can take."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+MAX_PIXELS = 100_000_000  # larger inputs are refused rather than exhausting memory
+
+
+class ImageInputError(ValueError):
+    """An image that cannot be used, with the reason and the fix."""
+
+
+def to_rgb_array(image) -> np.ndarray:
+    """Any path, PIL image or array -> ``uint8 (H, W, 3)``.
+
+    Grayscale is repeated to three channels, alpha is composited over white, 16-bit and float images are
+    scaled to 8 bits. Refuses empty images and ones over 100 megapixels.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.exists():
+            raise ImageInputError(f"image file {path} does not exist")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.copy()
+        except Exception as exc:  # noqa: BLE001
+            raise ImageInputError(f"cannot read {path} as an image: {exc}") from exc
+    if isinstance(image, Image.Image):
+        if image.width * image.height > MAX_PIXELS:
+            raise ImageInputError(f"image is {image.width}x{image.height}; downscale it below 100 megapixels")
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(image).astype(np.float64)
+            image = (arr / max(arr.max(), 1) * 255.0) if arr.max() > 255 else arr
+        elif image.mode in ("RGBA", "LA", "P", "PA"):
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+        else:
+            image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.size == 0 or arr.ndim not in (2, 3):
+        raise ImageInputError(f"expected an image (H, W) or (H, W, C), got shape {arr.shape}")
+    if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
+        raise ImageInputError(f"image is {arr.shape[1]}x{arr.shape[0]}; downscale it below 100 megapixels")
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.shape[2] == 4:
+        alpha = arr[..., 3:4].astype(np.float64) / (65535.0 if arr.dtype == np.uint16 else 255.0 if arr.dtype == np.uint8 else 1.0)
+        arr = arr[..., :3].astype(np.float64) * alpha + (1 - alpha) * (
+            65535.0 if arr.dtype == np.uint16 else 255.0 if arr.dtype == np.uint8 else 1.0)
+    elif arr.shape[2] != 3:
+        raise ImageInputError(f"image has {arr.shape[2]} channels; give grayscale, RGB or RGBA")
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if arr.dtype == np.uint16:
+        return (arr.astype(np.float64) / 257.0).round().astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        top = 1.0 if arr.max() <= 1.0 else 255.0 if arr.max() <= 255.0 else 65535.0
+        return (np.clip(arr / top, 0, 1) * 255.0).round().astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool:
+        top = 255.0 if arr.max() <= 255 else 65535.0
+        return (arr.astype(np.float64) / top * 255.0).round().astype(np.uint8)
+    raise ImageInputError(f"unsupported image dtype {arr.dtype}")
+
+
+def working_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """(W, H) with the longer side near ``resolution``, both sides multiples of ``multiple``, aspect ratio
+    kept as closely as those multiples allow. Nothing is cropped."""
+    if resolution < multiple:
+        raise ImageInputError(f"resolution {resolution} is below the model's size multiple {multiple}")
+    scale = resolution / max(width, height)
+    w = max(multiple, int(round(width * scale / multiple)) * multiple)
+    h = max(multiple, int(round(height * scale / multiple)) * multiple)
+    return w, h
+
+
+def resize_rgb(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize ``uint8 (H, W, 3)`` to ``size=(W, H)`` with a Lanczos filter."""
+    if (arr.shape[1], arr.shape[0]) == tuple(size):
+        return arr.copy()
+    return np.asarray(Image.fromarray(arr).resize(size, Image.LANCZOS))
+
+
+def rgb_to_tensor(arr: np.ndarray):
+    """``uint8 (H, W, 3)`` -> float tensor ``(1, 3, H, W)`` in [-1, 1]."""
+    import torch
+    return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+def tensor_to_rgb(images) -> np.ndarray:
+    """Float tensor ``(B, 3, H, W)`` in [-1, 1] -> ``uint8 (B, H, W, 3)``."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round()
+    return x.numpy().astype(np.uint8).transpose(0, 2, 3, 1)

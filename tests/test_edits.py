@@ -1,0 +1,136 @@
+"""Every edit keeps hard-region pixels identical to the original, and edits are reproducible."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dedit_nb import masks as M
+from dedit_nb.edits import Editor, run_edit
+from dedit_nb.finetune import FinetuneConfig, finetune
+from dedit_nb.models import load_model
+from dedit_nb.session import Session, SessionError
+from conftest import three_item_labels
+
+SAMPLING = dict(steps=3, guidance=3.0, strength=0.5, edge_thickness=2)
+
+
+@pytest.fixture
+def finetuned(tmp_path, photo, tiny_model):
+    model = tiny_model
+    s = Session.create(tmp_path / "s", photo, resolution=48, multiple=model.latent_factor * 2)
+    h, w = s.images[0].labels.shape
+    s.set_items(0, three_item_labels(h, w), ["left", "right", "top"])
+    s.add_image(photo[::-1].copy(), name="flipped")
+    finetune(model, s, FinetuneConfig(num_tokens=2, stage1_steps=1, stage2_steps=1), progress=False)
+    return model, s
+
+
+EDITS = {
+    "text": lambda ed: ed.text(0, "left", "a red bag", **SAMPLING),
+    "refine": lambda ed: ed.text(0, "right", "a photo of * in gold", **SAMPLING),
+    "image": lambda ed: ed.image(0, "top", "flipped", 0, **SAMPLING),
+    "image+text": lambda ed: ed.image(0, "top", "flipped", 0, template="a shiny *", **SAMPLING),
+    "move": lambda ed: ed.move(0, {"top": (4, 6)}, **SAMPLING),
+    "resize": lambda ed: ed.move(0, {"right": M.ItemMove(scale=0.5)}, **SAMPLING),
+    "move-two": lambda ed: ed.move(0, {"top": (0, 3), "left": (2, 0)}, priority=["left", "top"], **SAMPLING),
+    "remove": lambda ed: ed.remove(0, "top", **SAMPLING),
+}
+
+
+def test_every_edit_keeps_hard_pixels_exactly(finetuned):
+    model, s = finetuned
+    editor = Editor(model, s, progress=False)
+    original = s.images[0].working
+    for name, run in EDITS.items():
+        result = run(editor)
+        r = result.regions
+        assert ((r.hard.astype(int) + r.soft + r.active) == 1).all(), name
+        assert r.hard.any() and r.active.any(), name
+        for img in result.images:
+            assert img.shape == original.shape and img.dtype == np.uint8
+            assert np.array_equal(img[r.hard], original[r.hard]), name
+            assert not np.array_equal(img[r.active], original[r.active]), name   # something was generated
+        assert M.check_labels(result.labels, 3) is not None
+    assert [h["kind"] for h in Session.open(s.folder).history] == \
+        ["text", "text", "image", "image", "move", "move", "move", "remove"]
+
+
+def test_recon_and_num_images(finetuned):
+    model, s = finetuned
+    result = Editor(model, s, progress=False).reconstruct(0, num_images=2, **SAMPLING)
+    assert len(result.images) == 2 and not np.array_equal(result.images[0], result.images[1])
+    assert result.regions.active.all() and result.manifest["seeds"] == [0, 1]
+
+
+def test_mask_edits_change_the_labels_as_asked(finetuned):
+    model, s = finetuned
+    editor = Editor(model, s, progress=False)
+    labels = s.images[0].labels
+    removed = editor.remove(0, "top", **SAMPLING)
+    assert not (removed.labels == 2).any()
+    assert np.array_equal(removed.regions.active, labels == 2)
+    moved = editor.move(0, {"top": (4, 6)}, **SAMPLING)
+    assert np.array_equal(moved.labels == 2, M.transform_mask(labels == 2, 4, 6))
+    assert (moved.regions.active >= ((moved.labels == 2) | (labels == 2))).all()
+
+
+def test_same_seed_after_reopening_gives_identical_output(finetuned, tiny_model_dirs, family, tmp_path):
+    model, s = finetuned
+    first = Editor(model, s, progress=False).text(0, "left", "a red bag", seed=7, **{**SAMPLING})
+    again_model = load_model(str(tiny_model_dirs[family]))
+    again = Editor(again_model, Session.open(s.folder), progress=False).text(0, "left", "a red bag", seed=7, **SAMPLING)
+    assert all(np.array_equal(a, b) for a, b in zip(first.images, again.images))
+    other = Editor(again_model, Session.open(s.folder), progress=False).text(0, "left", "a red bag", seed=8, **SAMPLING)
+    assert not np.array_equal(first.images[0], other.images[0])
+    out = first.save(tmp_path / "out")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "text" and manifest["params"]["prompt"] == "a red bag"
+    assert manifest["sampling"]["seed"] == 7 and manifest["model_id"] == model.model_id
+    assert {"hard", "soft", "active", "images", "labels"} <= set(manifest["files"])
+
+
+def test_bad_edit_input_is_refused_without_touching_the_session(finetuned):
+    model, s = finetuned
+    before = (s.folder / "session.json").read_bytes()
+    editor = Editor(model, s, progress=False, record=False)
+    with pytest.raises(SessionError, match="has no item 'chair'"):
+        editor.text(0, "chair", "a red chair")
+    with pytest.raises(SessionError, match="items 0..2"):
+        editor.remove(0, 7)
+    with pytest.raises(M.PartitionError, match="leave the image"):
+        editor.move(0, {"top": (10_000, 0)})
+    with pytest.raises(ValueError, match="needs a prompt"):
+        editor.text(0, "left", " ")
+    with pytest.raises(TypeError):
+        editor.reconstruct(0, stepz=3)
+    with pytest.raises(ValueError, match="unknown edit"):
+        run_edit(editor, "recolour", item=0)
+    assert (s.folder / "session.json").read_bytes() == before
+
+
+def test_session_finetuned_on_another_model_is_refused(finetuned, tiny_model_dirs, family):
+    model, s = finetuned
+    other_family = "sdxl" if family != "sdxl" else "sd"
+    other = load_model(str(tiny_model_dirs[other_family]))
+    with pytest.raises(SessionError, match="finetuned on"):
+        Editor(other, s)
+    with pytest.raises(SessionError, match="finetuned on"):
+        finetune(other, s, FinetuneConfig(num_tokens=2, stage1_steps=1, stage2_steps=1), progress=False)
+
+
+def test_missing_weights_file_is_a_clear_error(finetuned):
+    model, s = finetuned
+    for f in (s.folder / "weights").glob("unet-*"):
+        f.unlink()
+    with pytest.raises(SessionError, match="is missing"):
+        Editor(model, Session.open(s.folder))
+
+
+def test_unfinished_finetune_cannot_edit(tmp_path, photo, tiny_model_dirs):
+    model = load_model(str(tiny_model_dirs["sd"]))
+    s = Session.create(tmp_path / "s", photo, resolution=32, multiple=8)
+    finetune(model, s, FinetuneConfig(num_tokens=1, stage1_steps=2, stage2_steps=2), progress=False,
+             callback=lambda *a: False)
+    with pytest.raises(SessionError, match="did not finish"):
+        Editor(model, s)

@@ -1,0 +1,126 @@
+"""Two-stage finetune: exactly the intended parameters change; interrupted runs resume to the same weights."""
+import numpy as np
+import pytest
+import torch
+
+from dedit_nb.finetune import FinetuneConfig, finetune
+from dedit_nb.models import load_model
+from dedit_nb.session import Session, SessionError
+from conftest import three_item_labels
+
+FAST = dict(num_tokens=2, batch_size=1, checkpoint_every=2)
+
+
+def make_session(tmp_path, photo, model, name="s"):
+    s = Session.create(tmp_path / name, photo, resolution=32, multiple=model.latent_factor * 2)
+    h, w = s.images[0].labels.shape
+    s.set_items(0, three_item_labels(h, w), ["left", "right", "top"])
+    return s
+
+
+def snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def test_stage1_changes_only_the_new_embedding_rows(tmp_path, photo, tiny_model):
+    model = tiny_model
+    s = make_session(tmp_path, photo, model)
+    tokens = s.assign_tokens(FAST["num_tokens"])
+    model.text.add_tokens(tokens)
+    unet_before = snapshot(model.unet)
+    encoders_before = [snapshot(slot.encoder) for slot in model.text.slots]
+    finetune(model, s, FinetuneConfig(stage1_steps=3, stage2_steps=0, stage1_lr=1e-2, **FAST), progress=False)
+    assert len(tokens) == 3 * 2 and s.all_tokens() == tokens
+    for slot, before, ids in zip(model.text.slots, encoders_before, model.text.token_ids(tokens)):
+        table = slot.embedding().weight
+        name = next(n for n, p in slot.encoder.named_parameters() if p is table)
+        new = torch.zeros(table.shape[0], dtype=torch.bool)
+        new[ids] = True
+        assert torch.equal(table[~new], before[name][~new])                   # every other row: bit for bit
+        assert not torch.allclose(table[new], before[name][new])              # the item tokens learned
+        for n, p in slot.encoder.named_parameters():
+            if n != name:
+                assert torch.equal(p, before[n])
+    for n, p in model.unet.named_parameters():
+        assert torch.equal(p, unet_before[n])
+
+
+def test_stage1_new_rows_move_from_their_initialisation(tmp_path, photo, tiny_model_dirs):
+    model = load_model(str(tiny_model_dirs["sd"]))
+    s = make_session(tmp_path, photo, model)
+    tokens = s.assign_tokens(2)
+    model.text.add_tokens(tokens, generator=torch.Generator().manual_seed(0))
+    init = model.text.get_token_rows(tokens)
+    finetune(model, s, FinetuneConfig(stage1_steps=3, stage2_steps=0, stage1_lr=1e-2, **FAST), progress=False)
+    learned = s.load_weights("tokens")
+    assert set(learned) == set(init)
+    assert all(not torch.allclose(learned[k], init[k]) for k in init)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_stage2_changes_only_the_chosen_parameters_and_saves_only_them(tmp_path, photo, tiny_model, lora):
+    model = tiny_model
+    s = make_session(tmp_path, photo, model)
+    before = snapshot(model.unet)
+    cfg = FinetuneConfig(stage1_steps=1, stage2_steps=3, stage2_lr=1e-2, lora_lr=1e-2, lora=lora, **FAST)
+    finetune(model, s, cfg, progress=False)
+    saved = s.load_weights("unet")
+    after = snapshot(model.unet)
+    if lora:
+        assert saved and all("lora_" in n for n in saved)
+        base = {n.replace(".base_layer", ""): p for n, p in after.items() if "lora_" not in n}
+        assert set(base) == set(before)
+        assert all(torch.equal(base[n], before[n]) for n in before)        # base weights untouched
+        assert any(not torch.equal(after[n], 0 * after[n]) for n in saved if "lora_B" in n)
+    else:
+        assert saved and all(".attn2.to_" in n for n in saved)
+        assert set(saved) == set(model.cross_attention_parameters())
+        changed = {n for n in before if not torch.equal(after[n], before[n])}
+        assert changed and changed <= set(saved)
+    total = sum(p.numel() for p in model.unet.parameters())
+    assert sum(v.numel() for v in saved.values()) < total / 2               # never the whole UNet
+
+
+def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, photo, tiny_model_dirs):
+    cfg = FinetuneConfig(stage1_steps=4, stage2_steps=4, stage1_lr=1e-2, stage2_lr=1e-2, **FAST)
+    model_a = load_model(str(tiny_model_dirs["sd"]))
+    straight = make_session(tmp_path, photo, model_a, "straight")
+    full = finetune(model_a, straight, cfg, progress=False)
+
+    model_b = load_model(str(tiny_model_dirs["sd"]))
+    interrupted = make_session(tmp_path, photo, model_b, "interrupted")
+    interrupted._data["id"] = straight.id          # same token names, so the runs are comparable
+    interrupted.save()
+    for stop_at in [("stage1", 2), ("stage2", 1)]:
+        part = finetune(model_b, interrupted, cfg, progress=False,
+                        callback=lambda stage, step, loss, stop_at=stop_at: (stage, step) != stop_at)
+        assert not part.completed
+    model_c = load_model(str(tiny_model_dirs["sd"]))              # a fresh process, as after a crash
+    resumed = finetune(model_c, Session.open(tmp_path / "interrupted"), cfg, progress=False)
+    assert resumed.completed
+    assert np.allclose(resumed.loss["stage1"], full.loss["stage1"]) and np.allclose(resumed.loss["stage2"], full.loss["stage2"])
+    a, b = straight.load_weights("unet"), Session.open(tmp_path / "interrupted").load_weights("unet")
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    ta, tb = straight.load_weights("tokens"), Session.open(tmp_path / "interrupted").load_weights("tokens")
+    assert all(torch.allclose(ta[n], tb[n], atol=1e-6) for n in ta)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, photo, tiny_model_dirs):
+    model = load_model(str(tiny_model_dirs["sd"]))
+    s = make_session(tmp_path, photo, model)
+    finetune(model, s, FinetuneConfig(stage1_steps=4, stage2_steps=0, **FAST), progress=False,
+             callback=lambda *a: False)
+    with pytest.raises(SessionError, match="other settings"):
+        finetune(model, s, FinetuneConfig(stage1_steps=4, stage2_steps=0, **{**FAST, "num_tokens": 3}), progress=False)
+
+
+def test_joint_finetune_of_several_images(tmp_path, photo, tiny_model_dirs):
+    model = load_model(str(tiny_model_dirs["sd"]))
+    s = make_session(tmp_path, photo, model)
+    for flip in (photo[:, ::-1], photo[::-1]):
+        i = s.add_image(flip)
+        h, w = s.images[i].labels.shape
+        s.set_items(i, three_item_labels(h, w)[::-1].copy(), ["a", "b", "c"])
+    finetune(model, s, FinetuneConfig(stage1_steps=2, stage2_steps=1, **FAST), progress=False)
+    tokens = s.load_weights("tokens")
+    assert len({k.split("/", 1)[1] for k in tokens}) == 3 * 3 * 2     # 3 images x 3 items x 2 tokens
