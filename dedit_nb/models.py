@@ -413,7 +413,10 @@ def load_model(model: str | os.PathLike = "offline", device: str | torch.device 
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dt)
     scheduler_config = _scheduler_config(path, index)
     if family == "offline":
-        text = TextConditioner([_minilm_slot(dt)])
+        slot = _minilm_slot(dt)
+        if index.get("_dedit_text_length"):  # prompts are padded to the length the model was trained with
+            slot.tokenizer.model_max_length = int(index["_dedit_text_length"])
+        text = TextConditioner([slot])
         vae = _component(path, index, "vae", dt) if index.get("vae") else None
     else:
         vae = _component(path, index, "vae", dt)

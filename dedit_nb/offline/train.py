@@ -1,0 +1,203 @@
+"""Train the offline demo model on procedural scenes (a one-off, run in the background; never in CI).
+
+    python -m dedit_nb.offline.train --minutes 60            # trains, resumes from runs/offline-train
+    python -m dedit_nb.offline.train --export-only           # writes the EMA weights into the package
+
+A pixel-space UNet2DConditionModel with cross-attention conditioned on the frozen MiniLM encoder
+(384-dim token states), v-prediction with a cosine schedule, AdamW, EMA, 10% empty captions. Part of every
+batch is trained the way D-Edit samples: each object's pixels on its own phrase ("a red circle"), the
+background on its own ("a yellow background"), through the engine's grouped cross-attention, so the model
+is fluent in grouped prompts. Scenes and noise of step ``s`` come from ``(seed, s)``, so a resumed run
+equals an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..attention import ItemLayout, install_grouped_attention
+from ..models import MINILM_SOURCE, OFFLINE_MODEL_DIR, TextConditioner, _minilm_slot
+from ..session import atomic_write_bytes
+from .scenes import random_scene
+
+TEXT_LENGTH = 24          # every prompt is padded to this many MiniLM tokens, in training and in use
+RESOLUTION = 32
+
+
+def unet_config(resolution: int = RESOLUTION) -> dict:
+    return dict(sample_size=resolution, in_channels=3, out_channels=3, layers_per_block=1,
+                block_out_channels=(16, 32, 64), norm_num_groups=8, attention_head_dim=4,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=384)
+
+
+def scheduler_config() -> dict:
+    return dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
+
+
+class PhraseCache:
+    """MiniLM states of prompts, computed once per distinct string."""
+
+    def __init__(self, text: TextConditioner):
+        self.text, self.cache = text, {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> list[torch.Tensor]:
+        missing = sorted({p for p in prompts if p not in self.cache})
+        if missing:
+            states, _ = self.text.encode(missing, TEXT_LENGTH)
+            for p, s in zip(missing, states):
+                self.cache[p] = s
+        if len(self.cache) > 200_000:
+            self.cache.clear()
+        return [self.cache[p] for p in prompts]
+
+
+def make_batch(step: int, seed: int, size: int, batch: int, grouped_share: float, phrases: PhraseCache):
+    rng = np.random.default_rng([seed, step])
+    scenes = [random_scene(rng, size) for _ in range(batch)]
+    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    states, spans, labels = [], [], []
+    for s in scenes:
+        if rng.random() < grouped_share:
+            pieces = phrases(s.item_phrases)
+            states.append(torch.cat(pieces))
+            spans.append([(k * TEXT_LENGTH, (k + 1) * TEXT_LENGTH) for k in range(len(pieces))])
+            labels.append(torch.from_numpy(s.labels).long())
+        else:
+            caption = "" if rng.random() < 0.1 else s.caption
+            states.append(phrases([caption])[0])
+            spans.append([(0, TEXT_LENGTH)])
+            labels.append(torch.zeros(size, size, dtype=torch.long))
+    longest = max(x.shape[0] for x in states)
+    states = torch.stack([F.pad(x, (0, 0, 0, longest - x.shape[0])) for x in states])
+    return images, states, ItemLayout(torch.stack(labels), spans), rng
+
+
+def _state_dicts(unet, ema, opt) -> dict[str, torch.Tensor]:
+    out = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    out.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    for idx, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"opt.{idx}.{key}"] = torch.as_tensor(value).reshape(-1)
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def save_checkpoint(folder: Path, step: int, unet, ema, opt, losses: list[float]) -> None:
+    from safetensors.torch import save
+    atomic_write_bytes(folder / "state.safetensors", save(_state_dicts(unet, ema, opt)))
+    atomic_write_bytes(folder / "state.json", json.dumps({"step": step, "loss": losses}).encode())
+
+
+def load_checkpoint(folder: Path, unet, ema, opt) -> tuple[int, list[float]]:
+    from safetensors.torch import load_file
+    if not (folder / "state.json").exists():
+        return 0, []
+    meta = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "state.safetensors"))
+    unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v.reshape(()) if name == "step" else v.reshape(params[int(idx)].shape)
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    return meta["step"], meta["loss"]
+
+
+def export(folder: Path, target: Path = OFFLINE_MODEL_DIR, resolution: int = RESOLUTION) -> Path:
+    """Write the EMA weights as a diffusers model folder that ``load_model("offline")`` reads."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from safetensors.torch import load_file
+    tensors = load_file(str(folder / "state.safetensors"))
+    unet = UNet2DConditionModel(**unet_config(resolution))
+    unet.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    unet.save_pretrained(target / "unet", safe_serialization=True)
+    DDIMScheduler(**scheduler_config()).save_pretrained(target / "scheduler")
+    meta = json.loads((folder / "state.json").read_text())
+    index = {"_class_name": "DEditOfflinePipeline", "_diffusers_version": "0.30.0", "_dedit_family": "offline",
+             "_dedit_text_encoder": MINILM_SOURCE, "_dedit_text_length": TEXT_LENGTH,
+             "_dedit_resolution": resolution, "_dedit_training_steps": meta["step"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDIMScheduler"]}
+    atomic_write_bytes(target / "model_index.json", json.dumps(index, indent=2).encode())
+    return target
+
+
+def train(folder: Path, minutes: float, max_steps: int, batch: int = 32, lr: float = 1e-3, seed: int = 0,
+          grouped_share: float = 0.5, ema_decay: float = 0.999, checkpoint_every: int = 100,
+          resolution: int = RESOLUTION) -> int:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config(resolution))
+    install_grouped_attention(unet)
+    ema = UNet2DConditionModel(**unet_config(resolution))
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
+    start, losses = load_checkpoint(folder, unet, ema, opt)
+    text = TextConditioner([_minilm_slot(torch.float32)])
+    text.slots[0].encoder.eval()
+    phrases = PhraseCache(text)
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config())
+    print(f"offline model: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
+          f"{resolution}x{resolution}, starting at step {start}", flush=True)
+    deadline = time.time() + minutes * 60
+    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc="training", mininterval=30)
+    step = start
+    for step in bar:
+        images, states, layout, rng = make_batch(step, seed, resolution, batch, grouped_share, phrases)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        noise = torch.randn(images.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        noisy = noise_scheduler.add_noise(images, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=states, cross_attention_kwargs={"item_layout": layout}).sample
+        loss = F.mse_loss(pred, noise_scheduler.get_velocity(images, noise, t))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), unet.parameters()):
+                e.lerp_(p, 1 - ema_decay)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if (step + 1) % checkpoint_every == 0 or time.time() > deadline or step + 1 == max_steps:
+            save_checkpoint(folder, step + 1, unet, ema, opt, losses)
+        if time.time() > deadline:
+            break
+    return step + 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Train the offline demo model")
+    parser.add_argument("--folder", type=Path, default=Path("runs/offline-train"))
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--export-only", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.export_only:
+        steps = train(args.folder, args.minutes, args.steps, args.batch, args.lr, args.seed)
+        print(f"trained to step {steps}", flush=True)
+    print(f"exported to {export(args.folder)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
