@@ -269,22 +269,33 @@ def split_components(labels: np.ndarray, item: int, connectivity: int = 1) -> tu
     return out, added
 
 
-def drop_fragments(labels: np.ndarray, min_area: int, connectivity: int = 1) -> np.ndarray:
-    """Give every connected piece smaller than ``min_area`` pixels to its nearest neighbouring item, so
-    each item keeps only its substantial parts (an item whose pieces are all small keeps its largest)."""
+def drop_fragments(labels: np.ndarray, min_area: int, connectivity: int = 1, keep_small_items: bool = True
+                   ) -> np.ndarray:
+    """Give every connected piece smaller than ``min_area`` pixels to its nearest neighbouring item.
+
+    With ``keep_small_items`` an item whose pieces are all small keeps its largest piece; without it such an
+    item disappears (its index stays unused). If that would leave no pixel assigned, the largest piece of
+    the image is kept.
+    """
     labels = np.asarray(labels, dtype=np.int32)
     out = labels.copy()
     structure = ndi.generate_binary_structure(2, connectivity)
+    largest = (0, None, None)
     for item in np.unique(labels):
         comp, n = ndi.label(labels == item, structure=structure)
         if n == 0:
             continue
         sizes = np.bincount(comp.ravel())[1:]
         small = sizes < min_area
-        if small.all():
+        if small.all() and keep_small_items:
             small[np.argmax(sizes)] = False
+        if sizes.max() > largest[0]:
+            largest = (int(sizes.max()), comp, int(np.argmax(sizes)) + 1)
         for c in np.nonzero(small)[0] + 1:
             out[comp == c] = UNASSIGNED
+    if (out == UNASSIGNED).all():
+        _, comp, c = largest
+        out[comp == c] = labels[comp == c]
     return fill_unassigned(out)
 
 

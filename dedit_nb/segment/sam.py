@@ -1,0 +1,136 @@
+"""segment-anything: automatic masks turned into a partition, and click/box prompts for the editor.
+
+Checkpoints are the official ``.pth`` files (vit_b ``sam_vit_b_01ec64.pth``, vit_l ``sam_vit_l_0b3195.pth``,
+vit_h ``sam_vit_h_4b8939.pth``), downloaded by the user from the segment-anything repository's README.
+They are read with ``torch.load(weights_only=True)``: tensors only, never pickled code.
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .partition import Partition, partition_from_masks
+
+# (embed dim, depth, heads, global attention blocks, image size, window, prompt dim, mlp dim of decoder)
+SAM_SPECS = {
+    "vit_b": (768, 12, 12, (2, 5, 8, 11), 1024, 14, 256, 2048),
+    "vit_l": (1024, 24, 16, (5, 11, 17, 23), 1024, 14, 256, 2048),
+    "vit_h": (1280, 32, 16, (7, 15, 23, 31), 1024, 14, 256, 2048),
+    "tiny": (32, 2, 2, (1,), 64, 2, 32, 64),   # random-weight tests only
+}
+
+
+class SamLoadError(RuntimeError):
+    """A SAM checkpoint that is missing, unreadable or of another model type."""
+
+
+def build_sam(model_type: str = "vit_b"):
+    """An untrained SAM of a given type, assembled from segment-anything's modules."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    if model_type not in SAM_SPECS:
+        raise SamLoadError(f"unknown SAM model type {model_type!r}; use one of {sorted(SAM_SPECS)}")
+    dim, depth, heads, global_idx, size, window, prompt_dim, mlp = SAM_SPECS[model_type]
+    patch = 16
+    sam = Sam(
+        image_encoder=ImageEncoderViT(depth=depth, embed_dim=dim, img_size=size, mlp_ratio=4,
+                                      norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=heads,
+                                      patch_size=patch, qkv_bias=True, use_rel_pos=True,
+                                      global_attn_indexes=global_idx, window_size=window, out_chans=prompt_dim),
+        prompt_encoder=PromptEncoder(embed_dim=prompt_dim, image_embedding_size=(size // patch, size // patch),
+                                     input_image_size=(size, size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3,
+                                 transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=mlp,
+                                                               num_heads=8 if prompt_dim >= 64 else 2),
+                                 transformer_dim=prompt_dim, iou_head_depth=3, iou_head_hidden_dim=prompt_dim),
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+    return sam.eval()
+
+
+def load_sam(checkpoint: str | Path, model_type: str | None = None, device: str | None = None):
+    """Load a SAM ``.pth`` checkpoint (model type guessed from the file name when not given)."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise SamLoadError(
+            f"SAM checkpoint {path} does not exist; download sam_vit_b_01ec64.pth (or vit_l / vit_h) from the "
+            f"segment-anything README and pass its path, or use segmenter='offline'")
+    if model_type is None:
+        model_type = next((t for t in ("vit_b", "vit_l", "vit_h") if t in path.name), None)
+        if model_type is None:
+            raise SamLoadError(f"cannot tell the SAM type from {path.name!r}; pass model_type='vit_b'/'vit_l'/'vit_h'")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise SamLoadError(f"cannot read SAM checkpoint {path}: {exc}; download it again") from exc
+    if not isinstance(state, dict):
+        raise SamLoadError(f"{path} holds no state dict of tensors; is it a SAM checkpoint?")
+    sam = build_sam(model_type)
+    try:
+        sam.load_state_dict(state)
+    except RuntimeError as exc:
+        raise SamLoadError(f"{path} does not fit SAM {model_type}: {str(exc).splitlines()[0]}; "
+                           f"check model_type") from exc
+    from ..models import pick_device
+    return sam.to(pick_device(device))
+
+
+def _sam(sam_or_path, model_type=None):
+    return load_sam(sam_or_path, model_type) if isinstance(sam_or_path, (str, Path)) else sam_or_path
+
+
+def segment_sam(image: np.ndarray, sam=None, checkpoint: str | Path | None = None, model_type: str | None = None,
+                points_per_side: int = 32, pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
+                min_area_fraction: float = 0.002, background_min_fraction: float = 0.05,
+                max_items: int | None = 24) -> Partition:
+    """SAM's automatic masks as a partition (the rule of ``partition_from_masks``): overlaps go to the
+    higher-scoring mask (score = predicted IoU x stability), a large uncovered area becomes a background
+    item, small fragments join their neighbours; at most ``max_items`` masks, the highest-scoring kept."""
+    from segment_anything import SamAutomaticMaskGenerator
+    if sam is None and checkpoint is None:
+        raise SamLoadError("segmenter 'sam' needs a checkpoint path (or a loaded sam model)")
+    model = _sam(sam if sam is not None else checkpoint, model_type)
+    generator = SamAutomaticMaskGenerator(model, points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
+                                          stability_score_thresh=stability_score_thresh)
+    records = generator.generate(np.ascontiguousarray(image))
+    records.sort(key=lambda r: -r["predicted_iou"] * r["stability_score"])
+    if max_items is not None:
+        records = records[:max_items]
+    if not records:
+        return Partition(np.zeros(image.shape[:2], np.int32), ["image"])
+    masks = [r["segmentation"] for r in records]
+    scores = [r["predicted_iou"] * r["stability_score"] for r in records]
+    return partition_from_masks(masks, scores, [f"segment{k}" for k in range(len(masks))],
+                                min_area_fraction=min_area_fraction, background_min_fraction=background_min_fraction)
+
+
+class SamPrompter:
+    """Click and box prompts on one image (the image is embedded once, then each prompt is fast).
+
+    ``predict(points=[(x, y), ...], point_labels=[1, 0, ...], box=(x0, y0, x1, y1))`` returns the best mask.
+    Coordinates are pixels of the image given at construction.
+    """
+
+    def __init__(self, sam, image: np.ndarray):
+        from segment_anything import SamPredictor
+        self.predictor = SamPredictor(_sam(sam))  # a loaded model or a checkpoint path
+        self.predictor.set_image(np.ascontiguousarray(image))
+        self.shape = image.shape[:2]
+
+    def predict(self, points: Sequence[tuple[float, float]] | None = None, point_labels: Sequence[int] | None = None,
+                box: Sequence[float] | None = None) -> np.ndarray:
+        if not points and box is None:
+            raise ValueError("give at least one click (points) or a box")
+        coords = np.asarray(points, dtype=np.float32) if points else None
+        labels = np.asarray(point_labels if point_labels is not None else [1] * len(points), dtype=np.int32) \
+            if points else None
+        masks, scores, _ = self.predictor.predict(point_coords=coords, point_labels=labels,
+                                                  box=None if box is None else np.asarray(box, np.float32),
+                                                  multimask_output=box is None)
+        return masks[int(np.argmax(scores))].astype(bool)
+
+    def boxes(self, boxes: Sequence[Sequence[float]]) -> list[np.ndarray]:
+        """One mask per box (used by text-prompted segmentation)."""
+        return [self.predict(box=b) for b in boxes]
