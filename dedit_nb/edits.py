@@ -137,11 +137,20 @@ class Editor:
                          {"item": entry.items[k].label, "item_index": k, "prompt": prompt})
 
     def image(self, image: int | str, item: int | str, source_image: int | str, source_item: int | str,
-              template: str | None = None, **sampling) -> EditResult:
-        """Put an item learned from another image of the session in place of ``item``; ``template``
-        (e.g. ``"a photo of * in gold"``) adds text around the source item's tokens."""
+              template: str | None = None, source_session: Session | None = None, **sampling) -> EditResult:
+        """Put an item learned from another image in place of ``item``. The source image is one of this
+        session's, or of ``source_session`` when that was finetuned jointly with it (``extra_sessions``).
+        ``template`` (e.g. ``"a photo of * in gold"``) adds text around the source item's tokens."""
         entry = self.session.image(image)
-        source = self.session.image(source_image)
+        if source_session is not None and source_session.id != self.session.id:
+            joint = {j["id"] for j in self.session.weights_meta.get("joint", [])}
+            if source_session.id not in joint:
+                raise SessionError(
+                    f"source session {source_session.folder} was not finetuned jointly with this session; "
+                    f"finetune them together (finetune(..., extra_sessions=[source]))")
+            source = source_session.image(source_image)
+        else:
+            source = self.session.image(source_image)
         k = entry.item_index(item)
         sk = source.item_index(source_item)
         self._require_pixels(entry, k)
@@ -152,6 +161,7 @@ class Editor:
             lengths[k] = C.TEXT_PROMPT_LENGTH
         return self._run("image", image, prompts, lengths, entry.labels, entry.labels == k, sampling,
                          {"item": entry.items[k].label, "item_index": k, "source_image": source.name,
+                          "source_session": str(source_session.folder) if source_session is not None else None,
                           "source_item": source.items[sk].label, "source_item_index": sk, "template": template})
 
     def move(self, image: int | str, moves: Mapping, priority=None, **sampling) -> EditResult:
@@ -207,7 +217,7 @@ class Editor:
 
 
 def run_edit(editor: Editor, kind: str, image=0, item=None, prompt=None, dx=0.0, dy=0.0, scale=1.0,
-             source_image=None, source_item=None, **sampling) -> EditResult:
+             source_image=None, source_item=None, source_session=None, **sampling) -> EditResult:
     """One edit by name, with flat parameters (what papermill and batch runs pass)."""
     if kind not in EDIT_KINDS:
         raise ValueError(f"unknown edit {kind!r}; choose one of {EDIT_KINDS}")
@@ -220,7 +230,8 @@ def run_edit(editor: Editor, kind: str, image=0, item=None, prompt=None, dx=0.0,
     if kind == "image":
         if source_image is None or source_item is None:
             raise ValueError("the image edit needs source_image and source_item")
-        return editor.image(image, item, source_image, source_item, template=prompt, **sampling)
+        return editor.image(image, item, source_image, source_item, template=prompt, source_session=source_session,
+                            **sampling)
     if kind == "move":
         return editor.move(image, {item: M.ItemMove(dx=dx, dy=dy, scale=scale)}, **sampling)
     return editor.remove(image, item, **sampling)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -124,11 +124,11 @@ class _ImageData:
 
 
 class _Trainer:
-    def __init__(self, model, session: Session, config: FinetuneConfig):
-        self.model, self.session, self.config = model, session, config
+    def __init__(self, model, sessions: Sequence[Session], config: FinetuneConfig):
+        self.model, self.config = model, config
         self.noise_scheduler = model.training_scheduler()
         self.images: list[_ImageData] = []
-        for entry in session.images:
+        for entry in (e for s in sessions for e in s.images):
             pixels = rgb_to_tensor(entry.working).to(model.device)
             latents = model.encode_images(pixels)
             labels = C.latent_labels(model, entry.labels, len(entry.items))
@@ -158,27 +158,38 @@ class _Trainer:
 
 
 def finetune(model, session: Session, config: FinetuneConfig | None = None, callback: Callback | None = None,
-             resume: bool = True, progress: bool = True) -> FinetuneResult:
+             resume: bool = True, progress: bool = True, extra_sessions: Sequence[Session] = ()) -> FinetuneResult:
     """Finetune a session's items on a model and save the learned weights into the session.
 
+    ``extra_sessions`` are finetuned jointly with it (their images' losses add up in every step, and the
+    same weights are saved into each), so an item of one can be put into an image of another.
     ``callback(stage, step, loss)`` is called after every step; returning ``False`` stops after saving a
     checkpoint (resume later by calling again). With ``resume=False`` earlier weights are discarded.
     """
     config = config or FinetuneConfig()
+    sessions = [session, *extra_sessions]
+    if len({s.id for s in sessions}) != len(sessions):
+        raise SessionError("the same session was given twice (or two sessions share an id: copy_to gives a new one)")
     state = session.finetune_state
     if state is not None and resume:
         previous = FinetuneConfig(**state["config"])
         if not config.resumable_with(previous):
             raise SessionError("this session's finetune was started with other settings "
                                f"({previous}); pass the same settings, or resume=False to start over")
+        joint = sorted(j["id"] for j in session.weights_meta.get("joint", [{"id": session.id}]))
+        if joint != sorted(s.id for s in sessions):
+            raise SessionError("this session's finetune was started with other sessions; pass the same "
+                               "extra_sessions, or resume=False to start over")
     else:
-        if session.has_weights:
-            session.discard_weights()
         state = None
-    session.check_model(model)
+    for s in sessions:
+        s.check_model(model)
+    for s in sessions:
+        if state is None and s.has_weights:
+            s.discard_weights()
     model.reset_unet()
 
-    tokens = session.assign_tokens(config.num_tokens)
+    tokens = [t for s in sessions for t in s.assign_tokens(config.num_tokens)]
     model.text.add_tokens(tokens, generator=torch.Generator().manual_seed(config.seed))
     if state is not None:
         model.text.set_token_rows(session.load_weights("tokens"))
@@ -189,8 +200,9 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
         result.completed = True
         return result
 
-    trainer = _Trainer(model, session, config)
-    meta = {"mode": "lora" if config.lora else "attn", "num_tokens": config.num_tokens}
+    trainer = _Trainer(model, sessions, config)
+    meta = {"mode": "lora" if config.lora else "attn", "num_tokens": config.num_tokens,
+            "joint": [{"id": s.id, "folder": str(s.folder)} for s in sessions]}
     if config.lora:
         meta["lora"] = {"rank": config.lora_rank, "alpha": float(config.lora_rank), "target_modules": LORA_TARGETS}
 
@@ -200,7 +212,8 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
                    "optimizer": _flatten_optimizer(opt) if opt is not None and not done else {}}
         fstate = {"config": asdict(config), "model_id": model.model_id, "stage": stage_, "step": next_step,
                   "done": done, "loss": result.loss}
-        session.save_weights(tensors, model.model_id, meta, fstate)
+        for s in sessions:
+            s.save_weights(tensors, model.model_id, meta, fstate)
 
     if stage == 1:
         stopped = _run_stage1(model, trainer, tokens, start, result, callback, checkpoint, progress,

@@ -134,3 +134,21 @@ def test_unfinished_finetune_cannot_edit(tmp_path, photo, tiny_model_dirs):
              callback=lambda *a: False)
     with pytest.raises(SessionError, match="did not finish"):
         Editor(model, s)
+
+
+def test_item_from_a_jointly_finetuned_session(tmp_path, photo, tiny_model_dirs):
+    model = load_model(str(tiny_model_dirs["sd"]))
+    a = Session.create(tmp_path / "a", photo, resolution=32, multiple=8)
+    b = Session.create(tmp_path / "b", photo[::-1].copy(), resolution=32, multiple=8)
+    c = Session.create(tmp_path / "c", photo, resolution=32, multiple=8)
+    h, w = a.images[0].labels.shape
+    for s in (a, b):
+        s.set_items(0, three_item_labels(h, w), ["left", "right", "top"])
+    finetune(model, a, FinetuneConfig(num_tokens=1, stage1_steps=1, stage2_steps=1), extra_sessions=[b], progress=False)
+    assert Session.open(tmp_path / "b").has_weights
+    editor = Editor(model, a, progress=False)
+    result = editor.image(0, "top", 0, "left", source_session=Session.open(tmp_path / "b"), **SAMPLING)
+    assert result.manifest["prompts"]["top"] == b.images[0].items[0].prompt()
+    assert np.array_equal(result.images[0][result.regions.hard], a.images[0].working[result.regions.hard])
+    with pytest.raises(SessionError, match="not finetuned jointly"):
+        editor.image(0, "top", 0, 0, source_session=c, **SAMPLING)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipywidgets as W
 
+from .edit_panel import EditPanel
 from .gallery import ResultCard, ResultGallery
 from .mask_editor import MaskEditor
 from .palette import ItemPalette
@@ -36,4 +37,4 @@ class ItemsEditor(W.VBox):
         return True
 
 
-__all__ = ["ItemState", "MaskEditor", "ItemPalette", "ResultGallery", "ResultCard", "ItemsEditor", "disk_stroke"]
+__all__ = ["EditPanel", "ItemState", "MaskEditor", "ItemPalette", "ResultGallery", "ResultCard", "ItemsEditor", "disk_stroke"]

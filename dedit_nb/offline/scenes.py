@@ -125,3 +125,12 @@ def random_scene(rng: np.random.Generator, size: int = 32, max_objects: int = 3,
         if min(visible) >= 0.6:
             return scene
     return scene
+
+
+def demo_scenes(size: int = 32) -> dict[str, Scene]:
+    """The bundled example pair: scene_a is edited; scene_b lends an item for the image edit."""
+    return {
+        "scene_a": render("yellow", [SceneObject("red", "circle", 0.30 * size, 0.62 * size, 0.2 * size),
+                                     SceneObject("blue", "square", 0.72 * size, 0.35 * size, 0.17 * size)], size),
+        "scene_b": render("white", [SceneObject("green", "triangle", 0.5 * size, 0.55 * size, 0.28 * size)], size),
+    }
