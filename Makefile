@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+demo: env
+	$(BIN)/python -m dedit_nb.demo
+
 test: env
 	$(BIN)/python -m pytest -q -ra
 
