@@ -120,3 +120,11 @@ def test_working_size():
     assert working_size(2048, 1536, 512, 8) == (512, 384)
     with pytest.raises(ImageInputError):
         working_size(100, 100, 32, 64)
+
+
+def test_huge_images_are_refused(tmp_path, monkeypatch):
+    import dedit_nb.images as I
+    monkeypatch.setattr(I, "MAX_PIXELS", 1000)
+    with pytest.raises(ImageInputError, match="downscale it"):
+        Session.create(tmp_path / "s", np.zeros((40, 40, 3), np.uint8))
+    assert not (tmp_path / "s" / "session.json").exists()

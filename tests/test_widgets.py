@@ -82,6 +82,14 @@ def test_fill_polygon_and_keyboard_tools(state):
     from skimage.draw import polygon
     rr, cc = polygon(np.array([30, 30, 60]), np.array([60, 90, 90]), shape=(64, 96))
     assert (state.labels[rr, cc] == 0).all()
+    editor.key_down("l")
+    loop = [(5, 20), (30, 20), (30, 40), (5, 40)]
+    editor.mouse_down(*loop[0])
+    for point in loop[1:]:
+        editor.mouse_move(*point)
+    editor.mouse_up(5, 40)
+    rr, cc = polygon(np.array([20, 20, 40, 40, 40]), np.array([5, 30, 30, 5, 5]), shape=(64, 96))
+    assert (state.labels[rr, cc] == 0).all()              # a freehand lasso fills its inside
     editor.key_down("f")
     flat = np.zeros((32, 32, 3), np.uint8)
     flat[:, 16:] = 200

@@ -15,8 +15,8 @@ from dedit_nb.segment.partition import item_colour, overlay
 
 from .state import ItemState, disk_stroke
 
-TOOLS = ("brush", "eraser", "fill", "polygon", "move", "sam")
-KEYS = {"b": "brush", "e": "eraser", "f": "fill", "p": "polygon", "m": "move", "s": "sam"}
+TOOLS = ("brush", "eraser", "fill", "polygon", "lasso", "move", "sam")
+KEYS = {"b": "brush", "e": "eraser", "f": "fill", "p": "polygon", "l": "lasso", "m": "move", "s": "sam"}
 
 
 class MaskEditor(W.VBox):
@@ -101,7 +101,7 @@ class MaskEditor(W.VBox):
     def mouse_down(self, x: float, y: float) -> None:
         tool = self.tool.value
         self._pressed = True
-        if tool in ("brush", "eraser"):
+        if tool in ("brush", "eraser", "lasso"):
             self._points = [(x, y)]
             self._preview_dot(x, y)
         elif tool == "fill":
@@ -124,11 +124,11 @@ class MaskEditor(W.VBox):
     def mouse_move(self, x: float, y: float) -> None:
         if not self._pressed:
             return
-        if self.tool.value in ("brush", "eraser"):
+        if self.tool.value in ("brush", "eraser", "lasso"):
             last = self._points[-1]
             self._points.append((x, y))
             self.canvas.stroke_style = "rgba(255,255,255,0.6)"
-            self.canvas.line_width = 2 * self.size.value
+            self.canvas.line_width = 2 * self.size.value if self.tool.value != "lasso" else 1
             self.canvas.line_cap = "round"
             self.canvas.stroke_line(last[0], last[1], x, y)
 
@@ -145,6 +145,10 @@ class MaskEditor(W.VBox):
             changed = self.state.assign(stroke) if tool == "brush" else self.state.erase(stroke)
             if not changed:
                 self.render()  # clear the preview
+        elif tool == "lasso":
+            points, self._points = self._points + [(x, y)], []
+            if len(points) < 3 or not self.state.polygon(points):
+                self.render()
         elif tool == "move" and self._drag_start is not None:
             item = self.state.selected
             old = self.state.moves.get(item)
