@@ -94,7 +94,8 @@ def _autocast(model):
         yield
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def flatten_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """An optimizer's state as flat tensors ``"{param index}.{name}"`` (safetensors holds no nesting)."""
     flat = {}
     for idx, state in opt.state_dict()["state"].items():
         for key, value in state.items():
@@ -102,7 +103,8 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     return flat
 
 
-def _restore_optimizer(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+def restore_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`flatten_optimizer_state` for an optimizer over the same parameters."""
     if not flat:
         return
     current = opt.state_dict()
@@ -209,7 +211,7 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
     def checkpoint(stage_: int, next_step: int, opt, done: bool) -> None:
         tensors = {"tokens": model.text.get_token_rows(tokens),
                    "unet": {n: p.detach() for n, p in _stage2_params(model, config).items()} if stage_ == 2 else {},
-                   "optimizer": _flatten_optimizer(opt) if opt is not None and not done else {}}
+                   "optimizer": flatten_optimizer_state(opt) if opt is not None and not done else {}}
         fstate = {"config": asdict(config), "model_id": model.model_id, "stage": stage_, "step": next_step,
                   "done": done, "loss": result.loss}
         for s in sessions:
@@ -264,7 +266,7 @@ def _run_stage1(model, trainer: _Trainer, tokens, start, result, callback, check
     for t in tables:
         t.requires_grad_(True)
     opt = torch.optim.AdamW(tables, lr=config.stage1_lr, weight_decay=0.0)
-    _restore_optimizer(opt, opt_state)
+    restore_optimizer_state(opt, opt_state)
     try:
         return _loop(1, trainer, opt, tables, start, config.stage1_steps, result, callback, checkpoint, progress,
                      grad_rows=new_rows, frozen=frozen, encode_each_step=True)
@@ -281,7 +283,7 @@ def _run_stage2(model, trainer: _Trainer, config, start, result, callback, check
         p.requires_grad_(True)
     lr = config.lora_lr if config.lora else config.stage2_lr
     opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
-    _restore_optimizer(opt, opt_state)
+    restore_optimizer_state(opt, opt_state)
     try:
         return _loop(2, trainer, opt, list(params.values()), start, config.stage2_steps, result, callback,
                      checkpoint, progress, encode_each_step=False)

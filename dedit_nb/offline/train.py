@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..attention import ItemLayout, install_grouped_attention
+from ..finetune import flatten_optimizer_state, restore_optimizer_state
 from ..models import MINILM_SOURCE, OFFLINE_MODEL_DIR, TextConditioner, _minilm_slot
 from ..session import atomic_write_bytes
 from .scenes import random_scene
@@ -86,9 +87,7 @@ def make_batch(step: int, seed: int, size: int, batch: int, grouped_share: float
 def _state_dicts(unet, ema, opt) -> dict[str, torch.Tensor]:
     out = {f"unet.{k}": v for k, v in unet.state_dict().items()}
     out.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    for idx, state in opt.state_dict()["state"].items():
-        for key, value in state.items():
-            out[f"opt.{idx}.{key}"] = torch.as_tensor(value).reshape(-1)
+    out.update({f"opt.{k}": v for k, v in flatten_optimizer_state(opt).items()})
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
@@ -106,13 +105,7 @@ def load_checkpoint(folder: Path, unet, ema, opt) -> tuple[int, list[float]]:
     tensors = load_file(str(folder / "state.safetensors"))
     unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    params = [p for g in opt.param_groups for p in g["params"]]
-    state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v.reshape(()) if name == "step" else v.reshape(params[int(idx)].shape)
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    restore_optimizer_state(opt, {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")})
     return meta["step"], meta["loss"]
 
 

@@ -1,0 +1,61 @@
+"""The offline demo model: its scenes, its resumable training script, and the shipped weights."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dedit_nb.models import OFFLINE_MODEL_DIR, load_model
+from dedit_nb.offline import train as T
+from dedit_nb.offline.scenes import HELD_OUT, SHAPES, random_scene, shape_mask
+
+
+def test_scenes_come_with_a_partition_and_never_draw_held_out_pairs():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        scene = random_scene(rng)
+        assert scene.labels.max() == len(scene.objects)
+        assert all((scene.labels == k).any() for k in range(len(scene.objects) + 1))
+        assert not {(o.colour, o.shape) for o in scene.objects} & HELD_OUT
+        assert len(scene.item_phrases) == len(scene.objects) + 1
+        assert scene.caption.endswith("background")
+    held = random_scene(np.random.default_rng(1), held_out=True)
+    assert (held.objects[0].colour, held.objects[0].shape) in HELD_OUT
+    for shape in SHAPES:
+        assert shape_mask(shape, 32, 16, 16, 8).sum() > 50
+
+
+def test_training_resumes_to_the_same_weights(tmp_path):
+    kwargs = dict(minutes=5, batch=4, checkpoint_every=1)
+    T.train(tmp_path / "straight", max_steps=3, **kwargs)
+    T.train(tmp_path / "resumed", max_steps=2, **kwargs)
+    T.train(tmp_path / "resumed", max_steps=3, **kwargs)
+    a = json.loads((tmp_path / "straight" / "state.json").read_text())
+    b = json.loads((tmp_path / "resumed" / "state.json").read_text())
+    assert a["step"] == b["step"] == 3 and np.allclose(a["loss"], b["loss"])
+    from safetensors.torch import load_file
+    ta, tb = load_file(str(tmp_path / "straight" / "state.safetensors")), load_file(str(tmp_path / "resumed" / "state.safetensors"))
+    assert all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta if k.startswith("ema."))
+    target = T.export(tmp_path / "straight", tmp_path / "exported")
+    model = load_model(str(target))
+    assert model.family == "offline" and model.vae is None and model.text.max_length == T.TEXT_LENGTH
+
+
+@pytest.mark.skipif(not (OFFLINE_MODEL_DIR / "model_index.json").exists(), reason="offline model not trained yet")
+def test_shipped_offline_model_draws_the_captioned_background():
+    from dedit_nb import conditioning as C
+    from dedit_nb import masks as M
+    from dedit_nb.offline.scenes import BACKGROUND_COLOURS
+    from dedit_nb.sampler import SamplingConfig, masked_sample
+    model = load_model("offline")
+    assert sum(f.stat().st_size for f in OFFLINE_MODEL_DIR.rglob("*")) < 20 * 2 ** 20
+    every = M.Regions(np.zeros((32, 32), bool), np.zeros((32, 32), bool), np.ones((32, 32), bool))
+    hits = 0
+    for colour in ("yellow", "blue", "white", "black"):
+        cond = C.encode_items(model, [f"a red circle on a {colour} background"], [C.TEXT_PROMPT_LENGTH])
+        image = masked_sample(model, cond, torch.zeros(32, 32, dtype=torch.long), np.zeros((32, 32, 3), np.uint8),
+                              every, SamplingConfig(steps=20, guidance=3.0, seed=1), progress=False)[0]
+        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(float).mean(0)
+        nearest = min(BACKGROUND_COLOURS, key=lambda c: ((np.array(BACKGROUND_COLOURS[c]) - border) ** 2).sum())
+        hits += nearest == colour
+    assert hits >= 3
