@@ -41,7 +41,7 @@ def segmenter_kwargs(segmenter: str, num_items: int = 6, checkpoint: str | None 
 
 
 def check_edit_params(session: Session, edit: str, item=None, prompt: str = "", source_session: str | None = None,
-                      source_item=None, image=0, **sampling) -> SamplingConfig:
+                      source_item=None, image=0, source_image=0, **sampling) -> SamplingConfig:
     """Check an edit's parameters against the session before any model is loaded."""
     if edit not in EDIT_KINDS:
         raise ParameterError("edit", f"{edit!r} is not one of {EDIT_KINDS}")
@@ -68,7 +68,7 @@ def check_edit_params(session: Session, edit: str, item=None, prompt: str = "", 
                 raise ParameterError("source_session", f"{source_session} was not finetuned jointly with "
                                                        f"{session.folder}; pass it in extra_sessions when finetuning")
         try:
-            source.image(0 if source is not session else image).item_index(source_item)
+            source.image(source_image).item_index(source_item)
         except Exception as exc:  # noqa: BLE001
             raise ParameterError("source_item", str(exc)) from exc
     try:
@@ -85,11 +85,11 @@ def headless_edit(model, session: Session, edit: str, output_dir: str | Path, it
                   dx: float = 0.0, dy: float = 0.0, scale: float = 1.0, source_session: str | None = None,
                   source_image=0, source_item=None, image=0, progress: bool = True, **sampling) -> EditResult:
     """One edit from flat parameters; writes images, regions and manifest.json into ``output_dir``."""
-    check_edit_params(session, edit, item, prompt, source_session, source_item, image, **sampling)
+    check_edit_params(session, edit, item, prompt, source_session, source_item, image, source_image, **sampling)
     source = Session.open(source_session) if source_session else None
     editor = Editor(model, session, progress=progress)
     result = run_edit(editor, edit, image=image, item=item, prompt=prompt, dx=dx, dy=dy, scale=scale,
-                      source_image=source_image if source is None else 0, source_item=source_item,
+                      source_image=source_image, source_item=source_item,
                       source_session=source, **sampling)
     result.save(output_dir)
     return result

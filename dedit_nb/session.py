@@ -3,8 +3,8 @@
 Layout::
 
     session.json              what everything is (format, images, items, model, weights, finetune, history)
-    images/<i>-original.<ext>  the user's file, byte for byte (never modified)
-    images/<i>-working.png     the image at the working size the model sees
+    images/<i>-original-<hash>.<ext>  the user's file, byte for byte (never modified)
+    images/<i>-working-<hash>.png     the image at the working size the model sees
     items/<i>-<hash>.npy       label map of image i (int32, one item index per pixel)
     weights/<kind>-<hash>.safetensors  learned item tokens, trained UNet parameters, optimizer state
 
@@ -99,6 +99,7 @@ class ImageEntry:
     working: np.ndarray                     # uint8 (H, W, 3)
     labels: np.ndarray                      # int32 (H, W)
     items: list[Item]
+    working_file: str = ""                  # set once the working image is written
 
     @property
     def size(self) -> tuple[int, int]:
@@ -171,7 +172,7 @@ class Session:
             labels = np.load(folder / entry["labels"], allow_pickle=False)
             items = [Item(**it) for it in entry["items"]]
             labels = M.check_labels(labels, len(items), shape=working.shape[:2])
-            images.append(ImageEntry(entry["name"], entry["original"], working, labels, items))
+            images.append(ImageEntry(entry["name"], entry["original"], working, labels, items, entry["working"]))
         return cls(folder, data, images)
 
     # --- properties ----------------------------------------------------------------------------------
@@ -228,8 +229,8 @@ class Session:
         if any(e.name == name for e in self.images):
             name = f"{name}-{index}"
         ext = source_path.suffix.lower() if source_path and source_path.suffix else ".png"
-        original_rel = f"images/{index}-original{ext}"
         original_bytes = source_path.read_bytes() if source_path else _png_bytes(rgb)
+        original_rel = f"images/{index}-original-{hashlib.sha1(original_bytes).hexdigest()[:16]}{ext}"
         if labels is None:
             labels = np.zeros((h, w), np.int32)
             item_labels = list(item_labels or ["image"])
@@ -371,9 +372,12 @@ class Session:
         images = []
         for i, entry in enumerate(self.images):
             M.check_labels(entry.labels, len(entry.items), shape=entry.working.shape[:2])
-            working_rel = f"images/{i}-working.png"
-            if not (self.folder / working_rel).exists():
-                atomic_write_bytes(self.folder / working_rel, _png_bytes(entry.working))
+            if not entry.working_file:
+                blob = _png_bytes(entry.working)
+                entry.working_file = f"images/{i}-working-{hashlib.sha1(blob).hexdigest()[:16]}.png"
+                if not (self.folder / entry.working_file).exists():
+                    atomic_write_bytes(self.folder / entry.working_file, blob)
+            working_rel = entry.working_file
             blob = _npy_bytes(entry.labels.astype(np.int32))
             labels_rel = f"items/{i}-{hashlib.sha1(blob).hexdigest()[:16]}.npy"
             if not (self.folder / labels_rel).exists():
@@ -386,10 +390,10 @@ class Session:
         self._collect_garbage()
 
     def _collect_garbage(self) -> None:
-        referenced = {e["labels"] for e in self._data["images"]}
+        referenced = {e[k] for e in self._data["images"] for k in ("labels", "working", "original")}
         if self._data["weights"]:
             referenced |= set(self._data["weights"]["files"].values())
-        for sub in ("items", "weights"):
+        for sub in ("images", "items", "weights"):
             folder = self.folder / sub
             if folder.exists():
                 for f in folder.iterdir():

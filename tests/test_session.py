@@ -128,3 +128,14 @@ def test_huge_images_are_refused(tmp_path, monkeypatch):
     with pytest.raises(ImageInputError, match="downscale it"):
         Session.create(tmp_path / "s", np.zeros((40, 40, 3), np.uint8))
     assert not (tmp_path / "s" / "session.json").exists()
+
+
+def test_overwrite_replaces_every_file_of_the_old_session(tmp_path, photo):
+    first = Session.create(tmp_path / "s", photo, resolution=64, multiple=16)
+    flipped = photo[::-1].copy()
+    second = Session.create(tmp_path / "s", flipped, resolution=64, multiple=16, overwrite=True)
+    assert second.id != first.id
+    again = Session.open(tmp_path / "s")
+    from dedit_nb.images import resize_rgb
+    assert np.array_equal(again.images[0].working, resize_rgb(flipped, again.images[0].size))
+    assert len(list((tmp_path / "s" / "images").iterdir())) == 2       # one original, one working image
