@@ -190,3 +190,27 @@ def test_gallery_before_after_and_saving(tmp_path):
     saved = gallery.save_selected()
     assert len(saved) == 1 and (saved[0] / "manifest.json").exists() and (saved[0] / "image_0.png").exists()
     assert Session.open(tmp_path / "s").history[-1]["kind"] == "saved-result"
+
+
+def test_edit_panel_generates_into_the_gallery(tmp_path, tiny_model_dirs):
+    from dedit_nb import FinetuneConfig, finetune, load_model
+    from widgets import EditPanel
+    model = load_model(str(tiny_model_dirs["sd"]))
+    s = Session.create(tmp_path / "s", data.coffee(), resolution=32, multiple=8)
+    labels = np.zeros(s.images[0].labels.shape, np.int32)
+    labels[:, 16:] = 1
+    s.set_items(0, labels, ["left", "right"])
+    finetune(model, s, FinetuneConfig(num_tokens=1, stage1_steps=1, stage2_steps=1), progress=False)
+    panel = EditPanel(model, s)
+    panel.steps.value, panel.edge.value = 5, 1
+    panel.kind.value, panel.item.value, panel.prompt.value = "text", 1, "a red bag"
+    result = panel.run()
+    assert result.kind == "text" and len(panel.gallery.cards) == 1
+    assert result.manifest["prompts"]["right"] == "a red bag"
+    panel.kind.value = "move"
+    assert panel.run() is None and len(panel.gallery.cards) == 1          # no move dragged yet: refused
+    panel.canvas.mouse_down(24, 10)
+    panel.canvas.mouse_up(20, 12)
+    moved = panel.run()
+    assert moved.kind == "move" and np.array_equal(moved.labels == 1, M.transform_mask(labels == 1, -4, 2))
+    assert len(panel.gallery.cards) == 2

@@ -36,14 +36,14 @@ class EditPanel(W.VBox):
         self.seed = W.IntText(value=0, description="seed")
         self.num_images = W.IntSlider(value=1, min=1, max=8, description="images")
         self.generate = W.Button(description="Generate", icon="magic", button_style="primary")
-        self.log = W.Output()
+        self.messages = W.Output()
         self.gallery = ResultGallery(session)
         self.generate.on_click(lambda _: self.run())
         super().__init__([
             W.HBox([self.canvas, W.VBox([self.kind, self.item, self.prompt, self.source, self.strength,
                                          self.guidance, self.steps, self.edge, self.seed, self.num_images,
                                          self.generate])]),
-            self.log, self.gallery])
+            self.messages, self.gallery])
 
     def sampling(self) -> dict:
         return dict(steps=self.steps.value, guidance=self.guidance.value, strength=self.strength.value,
@@ -51,8 +51,8 @@ class EditPanel(W.VBox):
 
     def run(self):
         ed, kind, item = self.editor_backend, self.kind.value, self.item.value
-        with self.log:
-            self.log.clear_output()
+        with self.messages:
+            self.messages.clear_output()
             try:
                 if kind == "recon":
                     result = ed.reconstruct(self.image, **self.sampling())
