@@ -2,8 +2,8 @@
 
 Stage 1 learns each item's new token embeddings (every other row of the embedding tables is restored after
 each step). Stage 2 trains the UNet's cross-attention q/k/v projections, or a LoRA on all attention layers
-(peft), with the tokens frozen. All images of a session train jointly (their losses add up in every step),
-so items can later move between them. Only trained tensors are saved (safetensors), with the optimizer
+(peft), with the tokens frozen. All images of a session, and of any ``extra_sessions``, train jointly
+(their losses add up in every step), so items can later move between them. Only trained tensors are saved (safetensors), with the optimizer
 state and the loss history, every ``checkpoint_every`` steps: an interrupted finetune resumes where it
 stopped and, because each step's noise comes from ``(seed, stage, step)``, ends with the same weights as an
 uninterrupted one.
@@ -271,9 +271,9 @@ def _run_stage1(model, trainer: _Trainer, tokens, start, result, callback, check
         return _loop(1, trainer, opt, tables, start, config.stage1_steps, result, callback, checkpoint, progress,
                      grad_rows=new_rows, frozen=frozen, encode_each_step=True)
     finally:
-        for t, orig_dtype in zip(tables, [model.dtype] * len(tables)):
+        for t in tables:
             t.requires_grad_(False)
-            t.data = t.data.to(orig_dtype)
+            t.data = t.data.to(model.dtype)
 
 
 def _run_stage2(model, trainer: _Trainer, config, start, result, callback, checkpoint, progress, opt_state) -> bool:
