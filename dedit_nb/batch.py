@@ -178,7 +178,7 @@ def contact_sheet(results: list[RunResult], varying: list[str], path: Path, tile
             draw.text((x + 6, y + 6), "FAILED", fill=(180, 0, 0))
             for j, chunk in enumerate(_wrap(r.error or "", 26)[:8]):
                 draw.text((x + 6, y + 24 + 12 * j), chunk, fill=(90, 0, 0))
-        captions = [r.name] + [f"{k}={r.parameters.get(k)}" for k in varying]
+        captions = [r.name] + [f"{k}={r.parameters[k]}" for k in varying if r.parameters.get(k) is not None]
         for j, text in enumerate(captions):
             draw.text((x + 4, y + tile + 2 + 14 * j), text[:28], fill="black")
     buf = io.BytesIO()

@@ -32,6 +32,30 @@ def _item(session, colour: str) -> str:
     raise RuntimeError(f"no {colour} item among {labels}; the offline segmenter changed?")
 
 
+def overview(results, path: Path) -> None:
+    """The two bundled scenes and each edit's first image side by side, titled (the README's picture)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    tiles = [("scene_a (edited)", EXAMPLES / "scene_a.png"), ("scene_b (lends an item)", EXAMPLES / "scene_b.png")]
+    for r in results:
+        if r.ok and r.images:
+            p = r.parameters
+            detail = {"text": f"'{p.get('prompt')}'", "move": f"{p.get('item', '').split(',')[0]} dx={p.get('dx')} dy={p.get('dy')}",
+                      "remove": f"{p.get('item', '').split(',')[0]}", "image": "circle <- green triangle's item",
+                      "recon": ""}.get(p["edit"], "")
+            tiles.append((f"{p['edit']} {detail}".strip(), Path(r.folder) / r.images[0]))
+    fig, axes = plt.subplots(1, len(tiles), figsize=(2.2 * len(tiles), 2.6))
+    for ax, (title, file) in zip(axes, tiles):
+        ax.imshow(Image.open(file), interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     import papermill as pm
     from .session import Session
@@ -74,6 +98,7 @@ def main(argv=None) -> int:
     timings["edits"] = time.time() - start
     failed = [r for r in results if not r.ok]
     shutil.copy(out / "edits" / "contact_sheet.png", out / "contact_sheet.png")
+    overview(results, out / "overview.png")
     print(f"edits: {len(results) - len(failed)} of {len(results)} ok in {timings['edits']:.0f} s; "
           f"contact sheet: {out / 'contact_sheet.png'}; index: {out / 'edits' / 'index.md'}")
     for r in failed:
