@@ -296,7 +296,7 @@ def _run_stage2(model, trainer: _Trainer, config, start, result, callback, check
 def _loop(stage, trainer: _Trainer, opt, params, start, steps, result, callback, checkpoint, progress,
           grad_rows=None, frozen=None, encode_each_step=True) -> bool:
     """Run one stage from ``start`` to ``steps``; returns True when a callback stopped it."""
-    config, model = trainer.config, trainer.model
+    config = trainer.config
     key = f"stage{stage}"
     del result.loss[key][start:]
     cached = None

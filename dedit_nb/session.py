@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from . import masks as M
-from .images import ImageInputError, resize_rgb, to_rgb_array, working_size
+from .images import resize_rgb, to_rgb_array, working_size
 
 FORMAT = 1
 SESSION_FILE = "session.json"

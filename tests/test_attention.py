@@ -1,7 +1,6 @@
 """Grouped cross-attention: equals the plain formula, isolates items, is stock attention otherwise."""
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from dedit_nb.attention import GroupedAttnProcessor, ItemLayout, grouped_attention

@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from dedit_nb import masks as M
 from dedit_nb.edits import Editor, run_edit

@@ -1,9 +1,7 @@
 """The three notebooks through papermill on a tiny model, and batch grids (local pool and Dask)."""
 import json
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from dedit_nb.batch import expand, run_batch

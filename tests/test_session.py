@@ -1,6 +1,5 @@
 """Sessions: create, open, save atomically, refuse bad input without touching the folder."""
 import hashlib
-import json
 
 import numpy as np
 import pytest
