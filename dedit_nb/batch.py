@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import io
 import itertools
 import json
 import traceback
@@ -28,10 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
-from .session import atomic_write_bytes
+from .session import atomic_write_bytes, png_bytes
 
 
 @dataclass
@@ -180,9 +180,7 @@ def contact_sheet(results: list[RunResult], varying: list[str], path: Path, tile
         captions = [r.name] + [f"{k}={r.parameters[k]}" for k in varying if r.parameters.get(k) is not None]
         for j, text in enumerate(captions):
             draw.text((x + 4, y + tile + 2 + 14 * j), text[:28], fill="black")
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, png_bytes(np.asarray(sheet)))
 
 
 def _wrap(text: str, width: int) -> list[str]:

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from PIL import Image
 
 from . import conditioning as C
 from . import masks as M
 from .sampler import SamplingConfig, masked_sample
-from .session import Session, SessionError, atomic_write_bytes
+from .session import Session, SessionError, atomic_write_bytes, npy_bytes, png_bytes
 
 EDIT_KINDS = ("recon", "text", "image", "move", "remove")
 
@@ -46,10 +45,7 @@ class EditResult:
         for region in ("hard", "soft", "active"):
             _save_png(out / f"{region}.png", getattr(self.regions, region).astype(np.uint8) * 255)
             files[region] = f"{region}.png"
-        import io
-        buf = io.BytesIO()
-        np.save(buf, self.labels.astype(np.int32), allow_pickle=False)
-        atomic_write_bytes(out / "labels.npy", buf.getvalue())
+        atomic_write_bytes(out / "labels.npy", npy_bytes(self.labels.astype(np.int32)))
         files["labels"] = "labels.npy"
         manifest = {**self.manifest, "files": files}
         atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
@@ -74,10 +70,7 @@ class EditResult:
 
 
 def _save_png(path: Path, arr: np.ndarray) -> None:
-    import io
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, png_bytes(arr))
 
 
 def _as_move(value) -> M.ItemMove:
@@ -143,8 +136,7 @@ class Editor:
         ``template`` (e.g. ``"a photo of * in gold"``) adds text around the source item's tokens."""
         entry = self.session.image(image)
         if source_session is not None and source_session.id != self.session.id:
-            joint = {j["id"] for j in self.session.weights_meta.get("joint", [])}
-            if source_session.id not in joint:
+            if source_session.id not in self.session.joint_session_ids:
                 raise SessionError(
                     f"source session {source_session.folder} was not finetuned jointly with this session; "
                     f"finetune them together (finetune(..., extra_sessions=[source]))")

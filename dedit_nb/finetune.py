@@ -178,8 +178,7 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
         if not config.resumable_with(previous):
             raise SessionError("this session's finetune was started with other settings "
                                f"({previous}); pass the same settings, or resume=False to start over")
-        joint = sorted(j["id"] for j in session.weights_meta.get("joint", [{"id": session.id}]))
-        if joint != sorted(s.id for s in sessions):
+        if session.joint_session_ids != {s.id for s in sessions}:
             raise SessionError("this session's finetune was started with other sessions; pass the same "
                                "extra_sessions, or resume=False to start over")
     else:

@@ -63,8 +63,7 @@ def check_edit_params(session: Session, edit: str, item=None, prompt: str = "", 
             if not (Path(source_session) / "session.json").exists():
                 raise ParameterError("source_session", f"{source_session} is not a session folder")
             source = Session.open(source_session)
-            joint = {j["id"] for j in session.weights_meta.get("joint", [])}
-            if source.id != session.id and source.id not in joint:
+            if source.id not in session.joint_session_ids:
                 raise ParameterError("source_session", f"{source_session} was not finetuned jointly with "
                                                        f"{session.folder}; pass it in extra_sessions when finetuning")
         try:

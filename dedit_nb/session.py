@@ -59,13 +59,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """An array as .npy bytes (no pickling)."""
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
 
 
-def _png_bytes(arr: np.ndarray) -> bytes:
+def png_bytes(arr: np.ndarray) -> bytes:
+    """A uint8 image array as PNG bytes."""
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
@@ -229,7 +231,7 @@ class Session:
         if any(e.name == name for e in self.images):
             name = f"{name}-{index}"
         ext = source_path.suffix.lower() if source_path and source_path.suffix else ".png"
-        original_bytes = source_path.read_bytes() if source_path else _png_bytes(rgb)
+        original_bytes = source_path.read_bytes() if source_path else png_bytes(rgb)
         original_rel = f"images/{index}-original-{hashlib.sha1(original_bytes).hexdigest()[:16]}{ext}"
         if labels is None:
             labels = np.zeros((h, w), np.int32)
@@ -307,6 +309,14 @@ class Session:
                     f"image {entry.name!r} works at {w}x{h}, not a multiple of the model's latent factor "
                     f"{model.latent_factor}; create the session with multiple={model.latent_factor} (or a multiple of it)")
 
+    def _write_content_named(self, prefix: str, suffix: str, blob: bytes) -> str:
+        """Write ``blob`` as ``<prefix>-<hash><suffix>`` (once: same content, same file); returns the path
+        relative to the session folder."""
+        rel = f"{prefix}-{hashlib.sha1(blob).hexdigest()[:16]}{suffix}"
+        if not (self.folder / rel).exists():
+            atomic_write_bytes(self.folder / rel, blob)
+        return rel
+
     def save_weights(self, tensors: dict[str, dict], model_id: str, meta: dict, finetune_state: dict | None) -> None:
         """Store learned tensors (``{"tokens": {...}, "unet": {...}, "optimizer": {...}}``) and metadata."""
         from safetensors.torch import save as st_save
@@ -315,10 +325,7 @@ class Session:
             if not tdict:
                 continue
             blob = st_save({k: v.detach().cpu().contiguous() for k, v in tdict.items()})
-            rel = f"weights/{kind}-{hashlib.sha1(blob).hexdigest()[:16]}.safetensors"
-            if not (self.folder / rel).exists():
-                atomic_write_bytes(self.folder / rel, blob)
-            files[kind] = rel
+            files[kind] = self._write_content_named(f"weights/{kind}", ".safetensors", blob)
         self._data["weights"] = {"files": files, **meta}
         self._data["model_id"] = model_id
         self._data["finetune"] = finetune_state
@@ -344,6 +351,11 @@ class Session:
     def weights_meta(self) -> dict:
         info = self._data["weights"] or {}
         return {k: v for k, v in info.items() if k != "files"}
+
+    @property
+    def joint_session_ids(self) -> set[str]:
+        """Ids of the sessions finetuned together with this one (itself included once finetuned)."""
+        return {j["id"] for j in self.weights_meta.get("joint", [{"id": self.id}])}
 
     def discard_weights(self, save: bool = True) -> None:
         """Forget learned weights and tokens (items stay), e.g. before re-segmenting."""
@@ -372,17 +384,10 @@ class Session:
         images = []
         for i, entry in enumerate(self.images):
             M.check_labels(entry.labels, len(entry.items), shape=entry.working.shape[:2])
-            if not entry.working_file:
-                blob = _png_bytes(entry.working)
-                entry.working_file = f"images/{i}-working-{hashlib.sha1(blob).hexdigest()[:16]}.png"
-                if not (self.folder / entry.working_file).exists():
-                    atomic_write_bytes(self.folder / entry.working_file, blob)
-            working_rel = entry.working_file
-            blob = _npy_bytes(entry.labels.astype(np.int32))
-            labels_rel = f"items/{i}-{hashlib.sha1(blob).hexdigest()[:16]}.npy"
-            if not (self.folder / labels_rel).exists():
-                atomic_write_bytes(self.folder / labels_rel, blob)
-            images.append({"name": entry.name, "original": entry.original_file, "working": working_rel,
+            if not entry.working_file:  # the working image never changes: encode it once
+                entry.working_file = self._write_content_named(f"images/{i}-working", ".png", png_bytes(entry.working))
+            labels_rel = self._write_content_named(f"items/{i}", ".npy", npy_bytes(entry.labels.astype(np.int32)))
+            images.append({"name": entry.name, "original": entry.original_file, "working": entry.working_file,
                            "size": list(entry.size), "labels": labels_rel,
                            "items": [asdict(it) for it in entry.items]})
         self._data["images"] = images

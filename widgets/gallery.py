@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-import io
 import json
 from pathlib import Path
 
 import ipywidgets as W
 import numpy as np
-from PIL import Image
+
+from dedit_nb.session import png_bytes
 
 REGION_COLOURS = np.array([(60, 60, 60), (240, 180, 40), (40, 200, 120)], np.uint8)  # hard, soft, active
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def before_after(before: np.ndarray, after: np.ndarray, split: float) -> np.ndarray:
