@@ -34,6 +34,8 @@ from dedit_nb.offline.scenes import BACKGROUND_COLOURS, HELD_OUT, OBJECT_COLOURS
 from dedit_nb.sampler import SamplingConfig, masked_sample
 
 SAMPLING = dict(steps=25, guidance=3.0)
+GENERATION_METRICS = ("colour", "shape", "shape, 1 obj.", "shape, 2 obj.", "shape, 3 obj.", "background",
+                      "held-out colour", "held-out shape")
 
 
 # --- the detector ----------------------------------------------------------------------------------------
@@ -89,6 +91,7 @@ def score_generation(scene, image, stats) -> None:
     for obj in scene.objects:
         stats["colour"].append(obj.colour in found)
         stats["shape"].append(found.get(obj.colour) == obj.shape)
+        stats[f"shape, {len(scene.objects)} obj."].append(found.get(obj.colour) == obj.shape)
         if (obj.colour, obj.shape) in HELD_OUT:
             stats["held-out colour"].append(obj.colour in found)
             stats["held-out shape"].append(found.get(obj.colour) == obj.shape)
@@ -108,7 +111,7 @@ def colour_share(image, mask, colour) -> float:
 # --- runs --------------------------------------------------------------------------------------------------
 
 def generation(model, n: int, rng) -> dict:
-    stats = {k: [] for k in ("colour", "shape", "background", "held-out colour", "held-out shape")}
+    stats = {k: [] for k in GENERATION_METRICS}
     for i in range(n):
         scene = random_scene(rng, held_out=i % 4 == 0, num_objects=1 + i % 2)
         cond = C.encode_items(model, [scene.caption], [C.TEXT_PROMPT_LENGTH])
@@ -170,7 +173,7 @@ def d_edit(model, n: int, rng, workdir: Path) -> dict:
 
 
 def detector_check(rng, n: int = 200) -> dict:
-    stats = {k: [] for k in ("colour", "shape", "background", "held-out colour", "held-out shape")}
+    stats = {k: [] for k in GENERATION_METRICS}
     for i in range(n):
         scene = random_scene(rng, held_out=i % 4 == 0)
         score_generation(scene, scene.image, stats)

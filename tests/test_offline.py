@@ -25,11 +25,20 @@ def test_scenes_come_with_a_partition_and_never_draw_held_out_pairs():
         assert shape_mask(shape, 32, 16, 16, 8).sum() > 50
 
 
+def test_learning_rate_is_constant_then_decays_and_a_longer_run_keeps_the_prefix():
+    rates = [T.learning_rate(s, 10_000, 4_000, 1e-3) for s in range(10_000)]
+    assert rates[:6_000] == [1e-3] * 6_000
+    assert all(a >= b for a, b in zip(rates, rates[1:])) and rates[-1] == pytest.approx(2e-5, rel=0.01)
+    longer = [T.learning_rate(s, 12_000, 4_000, 1e-3) for s in range(8_000)]
+    assert longer[:6_000] == rates[:6_000]
+
+
 def test_training_resumes_to_the_same_weights(tmp_path):
-    kwargs = dict(minutes=5, batch=4, checkpoint_every=1)
-    T.train(tmp_path / "straight", max_steps=3, **kwargs)
-    T.train(tmp_path / "resumed", max_steps=2, **kwargs)
-    T.train(tmp_path / "resumed", max_steps=3, **kwargs)
+    # the learning rate decays over the last two of the three steps, so the resumed leg must pick it up
+    kwargs = dict(minutes=5, batch=4, checkpoint_every=10, max_steps=3, decay_steps=2)
+    T.train(tmp_path / "straight", **kwargs)
+    assert T.train(tmp_path / "resumed", stop_at=2, **kwargs) == 2
+    T.train(tmp_path / "resumed", **kwargs)
     a = json.loads((tmp_path / "straight" / "state.json").read_text())
     b = json.loads((tmp_path / "resumed" / "state.json").read_text())
     assert a["step"] == b["step"] == 3 and np.allclose(a["loss"], b["loss"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,20 @@ def make_batch(step: int, seed: int, size: int, batch: int, grouped_share: float
             labels.append(torch.zeros(size, size, dtype=torch.long))
     longest = max(x.shape[0] for x in states)
     states = torch.stack([F.pad(x, (0, 0, 0, longest - x.shape[0])) for x in states])
-    return images, states, ItemLayout(torch.stack(labels), spans), rng
+    return images, states, ItemLayout(torch.stack(labels), spans)
+
+
+def learning_rate(step: int, max_steps: int, decay_steps: int, lr: float, final_share: float = 0.02) -> float:
+    """Constant ``lr``, then a cosine decay to ``final_share * lr`` over the last ``decay_steps`` steps.
+
+    The decay is what sharpens the shapes' edges. The constant part is a prefix of any longer run, so a
+    run that was stopped can be extended without changing the steps it has already taken.
+    """
+    start = max_steps - decay_steps
+    if step < start:
+        return lr
+    progress = (step - start) / max(decay_steps, 1)
+    return lr * (final_share + (1 - final_share) * 0.5 * (1 + np.cos(np.pi * progress)))
 
 
 def _state_dicts(unet, ema, opt) -> dict[str, torch.Tensor]:
@@ -129,7 +143,11 @@ def export(folder: Path, target: Path = OFFLINE_MODEL_DIR, resolution: int = RES
 
 def train(folder: Path, minutes: float, max_steps: int, batch: int = 32, lr: float = 1e-3, seed: int = 0,
           grouped_share: float = 0.5, ema_decay: float = 0.999, checkpoint_every: int = 100,
-          resolution: int = RESOLUTION) -> int:
+          resolution: int = RESOLUTION, decay_steps: int = 5_000, stop_at: int | None = None) -> int:
+    """Train towards ``max_steps`` from the last checkpoint in ``folder``; return the step reached.
+
+    The run stops early, with a checkpoint, after ``minutes`` or at step ``stop_at``; calling again resumes.
+    """
     from diffusers import DDPMScheduler, UNet2DConditionModel
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -148,9 +166,16 @@ def train(folder: Path, minutes: float, max_steps: int, batch: int = 32, lr: flo
           f"{resolution}x{resolution}, starting at step {start}", flush=True)
     deadline = time.time() + minutes * 60
     bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc="training", mininterval=30)
-    step = start
+    reached = start
+    # the next batch is made on a worker thread while the UNet trains on this one; a batch depends only on
+    # (seed, step), so the run is the same as making them in line
+    pool = ThreadPoolExecutor(max_workers=1)
+    upcoming = pool.submit(make_batch, start, seed, resolution, batch, grouped_share, phrases)
     for step in bar:
-        images, states, layout, rng = make_batch(step, seed, resolution, batch, grouped_share, phrases)
+        images, states, layout = upcoming.result()
+        upcoming = pool.submit(make_batch, step + 1, seed, resolution, batch, grouped_share, phrases)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, max_steps, decay_steps, lr)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         noise = torch.randn(images.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=gen)
@@ -165,19 +190,25 @@ def train(folder: Path, minutes: float, max_steps: int, batch: int = 32, lr: flo
             for e, p in zip(ema.parameters(), unet.parameters()):
                 e.lerp_(p, 1 - ema_decay)
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if (step + 1) % checkpoint_every == 0 or time.time() > deadline or step + 1 == max_steps:
-            save_checkpoint(folder, step + 1, unet, ema, opt, losses)
-        if time.time() > deadline:
+        reached = step + 1
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}",
+                        refresh=False)
+        interrupted = time.time() > deadline or reached == stop_at
+        if reached % checkpoint_every == 0 or interrupted or reached == max_steps:
+            save_checkpoint(folder, reached, unet, ema, opt, losses)
+        if interrupted:
             break
-    return step + 1
+    pool.shutdown(cancel_futures=True)
+    return reached
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train the offline demo model")
     parser.add_argument("--folder", type=Path, default=Path("runs/offline-train"))
     parser.add_argument("--minutes", type=float, default=60.0)
-    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--steps", type=int, default=10_500, help="length of the run")
+    parser.add_argument("--decay-steps", type=int, default=5_000,
+                        help="the learning rate decays (cosine) over the run's last this many steps")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -187,7 +218,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.export_only:
-        steps = train(args.folder, args.minutes, args.steps, args.batch, args.lr, args.seed)
+        steps = train(args.folder, args.minutes, args.steps, args.batch, args.lr, args.seed,
+                      decay_steps=args.decay_steps)
         print(f"trained to step {steps}", flush=True)
     print(f"exported to {export(args.folder)}", flush=True)
 
