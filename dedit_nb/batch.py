@@ -22,6 +22,7 @@ import argparse
 import html
 import itertools
 import json
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -72,7 +73,6 @@ def default_workers() -> int:
 def run_one(notebook: str, folder: str, parameters: dict, kernel_name: str | None = None, cwd: str | None = None
             ) -> RunResult:
     """Execute one parameter set (papermill) into ``folder``; never raises for a failing notebook."""
-    import time
     import papermill as pm
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,13 +99,18 @@ def _short_error(exc: Exception) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
+def output_folder(spec: dict, base_dir: Path = Path(".")) -> Path:
+    """Where a grid spec's runs and report go (``output`` is relative to the grid file's folder)."""
+    return (Path(base_dir) / spec.get("output", "runs/batch")).resolve()
+
+
 def run_batch(spec: dict, base_dir: Path = Path("."), workers: int | None = None, scheduler: str | None = None,
               kernel_name: str | None = None) -> list[RunResult]:
     """Run every parameter set of a grid spec; returns the results (also written as the report)."""
     notebook = (base_dir / spec["notebook"]).resolve()
     if not notebook.exists():
         raise FileNotFoundError(f"notebook {notebook} does not exist (paths in a grid file are relative to it)")
-    output = (base_dir / spec.get("output", "runs/batch")).resolve()
+    output = output_folder(spec, base_dir)
     output.mkdir(parents=True, exist_ok=True)
     sets = expand(spec)
     jobs = [(str(notebook), str(output / f"run-{i:03d}"), params) for i, params in enumerate(sets)]
@@ -199,8 +204,8 @@ def main(argv=None) -> int:
         parser.error(f"{args.grid} must be a mapping with at least 'notebook'")
     results = run_batch(spec, args.grid.parent, args.workers, args.scheduler, args.kernel)
     failed = [r for r in results if not r.ok]
-    output = (args.grid.parent / spec.get("output", "runs/batch")).resolve()
-    print(f"{len(results) - len(failed)} of {len(results)} runs succeeded; report: {output / 'index.md'}")
+    print(f"{len(results) - len(failed)} of {len(results)} runs succeeded; "
+          f"report: {output_folder(spec, args.grid.parent) / 'index.md'}")
     for r in failed:
         print(f"  {r.name} failed at cell {r.failed_cell}: {r.error}")
     return 1 if failed else 0

@@ -135,14 +135,9 @@ class Editor:
         session's, or of ``source_session`` when that was finetuned jointly with it (``extra_sessions``).
         ``template`` (e.g. ``"a photo of * in gold"``) adds text around the source item's tokens."""
         entry = self.session.image(image)
-        if source_session is not None and source_session.id != self.session.id:
-            if source_session.id not in self.session.joint_session_ids:
-                raise SessionError(
-                    f"source session {source_session.folder} was not finetuned jointly with this session; "
-                    f"finetune them together (finetune(..., extra_sessions=[source]))")
-            source = source_session.image(source_image)
-        else:
-            source = self.session.image(source_image)
+        owner = self.session if source_session is None else source_session
+        self.session.check_joint(owner)
+        source = owner.image(source_image)
         k = entry.item_index(item)
         sk = source.item_index(source_item)
         self._require_pixels(entry, k)

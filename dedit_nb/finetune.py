@@ -3,8 +3,8 @@
 Stage 1 learns each item's new token embeddings (every other row of the embedding tables is restored after
 each step). Stage 2 trains the UNet's cross-attention q/k/v projections, or a LoRA on all attention layers
 (peft), with the tokens frozen. All images of a session, and of any ``extra_sessions``, train jointly
-(their losses add up in every step), so items can later move between them. Only trained tensors are saved (safetensors), with the optimizer
-state and the loss history, every ``checkpoint_every`` steps: an interrupted finetune resumes where it
+(their losses add up in every step), so items can later move between them. Only trained tensors are saved
+(safetensors), with the optimizer state and the loss history, every ``checkpoint_every`` steps: an interrupted finetune resumes where it
 stopped and, because each step's noise comes from ``(seed, stage, step)``, ends with the same weights as an
 uninterrupted one.
 """
@@ -183,11 +183,12 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
                                "extra_sessions, or resume=False to start over")
     else:
         state = None
-    for s in sessions:
+    for s in sessions:  # every session is checked before any of them is changed
         s.check_model(model)
-    for s in sessions:
-        if state is None and s.has_weights:
-            s.discard_weights()
+    if state is None:
+        for s in sessions:
+            if s.has_weights:
+                s.discard_weights()
     model.reset_unet()
 
     tokens = [t for s in sessions for t in s.assign_tokens(config.num_tokens)]

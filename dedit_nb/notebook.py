@@ -8,7 +8,7 @@ from typing import Sequence
 from .edits import EDIT_KINDS, Editor, EditResult, run_edit
 from .sampler import SamplingConfig
 from .segment import METHODS
-from .session import Session
+from .session import Session, SessionError
 
 
 class ParameterError(ValueError):
@@ -60,12 +60,11 @@ def check_edit_params(session: Session, edit: str, item=None, prompt: str = "", 
             raise ParameterError("source_item", "the image edit needs the item to bring in")
         source = session
         if source_session:
-            if not (Path(source_session) / "session.json").exists():
-                raise ParameterError("source_session", f"{source_session} is not a session folder")
-            source = Session.open(source_session)
-            if source.id not in session.joint_session_ids:
-                raise ParameterError("source_session", f"{source_session} was not finetuned jointly with "
-                                                       f"{session.folder}; pass it in extra_sessions when finetuning")
+            source = _open_session("source_session", source_session)
+            try:
+                session.check_joint(source)
+            except SessionError as exc:
+                raise ParameterError("source_session", str(exc)) from exc
         try:
             source.image(source_image).item_index(source_item)
         except Exception as exc:  # noqa: BLE001
@@ -95,9 +94,12 @@ def headless_edit(model, session: Session, edit: str, output_dir: str | Path, it
 
 
 def open_sessions(paths: Sequence[str]) -> list[Session]:
-    out = []
-    for p in paths or []:
-        if not (Path(p) / "session.json").exists():
-            raise ParameterError("extra_sessions", f"{p} is not a session folder (run 01_segment first)")
-        out.append(Session.open(p))
-    return out
+    """The sessions of the ``extra_sessions`` parameter."""
+    return [_open_session("extra_sessions", p) for p in paths or []]
+
+
+def _open_session(parameter: str, path: str | Path) -> Session:
+    try:
+        return Session.open(path)
+    except SessionError as exc:
+        raise ParameterError(parameter, f"{exc} (01_segment makes one)") from exc

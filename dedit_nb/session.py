@@ -232,7 +232,6 @@ class Session:
             name = f"{name}-{index}"
         ext = source_path.suffix.lower() if source_path and source_path.suffix else ".png"
         original_bytes = source_path.read_bytes() if source_path else png_bytes(rgb)
-        original_rel = f"images/{index}-original-{hashlib.sha1(original_bytes).hexdigest()[:16]}{ext}"
         if labels is None:
             labels = np.zeros((h, w), np.int32)
             item_labels = list(item_labels or ["image"])
@@ -242,7 +241,7 @@ class Session:
                 labels = M.resize_labels(labels, (h, w))
             item_labels = list(item_labels) if item_labels is not None else [f"item{k}" for k in range(int(labels.max()) + 1)]
         labels = M.check_labels(labels, len(item_labels))
-        atomic_write_bytes(self.folder / original_rel, original_bytes)
+        original_rel = self._write_content_named(f"images/{index}-original", ext, original_bytes)
         self.images.append(ImageEntry(name, original_rel, working, labels, [Item(l) for l in item_labels]))
         if save:
             self.save()
@@ -356,6 +355,12 @@ class Session:
     def joint_session_ids(self) -> set[str]:
         """Ids of the sessions finetuned together with this one (itself included once finetuned)."""
         return {j["id"] for j in self.weights_meta.get("joint", [{"id": self.id}])}
+
+    def check_joint(self, other: "Session") -> None:
+        """Raise unless ``other`` is this session or was finetuned jointly with it (so its items can come in)."""
+        if other.id != self.id and other.id not in self.joint_session_ids:
+            raise SessionError(f"session {other.folder} was not finetuned jointly with {self.folder}; finetune "
+                               "them together (finetune(..., extra_sessions=[...]), or extra_sessions in 02_finetune)")
 
     def discard_weights(self, save: bool = True) -> None:
         """Forget learned weights and tokens (items stay), e.g. before re-segmenting."""

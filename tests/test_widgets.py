@@ -214,3 +214,8 @@ def test_edit_panel_generates_into_the_gallery(tmp_path, tiny_model_dirs):
     moved = panel.run()
     assert moved.kind == "move" and np.array_equal(moved.labels == 1, M.transform_mask(labels == 1, -4, 2))
     assert len(panel.gallery.cards) == 2
+    panel.kind.value, panel.source.value, panel.prompt.value = "image", (0, 0), ""
+    transplanted = panel.run()
+    assert transplanted.kind == "image" and transplanted.manifest["params"]["source_item"] == "left"
+    assert transplanted.manifest["prompts"]["right"] == s.images[0].items[0].prompt()
+    assert len(panel.gallery.cards) == 3

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ipywidgets as W
 
-from dedit_nb.edits import EDIT_KINDS, Editor
+from dedit_nb.edits import EDIT_KINDS, Editor, run_edit
 
 from .gallery import ResultGallery
 from .mask_editor import MaskEditor
@@ -54,19 +54,14 @@ class EditPanel(W.VBox):
         with self.messages:
             self.messages.clear_output()
             try:
-                if kind == "recon":
-                    result = ed.reconstruct(self.image, **self.sampling())
-                elif kind == "text":
-                    result = ed.text(self.image, item, self.prompt.value, **self.sampling())
-                elif kind == "image":
-                    si, sk = self.source.value
-                    result = ed.image(self.image, item, si, sk, template=self.prompt.value or None, **self.sampling())
-                elif kind == "move":
+                if kind == "move":  # every item dragged in the editor moves at once
                     if not self.state.moves:
                         raise ValueError("drag an item with the move tool (or set its scale) first")
                     result = ed.move(self.image, dict(self.state.moves), **self.sampling())
                 else:
-                    result = ed.remove(self.image, item, **self.sampling())
+                    source_image, source_item = self.source.value
+                    result = run_edit(ed, kind, self.image, item, self.prompt.value or None,
+                                      source_image=source_image, source_item=source_item, **self.sampling())
             except Exception as exc:  # noqa: BLE001 - shown in the panel
                 print(f"not generated: {exc}")
                 return None
