@@ -203,9 +203,13 @@ def main(argv=None) -> int:
     if not isinstance(spec, dict) or "notebook" not in spec:
         parser.error(f"{args.grid} must be a mapping with at least 'notebook'")
     results = run_batch(spec, args.grid.parent, args.workers, args.scheduler, args.kernel)
+    return print_summary(results, f"report: {output_folder(spec, args.grid.parent) / 'index.md'}")
+
+
+def print_summary(results: list[RunResult], where: str) -> int:
+    """Print how many runs succeeded, where to look, and each failure; returns the exit status."""
     failed = [r for r in results if not r.ok]
-    print(f"{len(results) - len(failed)} of {len(results)} runs succeeded; "
-          f"report: {output_folder(spec, args.grid.parent) / 'index.md'}")
+    print(f"{len(results) - len(failed)} of {len(results)} runs succeeded; {where}")
     for r in failed:
         print(f"  {r.name} failed at cell {r.failed_cell}: {r.error}")
     return 1 if failed else 0

@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .batch import run_batch
+from .batch import print_summary, run_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -96,14 +96,10 @@ def main(argv=None) -> int:
     start = time.time()
     results = run_batch(spec)
     timings["edits"] = time.time() - start
-    failed = [r for r in results if not r.ok]
     shutil.copy(out / "edits" / "contact_sheet.png", out / "contact_sheet.png")
     overview(results, out / "overview.png")
-    print(f"edits: {len(results) - len(failed)} of {len(results)} ok in {timings['edits']:.0f} s; "
-          f"contact sheet: {out / 'contact_sheet.png'}; index: {out / 'edits' / 'index.md'}")
-    for r in failed:
-        print(f"  {r.name} failed at cell {r.failed_cell}: {r.error}")
-    return 1 if failed else 0
+    return print_summary(results, f"edits took {timings['edits']:.0f} s; contact sheet: {out / 'contact_sheet.png'}; "
+                                  f"index: {out / 'edits' / 'index.md'}")
 
 
 if __name__ == "__main__":
