@@ -9,7 +9,9 @@ scaled-dot-product attention, identical to diffusers' ``AttnProcessor2_0``.
 
 Cost: pixels are sorted by item once per layer resolution, and each item's pixels run one attention against
 that item's keys only, so the work is sum_k N_k * L_k = N * L, the same as a single ungrouped attention,
-whatever the number of items. (The reference code computes K full attentions and masks them.)
+whatever the number of items. (The reference code computes K full attentions and masks them.) A batch of
+many distinct layouts (a training batch of different scenes) would pay one call per item of every element,
+so it runs one attention over all keys with a mask instead: the same result, more arithmetic, no loop.
 """
 from __future__ import annotations
 
@@ -83,6 +85,23 @@ class ItemLayout:
         onehot = F.one_hot(self.labels, num_items).permute(0, 3, 1, 2).float()
         return F.avg_pool2d(onehot, factor).argmax(dim=1)
 
+    def key_mask(self, num_tokens: int, num_keys: int, device: torch.device) -> torch.Tensor:
+        """``(B, 1, N, S)`` boolean mask: pixel ``n`` of element ``b`` may attend to key ``s``."""
+        cached = self._plans.get(("mask", num_tokens, num_keys, device))
+        if cached is not None:
+            return cached
+        owner = torch.full((self.labels.shape[0], num_keys), -1, dtype=torch.long)
+        for b, spans in enumerate(self.spans):
+            for k, (s, e) in enumerate(spans):
+                if e > num_keys:
+                    raise ValueError(f"batch element {b}: item {k}'s prompt span ends at token {e}, "
+                                     f"past the {num_keys} tokens of encoder_hidden_states")
+                owner[b, s:e] = k
+        labels = self.level_labels(num_tokens).reshape(self.labels.shape[0], -1)
+        mask = (labels[:, :, None] == owner[:, None, :]).unsqueeze(1).to(device)
+        self._plans[("mask", num_tokens, num_keys, device)] = mask
+        return mask
+
     def plan(self, num_tokens: int, device: torch.device) -> _Plan:
         cached = self._plans.get((num_tokens, device))
         if cached is not None:
@@ -100,6 +119,11 @@ class ItemLayout:
         return plan
 
 
+# Above this many distinct layouts in a batch, one masked attention beats a loop over every element's items.
+# Sampling with guidance has two (conditional and unconditional), so it stays on the sorted path.
+MASKED_ABOVE_LAYOUTS = 2
+
+
 def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: ItemLayout
                       ) -> torch.Tensor:
     """Attention where each query pixel sees only its item's keys.
@@ -109,7 +133,22 @@ def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     batch, _, num_tokens, _ = query.shape
     if batch != layout.labels.shape[0]:
         raise ValueError(f"attention batch {batch} does not match the item layout's batch {layout.labels.shape[0]}")
-    plan = layout.plan(num_tokens, query.device)
+    if len(layout._groups) > MASKED_ABOVE_LAYOUTS:
+        return masked_grouped_attention(query, key, value, layout)
+    return sorted_grouped_attention(query, key, value, layout)
+
+
+def masked_grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: ItemLayout
+                             ) -> torch.Tensor:
+    """:func:`grouped_attention` as one attention over all keys, masked to each pixel's item."""
+    mask = layout.key_mask(query.shape[2], key.shape[2], query.device)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+
+
+def sorted_grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: ItemLayout
+                             ) -> torch.Tensor:
+    """:func:`grouped_attention` with pixels sorted by item, one attention per item and distinct layout."""
+    plan = layout.plan(query.shape[2], query.device)
     out = torch.zeros_like(query)
     for batch_index, order, counts, spans in plan.groups:
         q = query if batch_index is None else query.index_select(0, batch_index)

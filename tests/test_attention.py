@@ -3,6 +3,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from dedit_nb import attention as A
 from dedit_nb.attention import GroupedAttnProcessor, ItemLayout, grouped_attention
 
 
@@ -51,6 +52,26 @@ def test_batch_elements_sharing_a_layout_are_grouped_and_still_exact():
     q, k, v = torch.randn(4, 2, 16, 4), torch.randn(4, 2, 8, 4), torch.randn(4, 2, 8, 4)
     ref = reference_grouped(q, k, v, labels.reshape(4, -1), spans)
     assert (grouped_attention(q, k, v, layout) - ref).abs().max() <= 1e-5
+
+
+def test_a_batch_of_many_layouts_takes_one_masked_attention_with_the_same_result(monkeypatch):
+    # five scenes with different items and prompt lengths, keys padded to the longest, as in training
+    spans = [[(0, 4)], [(0, 4), (4, 8)], [(0, 3), (3, 9), (9, 12)], [(0, 5), (5, 6)], [(0, 2), (2, 4), (4, 7), (7, 12)]]
+    layout = random_layout(5, 6, 6, spans, seed=3)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(5, 2, 36, 4, generator=g), torch.randn(5, 2, 12, 4, generator=g),
+               torch.randn(5, 2, 12, 4, generator=g))
+    ref = reference_grouped(q, k, v, layout.labels.reshape(5, -1), spans)
+    assert (A.masked_grouped_attention(q, k, v, layout) - ref).abs().max() <= 1e-5
+    assert (A.sorted_grouped_attention(q, k, v, layout) - ref).abs().max() <= 1e-5
+    calls = []
+    monkeypatch.setattr(A, "sorted_grouped_attention", lambda *a: calls.append("sorted"))
+    monkeypatch.setattr(A, "masked_grouped_attention", lambda *a: calls.append("masked"))
+    grouped_attention(q, k, v, layout)
+    grouped_attention(q[:2], k[:2], v[:2], ItemLayout(layout.labels[:2], spans[:2]))   # guidance-sized batch
+    assert calls == ["masked", "sorted"]
+    with pytest.raises(ValueError, match="past the 10 tokens"):
+        layout.key_mask(36, 10, torch.device("cpu"))
 
 
 def _cross_attention_layer(seed=0):
