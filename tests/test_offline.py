@@ -25,25 +25,32 @@ def test_scenes_come_with_a_partition_and_never_draw_held_out_pairs():
         assert shape_mask(shape, 32, 16, 16, 8).sum() > 50
 
 
-def test_learning_rate_is_constant_then_decays_and_a_longer_run_keeps_the_prefix():
-    rates = [T.learning_rate(s, 10_000, 4_000, 1e-3) for s in range(10_000)]
+def test_learning_rate_legs_decay_restart_warm_and_appending_a_leg_keeps_the_prefix():
+    one = (T.Leg(10_000, 1e-3, 4_000),)
+    two = one + (T.Leg(15_000, 5e-4, 4_000, warmup_steps=1_000),)
+    rates = [T.learning_rate(s, two) for s in range(15_000)]
     assert rates[:6_000] == [1e-3] * 6_000
-    assert all(a >= b for a, b in zip(rates, rates[1:])) and rates[-1] == pytest.approx(2e-5, rel=0.01)
-    longer = [T.learning_rate(s, 12_000, 4_000, 1e-3) for s in range(8_000)]
-    assert longer[:6_000] == rates[:6_000]
+    first, warmup, second = rates[6_000:10_000], rates[10_000:11_000], rates[11_000:]
+    assert all(a >= b for a, b in zip(first, first[1:])) and first[-1] == pytest.approx(2e-5, rel=0.01)
+    assert all(a < b for a, b in zip(warmup, warmup[1:])) and warmup[-1] == pytest.approx(5e-4)
+    assert all(a >= b for a, b in zip(second, second[1:])) and second[-1] == pytest.approx(1e-5, rel=0.01)
+    assert [T.learning_rate(s, one) for s in range(10_000)] == rates[:10_000]
+    with pytest.raises(ValueError, match="past the schedule"):
+        T.learning_rate(15_000, two)
 
 
 def test_training_resumes_to_the_same_weights(tmp_path):
-    # the learning rate decays over the last two of the three steps, so the resumed leg must pick it up
-    kwargs = dict(minutes=5, batch=4, checkpoint_every=10, max_steps=3, decay_steps=2)
+    # interrupted inside the second leg's warm-up, so the resumed leg must pick up the schedule
+    schedule = (T.Leg(2, 1e-3, 1), T.Leg(4, 5e-4, 1, warmup_steps=2))
+    kwargs = dict(minutes=5, batch=4, checkpoint_every=10, schedule=schedule)
     T.train(tmp_path / "straight", **kwargs)
-    assert T.train(tmp_path / "resumed", stop_at=2, **kwargs) == 2
+    assert T.train(tmp_path / "resumed", stop_at=3, **kwargs) == 3
     T.train(tmp_path / "resumed", **kwargs)
     a = json.loads((tmp_path / "straight" / "state.json").read_text())
     b = json.loads((tmp_path / "resumed" / "state.json").read_text())
-    assert a["step"] == b["step"] == 3 and np.allclose(a["loss"], b["loss"])
+    assert a["step"] == b["step"] == 4 and np.allclose(a["loss"], b["loss"])
     from safetensors.torch import load_file
-    ta, tb = load_file(str(tmp_path / "straight" / "state.safetensors")), load_file(str(tmp_path / "resumed" / "state.safetensors"))
+    ta, tb = (load_file(str(tmp_path / run / "state.safetensors")) for run in ("straight", "resumed"))
     assert all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta if k.startswith("ema."))
     target = T.export(tmp_path / "straight", tmp_path / "exported")
     model = load_model(str(target))

@@ -4,11 +4,11 @@
     python -m dedit_nb.offline.train --export-only           # writes the EMA weights into the package
 
 A pixel-space UNet2DConditionModel with cross-attention conditioned on the frozen MiniLM encoder
-(384-dim token states), v-prediction with a cosine schedule, AdamW, EMA, 10% empty captions. Part of every
-batch is trained the way D-Edit samples: each object's pixels on its own phrase ("a red circle"), the
-background on its own ("a yellow background"), through the engine's grouped cross-attention, so the model
-is fluent in grouped prompts. Scenes and noise of step ``s`` come from ``(seed, s)``, so a resumed run
-equals an uninterrupted one.
+(384-dim token states), v-prediction with a cosine schedule, AdamW along ``SCHEDULE``'s learning-rate legs,
+EMA, 10% empty captions. Part of every batch is trained the way D-Edit samples: each object's pixels on its
+own phrase ("a red circle"), the background on its own ("a yellow background"), through the engine's grouped
+cross-attention, so the model is fluent in grouped prompts. Scenes and noise of step ``s`` come from
+``(seed, s)``, so a resumed run equals an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,17 +86,43 @@ def make_batch(step: int, seed: int, size: int, batch: int, grouped_share: float
     return images, states, ItemLayout(torch.stack(labels), spans)
 
 
-def learning_rate(step: int, max_steps: int, decay_steps: int, lr: float, final_share: float = 0.02) -> float:
-    """Constant ``lr``, then a cosine decay to ``final_share * lr`` over the last ``decay_steps`` steps.
+@dataclass(frozen=True)
+class Leg:
+    """One leg of the learning-rate schedule: it ends at step ``end`` (exclusive). The rate warms up linearly from
+    ``FINAL_SHARE * peak`` to ``peak`` over ``warmup_steps``, stays there, then decays (cosine) back to it over the
+    leg's last ``decay_steps``."""
 
-    The decay is what sharpens the shapes' edges. The constant part is a prefix of any longer run, so a
-    run that was stopped can be extended without changing the steps it has already taken.
-    """
-    start = max_steps - decay_steps
-    if step < start:
-        return lr
-    progress = (step - start) / max(decay_steps, 1)
-    return lr * (final_share + (1 - final_share) * 0.5 * (1 + np.cos(np.pi * progress)))
+    end: int
+    peak: float
+    decay_steps: int
+    warmup_steps: int = 0
+
+
+FINAL_SHARE = 0.02
+# The committed run. Its first leg sharpened the shapes with one decay; the second restarts warm at half
+# the rate for more steps and decays again. Legs only ever get appended, so the steps already taken (and the
+# committed weights) stay a prefix of the run.
+SCHEDULE = (Leg(10_500, 1e-3, 5_000), Leg(15_500, 5e-4, 4_700, warmup_steps=300))
+
+
+def learning_rate(step: int, schedule: tuple[Leg, ...] = SCHEDULE) -> float:
+    """The learning rate at ``step`` of a run made of ``schedule``'s legs."""
+    start = 0
+    for leg in schedule:
+        if step < leg.end:
+            break
+        start = leg.end
+    else:
+        raise ValueError(f"step {step} is past the schedule's last leg (step {schedule[-1].end})")
+    low = FINAL_SHARE * leg.peak
+    into = step - start
+    if into < leg.warmup_steps:
+        return low + (leg.peak - low) * (into + 1) / leg.warmup_steps
+    decay_start = leg.end - leg.decay_steps
+    if step < decay_start:
+        return leg.peak
+    progress = (step - decay_start) / max(leg.decay_steps, 1)
+    return low + (leg.peak - low) * 0.5 * (1 + np.cos(np.pi * progress))
 
 
 def _state_dicts(unet, ema, opt) -> dict[str, torch.Tensor]:
@@ -141,13 +168,14 @@ def export(folder: Path, target: Path = OFFLINE_MODEL_DIR, resolution: int = RES
     return target
 
 
-def train(folder: Path, minutes: float, max_steps: int, batch: int = 32, lr: float = 1e-3, seed: int = 0,
+def train(folder: Path, minutes: float, schedule: tuple[Leg, ...] = SCHEDULE, batch: int = 32, seed: int = 0,
           grouped_share: float = 0.5, ema_decay: float = 0.999, checkpoint_every: int = 100,
-          resolution: int = RESOLUTION, decay_steps: int = 5_000, stop_at: int | None = None) -> int:
-    """Train towards ``max_steps`` from the last checkpoint in ``folder``; return the step reached.
+          resolution: int = RESOLUTION, stop_at: int | None = None) -> int:
+    """Train along ``schedule`` from the last checkpoint in ``folder``; return the step reached.
 
     The run stops early, with a checkpoint, after ``minutes`` or at step ``stop_at``; calling again resumes.
     """
+    max_steps = schedule[-1].end
     from diffusers import DDPMScheduler, UNet2DConditionModel
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -156,7 +184,7 @@ def train(folder: Path, minutes: float, max_steps: int, batch: int = 32, lr: flo
     ema = UNet2DConditionModel(**unet_config(resolution))
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(unet.parameters(), lr=learning_rate(0, schedule), weight_decay=1e-4)
     start, losses = load_checkpoint(folder, unet, ema, opt)
     text = TextConditioner([_minilm_slot(torch.float32)])
     text.slots[0].encoder.eval()
@@ -175,7 +203,7 @@ def train(folder: Path, minutes: float, max_steps: int, batch: int = 32, lr: flo
         images, states, layout = upcoming.result()
         upcoming = pool.submit(make_batch, step + 1, seed, resolution, batch, grouped_share, phrases)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(step, max_steps, decay_steps, lr)
+            group["lr"] = learning_rate(step, schedule)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         noise = torch.randn(images.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=gen)
@@ -206,11 +234,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Train the offline demo model")
     parser.add_argument("--folder", type=Path, default=Path("runs/offline-train"))
     parser.add_argument("--minutes", type=float, default=60.0)
-    parser.add_argument("--steps", type=int, default=10_500, help="length of the run")
-    parser.add_argument("--decay-steps", type=int, default=5_000,
-                        help="the learning rate decays (cosine) over the run's last this many steps")
+    parser.add_argument("--steps", type=int, default=SCHEDULE[-1].end,
+                        help="stop at this step of the committed schedule (default: its end)")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--export-only", action="store_true")
@@ -218,8 +244,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.export_only:
-        steps = train(args.folder, args.minutes, args.steps, args.batch, args.lr, args.seed,
-                      decay_steps=args.decay_steps)
+        if not 0 < args.steps <= SCHEDULE[-1].end:
+            parser.error(f"--steps must be between 1 and {SCHEDULE[-1].end}, the end of the committed schedule")
+        steps = train(args.folder, args.minutes, batch=args.batch, seed=args.seed, stop_at=args.steps)
         print(f"trained to step {steps}", flush=True)
     print(f"exported to {export(args.folder)}", flush=True)
 
