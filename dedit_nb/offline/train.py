@@ -99,8 +99,8 @@ class Leg:
 
 
 FINAL_SHARE = 0.02
-# The committed run. Its first leg sharpened the shapes with one decay; the second restarts warm at half
-# the rate for more steps and decays again. Legs only ever get appended, so the steps already taken (and the
+# The committed run. Its first leg sharpened the shapes with one decay; the later ones restart warm at lower
+# rates for more steps and decay again. Legs only ever get appended, so the steps already taken (and the
 # committed weights) stay a prefix of the run.
 SCHEDULE = (Leg(10_500, 1e-3, 5_000), Leg(15_500, 5e-4, 4_700, warmup_steps=300))
 
