@@ -102,7 +102,8 @@ FINAL_SHARE = 0.02
 # The committed run. Its first leg sharpened the shapes with one decay; the later ones restart warm at lower
 # rates for more steps and decay again. Legs only ever get appended, so the steps already taken (and the
 # committed weights) stay a prefix of the run.
-SCHEDULE = (Leg(10_500, 1e-3, 5_000), Leg(15_500, 5e-4, 4_700, warmup_steps=300))
+SCHEDULE = (Leg(10_500, 1e-3, 5_000), Leg(15_500, 5e-4, 4_700, warmup_steps=300),
+            Leg(19_000, 3e-4, 3_300, warmup_steps=200))
 
 
 def learning_rate(step: int, schedule: tuple[Leg, ...] = SCHEDULE) -> float:
