@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from dedit_nb import attention as A
 from dedit_nb.attention import GroupedAttnProcessor, ItemLayout
 from dedit_nb.offline.train import TEXT_LENGTH, unet_config
 
@@ -73,7 +72,6 @@ def timed(fn, repeats: int) -> float:
 def training_batch(repeats: int) -> None:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**unet_config())
-    unet.set_attn_processor(GroupedAttnProcessor())
     batch, size = 32, 32
     items = torch.randint(1, 5, (batch,)).tolist()
     labels = torch.stack([torch.randint(0, k, (size // 4, size // 4)).repeat_interleave(4, 0).repeat_interleave(4, 1)
@@ -82,21 +80,17 @@ def training_batch(repeats: int) -> None:
     states = torch.randn(batch, max(items) * TEXT_LENGTH, 384)
     x, t = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
 
-    def step(masked_above: int):
+    def step(processor: GroupedAttnProcessor):
         def run():
-            A.MASKED_ABOVE_LAYOUTS = masked_above
+            unet.set_attn_processor(processor)
             layout = ItemLayout(labels, spans)
             out = unet(x, t, encoder_hidden_states=states, cross_attention_kwargs={"item_layout": layout}).sample
             out.square().mean().backward()
             unet.zero_grad(set_to_none=True)
         return run
 
-    default = A.MASKED_ABOVE_LAYOUTS
-    try:
-        by_sorting = timed(step(batch), repeats)
-        masked = timed(step(default), repeats)
-    finally:
-        A.MASKED_ABOVE_LAYOUTS = default
+    by_sorting = timed(step(GroupedAttnProcessor(masked_above_layouts=batch)), repeats)
+    masked = timed(step(GroupedAttnProcessor()), repeats)
     print(f"\noffline UNet training step, batch {batch} scenes with 1-4 items, {torch.get_num_threads()} threads")
     print(f"by sorting: {by_sorting:.3f} s | masked: {masked:.3f} s | masked / sorting {masked / by_sorting:.2f}")
 

@@ -45,6 +45,7 @@ class ItemLayout:
     labels: torch.Tensor
     spans: Sequence[Sequence[Span]]
     _plans: dict = field(default_factory=dict, repr=False)
+    _masks: dict = field(default_factory=dict, repr=False)
     _groups: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
@@ -63,6 +64,11 @@ class ItemLayout:
             key = (tuple(map(tuple, self.spans[b])), self.labels[b].cpu().numpy().tobytes())
             keys.setdefault(key, []).append(b)
         self._groups = list(keys.values())
+
+    @property
+    def num_layouts(self) -> int:
+        """How many distinct (label map, spans) pairs the batch holds."""
+        return len(self._groups)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -87,7 +93,7 @@ class ItemLayout:
 
     def key_mask(self, num_tokens: int, num_keys: int, device: torch.device) -> torch.Tensor:
         """``(B, 1, N, S)`` boolean mask: pixel ``n`` of element ``b`` may attend to key ``s``."""
-        cached = self._plans.get(("mask", num_tokens, num_keys, device))
+        cached = self._masks.get((num_tokens, num_keys, device))
         if cached is not None:
             return cached
         owner = torch.full((self.labels.shape[0], num_keys), -1, dtype=torch.long)
@@ -99,7 +105,7 @@ class ItemLayout:
                 owner[b, s:e] = k
         labels = self.level_labels(num_tokens).reshape(self.labels.shape[0], -1)
         mask = (labels[:, :, None] == owner[:, None, :]).unsqueeze(1).to(device)
-        self._plans[("mask", num_tokens, num_keys, device)] = mask
+        self._masks[(num_tokens, num_keys, device)] = mask
         return mask
 
     def plan(self, num_tokens: int, device: torch.device) -> _Plan:
@@ -124,16 +130,18 @@ class ItemLayout:
 MASKED_ABOVE_LAYOUTS = 2
 
 
-def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: ItemLayout
-                      ) -> torch.Tensor:
+def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: ItemLayout,
+                      masked_above_layouts: int = MASKED_ABOVE_LAYOUTS) -> torch.Tensor:
     """Attention where each query pixel sees only its item's keys.
 
-    query: ``(B, heads, N, d)``; key, value: ``(B, heads, S, d)``. Returns ``(B, heads, N, d)``.
+    query: ``(B, heads, N, d)``; key, value: ``(B, heads, S, d)``. Returns ``(B, heads, N, d)``. A batch with
+    more than ``masked_above_layouts`` distinct layouts runs :func:`masked_grouped_attention`, others
+    :func:`sorted_grouped_attention`.
     """
     batch, _, num_tokens, _ = query.shape
     if batch != layout.labels.shape[0]:
         raise ValueError(f"attention batch {batch} does not match the item layout's batch {layout.labels.shape[0]}")
-    if len(layout._groups) > MASKED_ABOVE_LAYOUTS:
+    if layout.num_layouts > masked_above_layouts:
         return masked_grouped_attention(query, key, value, layout)
     return sorted_grouped_attention(query, key, value, layout)
 
@@ -175,8 +183,12 @@ class GroupedAttnProcessor:
 
     Cross-attention with an ``item_layout`` in ``cross_attention_kwargs`` is grouped by item; everything else
     (self-attention, or no layout) is standard scaled-dot-product attention. Install on all layers with
-    ``unet.set_attn_processor(GroupedAttnProcessor())``.
+    ``unet.set_attn_processor(GroupedAttnProcessor())``. ``masked_above_layouts``: see
+    :func:`grouped_attention`.
     """
+
+    def __init__(self, masked_above_layouts: int = MASKED_ABOVE_LAYOUTS):
+        self.masked_above_layouts = masked_above_layouts
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -216,7 +228,7 @@ class GroupedAttnProcessor:
         if is_cross and item_layout is not None:
             if attention_mask is not None:
                 raise ValueError("grouped cross-attention takes no attention_mask: item spans select the keys")
-            hidden_states = grouped_attention(query, key, value, item_layout)
+            hidden_states = grouped_attention(query, key, value, item_layout, self.masked_above_layouts)
         else:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
 

@@ -48,7 +48,7 @@ def test_batch_elements_sharing_a_layout_are_grouped_and_still_exact():
     labels = torch.zeros(4, 4, 4, dtype=torch.long)
     labels[:3, :, 2:] = 1
     layout = ItemLayout(labels, spans)
-    assert sorted(map(sorted, layout._groups)) == [[0, 1, 2], [3]]
+    assert sorted(map(sorted, layout._groups)) == [[0, 1, 2], [3]] and layout.num_layouts == 2
     q, k, v = torch.randn(4, 2, 16, 4), torch.randn(4, 2, 8, 4), torch.randn(4, 2, 8, 4)
     ref = reference_grouped(q, k, v, labels.reshape(4, -1), spans)
     assert (grouped_attention(q, k, v, layout) - ref).abs().max() <= 1e-5
@@ -69,7 +69,8 @@ def test_a_batch_of_many_layouts_takes_one_masked_attention_with_the_same_result
     monkeypatch.setattr(A, "masked_grouped_attention", lambda *a: calls.append("masked"))
     grouped_attention(q, k, v, layout)
     grouped_attention(q[:2], k[:2], v[:2], ItemLayout(layout.labels[:2], spans[:2]))   # guidance-sized batch
-    assert calls == ["masked", "sorted"]
+    grouped_attention(q, k, v, layout, masked_above_layouts=5)
+    assert calls == ["masked", "sorted", "sorted"]
     with pytest.raises(ValueError, match="past the 10 tokens"):
         layout.key_mask(36, 10, torch.device("cpu"))
 
