@@ -4,9 +4,9 @@ Stage 1 learns each item's new token embeddings (every other row of the embeddin
 each step). Stage 2 trains the UNet's cross-attention q/k/v projections, or a LoRA on all attention layers
 (peft), with the tokens frozen. All images of a session, and of any ``extra_sessions``, train jointly
 (their losses add up in every step), so items can later move between them. Only trained tensors are saved
-(safetensors), with the optimizer state and the loss history, every ``checkpoint_every`` steps: an interrupted finetune resumes where it
-stopped and, because each step's noise comes from ``(seed, stage, step)``, ends with the same weights as an
-uninterrupted one.
+(safetensors), with the optimizer state and the loss history, every ``checkpoint_every`` steps: an
+interrupted finetune resumes where it stopped and, because each step's noise comes from
+``(seed, stage, step)``, ends with the same weights as an uninterrupted one.
 """
 from __future__ import annotations
 

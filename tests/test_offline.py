@@ -45,6 +45,7 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     kwargs = dict(minutes=5, batch=4, checkpoint_every=10, schedule=schedule)
     T.train(tmp_path / "straight", **kwargs)
     assert T.train(tmp_path / "resumed", stop_at=3, **kwargs) == 3
+    assert T.train(tmp_path / "resumed", stop_at=1, **kwargs) == 3    # already past it: nothing trained
     T.train(tmp_path / "resumed", **kwargs)
     a = json.loads((tmp_path / "straight" / "state.json").read_text())
     b = json.loads((tmp_path / "resumed" / "state.json").read_text())

@@ -176,8 +176,9 @@ def train(folder: Path, minutes: float, schedule: tuple[Leg, ...] = SCHEDULE, ba
 
     The run stops early, with a checkpoint, after ``minutes`` or at step ``stop_at``; calling again resumes.
     """
-    max_steps = schedule[-1].end
     from diffusers import DDPMScheduler, UNet2DConditionModel
+    max_steps = schedule[-1].end
+    last = max_steps if stop_at is None else min(stop_at, max_steps)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config(resolution))
@@ -194,7 +195,7 @@ def train(folder: Path, minutes: float, schedule: tuple[Leg, ...] = SCHEDULE, ba
     print(f"offline model: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
           f"{resolution}x{resolution}, starting at step {start}", flush=True)
     deadline = time.time() + minutes * 60
-    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc="training", mininterval=30)
+    bar = tqdm(range(start, last), initial=start, total=max_steps, desc="training", mininterval=30)
     reached = start
     # the next batch is made on a worker thread while the UNet trains on this one; a batch depends only on
     # (seed, step), so the run is the same as making them in line
@@ -222,8 +223,8 @@ def train(folder: Path, minutes: float, schedule: tuple[Leg, ...] = SCHEDULE, ba
         reached = step + 1
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}",
                         refresh=False)
-        interrupted = time.time() > deadline or reached == stop_at
-        if reached % checkpoint_every == 0 or interrupted or reached == max_steps:
+        interrupted = time.time() > deadline
+        if reached % checkpoint_every == 0 or interrupted or reached == last:
             save_checkpoint(folder, reached, unet, ema, opt, losses)
         if interrupted:
             break
