@@ -8,7 +8,8 @@ from extent and solidity of the object's pixels); its accuracy on the ground-tru
 as its own check, and it is not tuned to the model.
 
 Generation: object colour (a captioned object's colour is found as a blob), shape (that blob's shape),
-background colour. D-Edit, per scene finetuned on its true items: reconstruction PSNR; text edit (the item
+background colour; in two-object scenes also how often an object's colour came out in the other object's shape
+(a binding error). D-Edit, per scene finetuned on its true items: reconstruction PSNR; text edit (the item
 takes a new colour); move (the item's centroid moves by the asked shift, within 2 px); remove (the item's
 colour is gone from its old area); image edit (an item of a second scene, finetuned jointly, appears with its
 colour in the target region); and for every edit, pixels outside the active and soft regions identical.
@@ -34,8 +35,8 @@ from dedit_nb.offline.scenes import BACKGROUND_COLOURS, HELD_OUT, OBJECT_COLOURS
 from dedit_nb.sampler import SamplingConfig, masked_sample
 
 SAMPLING = dict(steps=25, guidance=3.0)
-GENERATION_METRICS = ("colour", "shape", "shape, 1 obj.", "shape, 2 obj.", "shape, 3 obj.", "background",
-                      "held-out colour", "held-out shape")
+GENERATION_METRICS = ("colour", "shape", "shape, 1 obj.", "shape, 2 obj.", "shape, 3 obj.", "swapped, 2 obj.",
+                      "background", "held-out colour", "held-out shape")
 
 
 # --- the detector ----------------------------------------------------------------------------------------
@@ -92,6 +93,9 @@ def score_generation(scene, image, stats) -> None:
         stats["colour"].append(obj.colour in found)
         stats["shape"].append(found.get(obj.colour) == obj.shape)
         stats[f"shape, {len(scene.objects)} obj."].append(found.get(obj.colour) == obj.shape)
+        if len(scene.objects) == 2:  # a binding error: the colour came out in the other object's shape
+            other = next(o for o in scene.objects if o is not obj)
+            stats["swapped, 2 obj."].append(other.shape != obj.shape and found.get(obj.colour) == other.shape)
         if (obj.colour, obj.shape) in HELD_OUT:
             stats["held-out colour"].append(obj.colour in found)
             stats["held-out shape"].append(found.get(obj.colour) == obj.shape)

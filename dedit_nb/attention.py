@@ -190,6 +190,12 @@ class GroupedAttnProcessor:
     def __init__(self, masked_above_layouts: int = MASKED_ABOVE_LAYOUTS):
         self.masked_above_layouts = masked_above_layouts
 
+    def grouped(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: ItemLayout
+                ) -> torch.Tensor:
+        """The grouped cross-attention itself (``(B, heads, N, d)`` projections in, ``(B, heads, N, d)`` out);
+        subclasses that need the attention weights override this."""
+        return grouped_attention(query, key, value, layout, self.masked_above_layouts)
+
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  item_layout: ItemLayout | None = None) -> torch.Tensor:
@@ -228,7 +234,7 @@ class GroupedAttnProcessor:
         if is_cross and item_layout is not None:
             if attention_mask is not None:
                 raise ValueError("grouped cross-attention takes no attention_mask: item spans select the keys")
-            hidden_states = grouped_attention(query, key, value, item_layout, self.masked_above_layouts)
+            hidden_states = self.grouped(query, key, value, item_layout)
         else:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
 

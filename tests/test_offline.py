@@ -41,7 +41,8 @@ def test_learning_rate_legs_decay_restart_warm_and_appending_a_leg_keeps_the_pre
 
 def test_training_resumes_to_the_same_weights(tmp_path):
     # interrupted inside the second leg's warm-up, so the resumed leg must pick up the schedule
-    schedule = (T.Leg(2, 1e-3, 1), T.Leg(4, 5e-4, 1, warmup_steps=2))
+    # (the second leg also trains the grounding loss)
+    schedule = (T.Leg(2, 1e-3, 1), T.Leg(4, 5e-4, 1, warmup_steps=2, grounding=0.1))
     kwargs = dict(minutes=5, batch=4, checkpoint_every=10, schedule=schedule)
     T.train(tmp_path / "straight", **kwargs)
     assert T.train(tmp_path / "resumed", stop_at=3, **kwargs) == 3
@@ -56,6 +57,64 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     target = T.export(tmp_path / "straight", tmp_path / "exported")
     model = load_model(str(target))
     assert model.family == "offline" and model.vae is None and model.text.max_length == T.TEXT_LENGTH
+
+
+def test_caption_tokens_know_which_item_each_word_names():
+    from dedit_nb.models import _minilm_slot
+    tokenizer = _minilm_slot(torch.float32).tokenizer
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 3):
+        scene = random_scene(rng, num_objects=n)
+        items = T.caption_token_items(scene.caption_parts, tokenizer)
+        ids = tokenizer(scene.caption, max_length=T.TEXT_LENGTH, padding="max_length")["input_ids"]
+        words = tokenizer.convert_ids_to_tokens(ids)
+        assert len(items) == T.TEXT_LENGTH
+        named = {k: [w for w, i in zip(words, items.tolist()) if i == k] for k in range(n + 1)}
+        assert named[0] == [scene.background, "background"]
+        assert all(named[k] == [o.colour, o.shape] for k, o in enumerate(scene.objects, start=1))
+        assert {w for w, i in zip(words, items.tolist()) if i < 0} <= {"[CLS]", "[SEP]", "[PAD]", "a", "an", ",",
+                                                                       "and", "on"}
+
+
+def test_grounding_loss_is_zero_when_words_and_pixels_keep_to_their_item_and_two_when_they_swap():
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[:, :4, :4] = 1          # item 1 is the top-left quarter, item 2 the bottom-right: whole cells at 4x4
+    labels[:, 4:, 4:] = 2
+    # the second element is not a caption sample (a grouped one): it never counts, whatever its attention
+    token_items = torch.tensor([[-1, 1, 1, 2, 0, -1], [-1] * 6])
+    cover = torch.nn.functional.avg_pool2d(torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float(), 2)
+
+    def attention(where):   # (2, 16 cells, 6 keys) at 4x4: key j spreads evenly over the cells of item where[j]
+        probs = torch.stack([cover[0, k].flatten() / cover[0, k].sum() for k in where], dim=-1)
+        return torch.stack([probs, torch.rand(16, 6)])
+
+    on_own = attention([0, 1, 1, 2, 0, 0])
+    assert T.grounding_loss([on_own], labels, token_items).item() == pytest.approx(0.0, abs=1e-6)
+    # every word on another item, so every pixel takes only other items' words: 1 + 1
+    on_other = attention([0, 2, 0, 1, 1, 0])
+    assert T.grounding_loss([on_other], labels, token_items).item() == pytest.approx(2.0)
+    uniform = torch.full((2, 16, 6), 1 / 16)
+    # words: shares inside their item a quarter, a quarter, a quarter, a half; pixels: a cell sees item 1's two
+    # words and one word each of items 2 and 0, so items 1 / 2 / 0 (4, 4, 8 cells) stray 1/2, 3/4, 3/4
+    expected = (3 * 0.75 ** 2 + 0.5 ** 2) / 4 + (4 * 0.5 + 4 * 0.75 + 8 * 0.75) / 16
+    assert T.grounding_loss([uniform, on_own], labels, token_items).item() == pytest.approx(expected / 2)
+    assert T.grounding_loss([uniform], labels, torch.full((2, 6), -1)).item() == 0.0
+
+
+def test_grounding_recorder_attends_like_the_grouped_processor():
+    from dedit_nb.attention import grouped_attention, ItemLayout
+    torch.manual_seed(0)
+    labels = torch.from_numpy(np.stack([random_scene(np.random.default_rng(s), 8).labels for s in range(3)]))
+    spans = [[(k * 4, k * 4 + 4) for k in range(int(l.max()) + 1)] for l in labels]
+    layout = ItemLayout(labels, spans)
+    q, k, v = torch.randn(3, 2, 64, 8), torch.randn(3, 2, 16, 8), torch.randn(3, 2, 16, 8)
+    recorder = T.GroundingRecorder()
+    recorder.recording = True
+    out = recorder.grouped(q, k, v, layout)
+    assert torch.allclose(out, grouped_attention(q, k, v, layout), atol=1e-5)
+    (weights,) = recorder.weights
+    assert weights.shape == (3, 64, 16) and torch.allclose(weights.sum(-1), torch.ones(3, 64))
+    assert (weights[~layout.key_mask(64, 16, torch.device("cpu"))[:, 0]] == 0).all()
 
 
 @pytest.mark.skipif(not (OFFLINE_MODEL_DIR / "model_index.json").exists(), reason="offline model not trained yet")

@@ -52,9 +52,17 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        things = [o.phrase for o in self.objects]
-        listed = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
-        return f"{listed} on {background_phrase(self.background)}"
+        return "".join(text for text, _ in self.caption_parts)
+
+    @property
+    def caption_parts(self) -> list[tuple[str, int | None]]:
+        """The caption as pieces of text, each with the item (label) its words name, or None for the glue:
+        "a " None, "red circle" 1, ", a " None, ..., "yellow background" 0."""
+        parts: list[tuple[str, int | None]] = []
+        for k, obj in enumerate(self.objects, start=1):
+            glue = "" if k == 1 else " and " if k == len(self.objects) else ", "
+            parts += [(f"{glue}{article(obj.colour)} ", None), (f"{obj.colour} {obj.shape}", k)]
+        return parts + [(f" on {article(self.background)} ", None), (f"{self.background} background", 0)]
 
     @property
     def item_phrases(self) -> list[str]:

@@ -7,7 +7,9 @@ A pixel-space UNet2DConditionModel with cross-attention conditioned on the froze
 (384-dim token states), v-prediction with a cosine schedule, AdamW along ``SCHEDULE``'s learning-rate legs,
 EMA, 10% empty captions. Part of every batch is trained the way D-Edit samples: each object's pixels on its
 own phrase ("a red circle"), the background on its own ("a yellow background"), through the engine's grouped
-cross-attention, so the model is fluent in grouped prompts. Scenes and noise of step ``s`` come from
+cross-attention, so the model is fluent in grouped prompts. Legs of the schedule may add a grounding loss on
+the caption samples' cross-attention (each item's words and pixels attend to each other), for the binding of
+colours to shapes in captions that name several objects. Scenes and noise of step ``s`` come from
 ``(seed, s)``, so a resumed run equals an uninterrupted one.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..attention import ItemLayout, install_grouped_attention
+from ..attention import GroupedAttnProcessor, ItemLayout
 from ..finetune import flatten_optimizer_state, restore_optimizer_state
 from ..models import MINILM_SOURCE, OFFLINE_MODEL_DIR, TextConditioner, _minilm_slot
 from ..session import atomic_write_bytes
@@ -52,6 +54,7 @@ class PhraseCache:
 
     def __init__(self, text: TextConditioner):
         self.text, self.cache = text, {}
+        self.tokenizer = text.slots[0].tokenizer
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> list[torch.Tensor]:
@@ -65,56 +68,149 @@ class PhraseCache:
         return [self.cache[p] for p in prompts]
 
 
-def make_batch(step: int, seed: int, size: int, batch: int, grouped_share: float, phrases: PhraseCache):
+def caption_token_items(parts: list[tuple[str, int | None]], tokenizer, length: int = TEXT_LENGTH
+                        ) -> torch.Tensor:
+    """For each of the ``length`` tokens a caption encodes to, the item its word names (``Scene.caption_parts``),
+    or -1 for glue words, special tokens and padding."""
+    caption = "".join(text for text, _ in parts)
+    owner = np.full(len(caption), -1)
+    start = 0
+    for text, item in parts:
+        if item is not None:
+            owner[start:start + len(text)] = item
+        start += len(text)
+    offsets = tokenizer(caption, max_length=length, truncation=True, padding="max_length",
+                        return_offsets_mapping=True)["offset_mapping"]
+    return torch.tensor([int(owner[a]) if b > a else -1 for a, b in offsets])
+
+
+@dataclass
+class TrainingBatch:
+    images: torch.Tensor          # (B, 3, S, S) in [-1, 1]
+    states: torch.Tensor          # (B, L, 384) MiniLM states: a caption, or the item phrases one after another
+    layout: ItemLayout            # grouped elements: the scene's items; caption elements: one item
+    scene_labels: torch.Tensor    # (B, S, S) the scene's true label map (for the grounding loss)
+    token_items: torch.Tensor     # (B, TEXT_LENGTH) item named by each caption token, -1 elsewhere
+
+
+def make_batch(step: int, seed: int, size: int, batch: int, grouped_share: float, phrases: PhraseCache
+               ) -> TrainingBatch:
     rng = np.random.default_rng([seed, step])
     scenes = [random_scene(rng, size) for _ in range(batch)]
     images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    states, spans, labels = [], [], []
+    states, spans, labels, token_items = [], [], [], []
     for s in scenes:
+        no_words = torch.full((TEXT_LENGTH,), -1)
         if rng.random() < grouped_share:
             pieces = phrases(s.item_phrases)
             states.append(torch.cat(pieces))
             spans.append([(k * TEXT_LENGTH, (k + 1) * TEXT_LENGTH) for k in range(len(pieces))])
             labels.append(torch.from_numpy(s.labels).long())
+            token_items.append(no_words)
         else:
-            caption = "" if rng.random() < 0.1 else s.caption
-            states.append(phrases([caption])[0])
+            empty = rng.random() < 0.1
+            states.append(phrases(["" if empty else s.caption])[0])
             spans.append([(0, TEXT_LENGTH)])
             labels.append(torch.zeros(size, size, dtype=torch.long))
+            token_items.append(no_words if empty else caption_token_items(s.caption_parts, phrases.tokenizer))
     longest = max(x.shape[0] for x in states)
     states = torch.stack([F.pad(x, (0, 0, 0, longest - x.shape[0])) for x in states])
-    return images, states, ItemLayout(torch.stack(labels), spans)
+    return TrainingBatch(images, states, ItemLayout(torch.stack(labels), spans),
+                         torch.from_numpy(np.stack([s.labels for s in scenes])).long(), torch.stack(token_items))
+
+
+class GroundingRecorder(GroupedAttnProcessor):
+    """Grouped cross-attention that, while ``recording``, computes its attention weights explicitly (the same
+    result as the masked path) and keeps them, averaged over heads, for :func:`grounding_loss`."""
+
+    def __init__(self):
+        super().__init__()
+        self.recording = False
+        self.weights: list[torch.Tensor] = []
+
+    def grouped(self, query, key, value, layout):
+        if not self.recording:
+            return super().grouped(query, key, value, layout)
+        mask = layout.key_mask(query.shape[2], key.shape[2], query.device)
+        scores = (query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        self.weights.append(probs.mean(1))
+        return probs @ value
+
+
+def grounding_loss(weights: list[torch.Tensor], scene_labels: torch.Tensor, token_items: torch.Tensor
+                   ) -> torch.Tensor:
+    """Grounding loss on the cross-attention of caption samples: the words that name an item and that item's
+    pixels attend to each other. ``weights``: per cross-attention layer ``(B, N, S)`` head-averaged attention of
+    N pixels over S keys; ``token_items``: ``(B, T)`` item named by each caption token, -1 elsewhere.
+
+    Two terms per layer, each in [0, 1], with each item's coverage of a cell at the layer's resolution:
+    - word term (TokenCompose's token loss, Wang et al. 2024): for word t of item k,
+      ``(1 - share of t's attention over the pixels that falls inside k)^2``, mean over words;
+    - pixel term (binding): for a pixel of item k, the share of its attention on item words that goes to
+      other items' words, mean over pixels. Two-object captions mostly failed by drawing each colour in the
+      other object's shape, which the word term alone, spread over every pixel, barely reduced.
+    The result is their sum, averaged over layers."""
+    valid = token_items >= 0
+    samples = valid.any(1)
+    if not samples.any():
+        return scene_labels.new_zeros((), dtype=torch.float32)
+    num_items = int(scene_labels.max()) + 1
+    onehot = F.one_hot(scene_labels, num_items).permute(0, 3, 1, 2).float()
+    words = F.one_hot(token_items.clamp(min=0), num_items).float() * valid[..., None]        # (B, T, K)
+    side = scene_labels.shape[-1]
+    terms = []
+    for probs in weights:
+        cells = probs.shape[1]
+        cover = F.avg_pool2d(onehot, side // int(round(cells ** 0.5))).flatten(2)          # (B, K, N)
+        attention = probs[:, :, :token_items.shape[1]]                                     # (B, N, T)
+        owner = torch.bmm(words, cover)                                                    # (B, T, N)
+        mass = attention.transpose(1, 2)
+        share = (mass * owner).sum(-1) / mass.sum(-1).clamp_min(1e-8)
+        word_term = ((1 - share) ** 2)[valid].mean()
+        on_items = torch.bmm(attention, words)                                             # (B, N, K)
+        stray = 1 - on_items / on_items.sum(-1, keepdim=True).clamp_min(1e-8)             # (B, N, K)
+        cover = cover[samples].transpose(1, 2)
+        pixel_term = (stray[samples] * cover).sum() / cover.sum()
+        terms.append(word_term + pixel_term)
+    return torch.stack(terms).mean()
 
 
 @dataclass(frozen=True)
 class Leg:
-    """One leg of the learning-rate schedule: it ends at step ``end`` (exclusive). The rate warms up linearly from
+    """One leg of the run, ending at step ``end`` (exclusive). The learning rate warms up linearly from
     ``FINAL_SHARE * peak`` to ``peak`` over ``warmup_steps``, stays there, then decays (cosine) back to it over the
-    leg's last ``decay_steps``."""
+    leg's last ``decay_steps``. ``grounding`` weighs :func:`grounding_loss` against the denoising loss (0: off)."""
 
     end: int
     peak: float
     decay_steps: int
     warmup_steps: int = 0
+    grounding: float = 0.0
 
 
 FINAL_SHARE = 0.02
-# The committed run. Its first leg sharpened the shapes with one decay; the later ones restart warm at lower
-# rates for more steps and decay again. Legs only ever get appended, so the steps already taken (and the
-# committed weights) stay a prefix of the run.
+# The committed run. Its first leg sharpened the shapes with one decay; the next two restart warm at lower
+# rates for more steps and decay again. The fourth adds the grounding loss: two-object captions mostly failed
+# by binding each colour to the other object's shape. Legs only ever get appended, so the steps already taken
+# (and the committed weights) stay a prefix of the run.
 SCHEDULE = (Leg(10_500, 1e-3, 5_000), Leg(15_500, 5e-4, 4_700, warmup_steps=300),
-            Leg(19_000, 3e-4, 3_300, warmup_steps=200))
+            Leg(19_000, 3e-4, 3_300, warmup_steps=200), Leg(24_000, 3e-4, 4_500, warmup_steps=200, grounding=0.1))
+
+
+def leg_at(step: int, schedule: tuple[Leg, ...] = SCHEDULE) -> tuple[int, Leg]:
+    """The leg that ``step`` falls in, with the step it starts at."""
+    start = 0
+    for leg in schedule:
+        if step < leg.end:
+            return start, leg
+        start = leg.end
+    raise ValueError(f"step {step} is past the schedule's last leg (step {schedule[-1].end})")
 
 
 def learning_rate(step: int, schedule: tuple[Leg, ...] = SCHEDULE) -> float:
     """The learning rate at ``step`` of a run made of ``schedule``'s legs."""
-    start = 0
-    for leg in schedule:
-        if step < leg.end:
-            break
-        start = leg.end
-    else:
-        raise ValueError(f"step {step} is past the schedule's last leg (step {schedule[-1].end})")
+    start, leg = leg_at(step, schedule)
     low = FINAL_SHARE * leg.peak
     into = step - start
     if into < leg.warmup_steps:
@@ -182,7 +278,10 @@ def train(folder: Path, minutes: float, schedule: tuple[Leg, ...] = SCHEDULE, ba
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config(resolution))
-    install_grouped_attention(unet)
+    # cross-attention layers record their weights in legs with a grounding loss; the rest are plain grouped
+    recorder = GroundingRecorder()
+    unet.set_attn_processor({name: recorder if ".attn2." in name else GroupedAttnProcessor()
+                             for name in unet.attn_processors})
     ema = UNet2DConditionModel(**unet_config(resolution))
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
@@ -196,22 +295,31 @@ def train(folder: Path, minutes: float, schedule: tuple[Leg, ...] = SCHEDULE, ba
           f"{resolution}x{resolution}, starting at step {start}", flush=True)
     deadline = time.time() + minutes * 60
     bar = tqdm(range(start, last), initial=start, total=max_steps, desc="training", mininterval=30)
-    reached = start
+    reached, token_losses = start, []
     # the next batch is made on a worker thread while the UNet trains on this one; a batch depends only on
     # (seed, step), so the run is the same as making them in line
     pool = ThreadPoolExecutor(max_workers=1)
     upcoming = pool.submit(make_batch, start, seed, resolution, batch, grouped_share, phrases)
     for step in bar:
-        images, states, layout = upcoming.result()
+        data = upcoming.result()
         upcoming = pool.submit(make_batch, step + 1, seed, resolution, batch, grouped_share, phrases)
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, schedule)
+        grounding = leg_at(step, schedule)[1].grounding
+        recorder.recording = grounding > 0
+        recorder.weights.clear()
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        noise = torch.randn(images.shape, generator=gen)
+        noise = torch.randn(data.images.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=gen)
-        noisy = noise_scheduler.add_noise(images, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=states, cross_attention_kwargs={"item_layout": layout}).sample
-        loss = F.mse_loss(pred, noise_scheduler.get_velocity(images, noise, t))
+        noisy = noise_scheduler.add_noise(data.images, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=data.states,
+                    cross_attention_kwargs={"item_layout": data.layout}).sample
+        denoising = F.mse_loss(pred, noise_scheduler.get_velocity(data.images, noise, t))
+        loss = denoising
+        if grounding > 0:
+            token_loss = grounding_loss(recorder.weights, data.scene_labels, data.token_items)
+            token_losses.append(token_loss.item())
+            loss = loss + grounding * token_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
@@ -219,10 +327,12 @@ def train(folder: Path, minutes: float, schedule: tuple[Leg, ...] = SCHEDULE, ba
         with torch.no_grad():
             for e, p in zip(ema.parameters(), unet.parameters()):
                 e.lerp_(p, 1 - ema_decay)
-        losses.append(loss.item())
+        losses.append(denoising.item())     # the denoising loss alone, comparable across legs
         reached = step + 1
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}",
-                        refresh=False)
+        shown = {"loss": f"{np.mean(losses[-50:]):.4f}", "lr": f"{opt.param_groups[0]['lr']:.1e}"}
+        if grounding > 0:
+            shown["grounding"] = f"{np.mean(token_losses[-50:]):.3f}"
+        bar.set_postfix(shown, refresh=False)
         interrupted = time.time() > deadline
         if reached % checkpoint_every == 0 or interrupted or reached == last:
             save_checkpoint(folder, reached, unet, ema, opt, losses)
