@@ -33,6 +33,21 @@ class _Plan:
     groups: list[tuple[torch.Tensor | None, torch.Tensor, list[int], list[Span]]]
 
 
+def item_coverage(labels: torch.Tensor, num_items: int, num_tokens: int) -> torch.Tensor:
+    """``(B, num_items, h, w)``: the share of each cell of a layer with ``num_tokens`` pixels that each item of the
+    ``(B, H, W)`` label maps covers (the layer's grid is a power-of-two reduction of ``H x W``)."""
+    h, w = int(labels.shape[1]), int(labels.shape[2])
+    factor = 1
+    while (h // factor) * (w // factor) > num_tokens and h % (factor * 2) == 0 and w % (factor * 2) == 0:
+        factor *= 2
+    if (h // factor) * (w // factor) != num_tokens:
+        raise ValueError(
+            f"a cross-attention layer has {num_tokens} pixels, which is no power-of-two reduction of the "
+            f"{w}x{h} latent; image sides must be multiples of the model's latent factor")
+    onehot = F.one_hot(labels.long(), num_items).permute(0, 3, 1, 2).float()
+    return onehot if factor == 1 else F.avg_pool2d(onehot, factor)
+
+
 @dataclass
 class ItemLayout:
     """Which item owns each latent pixel, and where each item's prompt sits in the text sequence.
@@ -78,18 +93,9 @@ class ItemLayout:
         """Label maps at the resolution of a layer with ``num_tokens`` pixels: each cell takes the item that
         covers most of its block (so every cell keeps exactly one item)."""
         h, w = self.shape
-        factor = 1
-        while (h // factor) * (w // factor) > num_tokens and h % (factor * 2) == 0 and w % (factor * 2) == 0:
-            factor *= 2
-        if (h // factor) * (w // factor) != num_tokens:
-            raise ValueError(
-                f"a cross-attention layer has {num_tokens} pixels, which is no power-of-two reduction of the "
-                f"{w}x{h} latent; image sides must be multiples of the model's latent factor")
-        if factor == 1:
+        if h * w == num_tokens:
             return self.labels
-        num_items = max(len(s) for s in self.spans)
-        onehot = F.one_hot(self.labels, num_items).permute(0, 3, 1, 2).float()
-        return F.avg_pool2d(onehot, factor).argmax(dim=1)
+        return item_coverage(self.labels, max(len(s) for s in self.spans), num_tokens).argmax(dim=1)
 
     def key_mask(self, num_tokens: int, num_keys: int, device: torch.device) -> torch.Tensor:
         """``(B, 1, N, S)`` boolean mask: pixel ``n`` of element ``b`` may attend to key ``s``."""

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..attention import GroupedAttnProcessor, ItemLayout
+from ..attention import GroupedAttnProcessor, ItemLayout, item_coverage
 from ..finetune import flatten_optimizer_state, restore_optimizer_state
 from ..models import MINILM_SOURCE, OFFLINE_MODEL_DIR, TextConditioner, _minilm_slot
 from ..session import atomic_write_bytes
@@ -156,13 +156,10 @@ def grounding_loss(weights: list[torch.Tensor], scene_labels: torch.Tensor, toke
     if not samples.any():
         return scene_labels.new_zeros((), dtype=torch.float32)
     num_items = int(scene_labels.max()) + 1
-    onehot = F.one_hot(scene_labels, num_items).permute(0, 3, 1, 2).float()
     words = F.one_hot(token_items.clamp(min=0), num_items).float() * valid[..., None]        # (B, T, K)
-    side = scene_labels.shape[-1]
     terms = []
     for probs in weights:
-        cells = probs.shape[1]
-        cover = F.avg_pool2d(onehot, side // int(round(cells ** 0.5))).flatten(2)          # (B, K, N)
+        cover = item_coverage(scene_labels, num_items, probs.shape[1]).flatten(2)          # (B, K, N)
         attention = probs[:, :, :token_items.shape[1]]                                     # (B, N, T)
         owner = torch.bmm(words, cover)                                                    # (B, T, N)
         mass = attention.transpose(1, 2)
