@@ -151,7 +151,8 @@ def write_report(results: list[RunResult], output: Path) -> None:
         imgs = "".join(f"<img src='{r.name}/{img}' width='96' style='image-rendering:pixelated'>" for img in r.images)
         rows_html.append(f"<tr><td><a href='{r.name}/notebook.ipynb'>{r.name}</a></td>" +
                          "".join(f"<td>{html.escape(str(r.parameters.get(k)))}</td>" for k in varying) +
-                         f"<td style='color:{'green' if r.ok else '#b00'}'>{html.escape(status)}</td><td>{imgs}</td></tr>")
+                         f"<td style='color:{'green' if r.ok else '#b00'}'>{html.escape(status)}</td>"
+                         f"<td>{imgs}</td></tr>")
     atomic_write_bytes(output / "index.md", ("\n".join(lines) + "\n").encode())
     head = "".join(f"<th>{html.escape(k)}</th>" for k in varying)
     atomic_write_bytes(output / "index.html", (

@@ -42,8 +42,9 @@ def overview(results, path: Path) -> None:
     for r in results:
         if r.ok and r.images:
             p = r.parameters
-            detail = {"text": f"'{p.get('prompt')}'", "move": f"{p.get('item', '').split(',')[0]} dx={p.get('dx')} dy={p.get('dy')}",
-                      "remove": f"{p.get('item', '').split(',')[0]}", "image": "circle <- green triangle's item",
+            item = p.get("item", "").split(",")[0]
+            detail = {"text": f"'{p.get('prompt')}'", "move": f"{item} dx={p.get('dx')} dy={p.get('dy')}",
+                      "remove": item, "image": "circle <- green triangle's item",
                       "recon": ""}.get(p["edit"], "")
             tiles.append((f"{p['edit']} {detail}".strip(), Path(r.folder) / r.images[0]))
     fig, axes = plt.subplots(1, len(tiles), figsize=(2.2 * len(tiles), 2.6))

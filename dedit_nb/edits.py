@@ -98,7 +98,8 @@ class Editor:
         session.check_model(model)
         state = session.finetune_state or {}
         if not state.get("done", False):
-            raise SessionError("this session's finetune did not finish; call finetune(model, session) again to resume it")
+            raise SessionError("this session's finetune did not finish; "
+                               "call finetune(model, session) again to resume it")
         self.model, self.session, self.progress, self.record = model, session, progress, record
         meta = session.weights_meta
         model.text.set_token_rows(session.load_weights("tokens"))

@@ -195,10 +195,12 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
     model.text.add_tokens(tokens, generator=torch.Generator().manual_seed(config.seed))
     if state is not None:
         model.text.set_token_rows(session.load_weights("tokens"))
-    result = FinetuneResult(loss={k: list(v) for k, v in (state or {}).get("loss", {"stage1": [], "stage2": []}).items()})
+    saved_loss = (state or {}).get("loss", {"stage1": [], "stage2": []})
+    result = FinetuneResult(loss={k: list(v) for k, v in saved_loss.items()})
     stage, start = (state["stage"], state["step"]) if state is not None else (1, 0)
     if state is not None and state.get("done") and start >= _stage_steps(config, stage) and stage == 2:
-        model.load_unet_delta(session.weights_meta["mode"], session.load_weights("unet"), session.weights_meta.get("lora"))
+        meta = session.weights_meta
+        model.load_unet_delta(meta["mode"], session.load_weights("unet"), meta.get("lora"))
         result.completed = True
         return result
 

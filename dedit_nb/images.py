@@ -52,9 +52,9 @@ def to_rgb_array(image) -> np.ndarray:
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     elif arr.shape[2] == 4:
-        alpha = arr[..., 3:4].astype(np.float64) / (65535.0 if arr.dtype == np.uint16 else 255.0 if arr.dtype == np.uint8 else 1.0)
-        arr = arr[..., :3].astype(np.float64) * alpha + (1 - alpha) * (
-            65535.0 if arr.dtype == np.uint16 else 255.0 if arr.dtype == np.uint8 else 1.0)
+        full = 65535.0 if arr.dtype == np.uint16 else 255.0 if arr.dtype == np.uint8 else 1.0
+        alpha = arr[..., 3:4].astype(np.float64) / full
+        arr = arr[..., :3].astype(np.float64) * alpha + (1 - alpha) * full
     elif arr.shape[2] != 3:
         raise ImageInputError(f"image has {arr.shape[2]} channels; give grayscale, RGB or RGBA")
     if arr.dtype == np.uint8:

@@ -239,7 +239,9 @@ class Session:
             labels = np.asarray(labels)
             if labels.shape != (h, w):
                 labels = M.resize_labels(labels, (h, w))
-            item_labels = list(item_labels) if item_labels is not None else [f"item{k}" for k in range(int(labels.max()) + 1)]
+            if item_labels is None:
+                item_labels = [f"item{k}" for k in range(int(labels.max()) + 1)]
+            item_labels = list(item_labels)
         labels = M.check_labels(labels, len(item_labels))
         original_rel = self._write_content_named(f"images/{index}-original", ext, original_bytes)
         self.images.append(ImageEntry(name, original_rel, working, labels, [Item(l) for l in item_labels]))
@@ -306,7 +308,8 @@ class Session:
             if w % model.latent_factor or h % model.latent_factor:
                 raise SessionError(
                     f"image {entry.name!r} works at {w}x{h}, not a multiple of the model's latent factor "
-                    f"{model.latent_factor}; create the session with multiple={model.latent_factor} (or a multiple of it)")
+                    f"{model.latent_factor}; create the session with multiple={model.latent_factor} "
+                    "(or a multiple of it)")
 
     def _write_content_named(self, prefix: str, suffix: str, blob: bytes) -> str:
         """Write ``blob`` as ``<prefix>-<hash><suffix>`` (once: same content, same file); returns the path

@@ -98,7 +98,7 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, photo, tiny_
     model_c = load_model(str(tiny_model_dirs["sd"]))              # a fresh process, as after a crash
     resumed = finetune(model_c, Session.open(tmp_path / "interrupted"), cfg, progress=False)
     assert resumed.completed
-    assert np.allclose(resumed.loss["stage1"], full.loss["stage1"]) and np.allclose(resumed.loss["stage2"], full.loss["stage2"])
+    assert all(np.allclose(resumed.loss[stage], full.loss[stage]) for stage in ("stage1", "stage2"))
     a, b = straight.load_weights("unet"), Session.open(tmp_path / "interrupted").load_weights("unet")
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
     ta, tb = straight.load_weights("tokens"), Session.open(tmp_path / "interrupted").load_weights("tokens")

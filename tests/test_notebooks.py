@@ -63,7 +63,8 @@ def test_a_wrong_parameter_fails_early_and_names_it(finetuned_session):
             execute("03_edit.ipynb", tmp / "bad.ipynb", session_dir=str(session_dir), model=model,
                     output_dir=str(tmp / "bad"), interactive=False, **bad)
         assert f"parameter '{name}'" in str(err.value)
-        assert err.value.exec_count == 3   # after parameters and injected parameters: the check cell, before any model loads
+        # after parameters and injected parameters: the check cell, before any model loads
+        assert err.value.exec_count == 3
     assert (session_dir / "session.json").read_bytes() == before
     assert not (tmp / "bad").exists()
 

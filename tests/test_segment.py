@@ -169,7 +169,8 @@ def test_panoptic_names_items_by_class(tmp_path):
     with torch.no_grad():
         model.class_predictor.bias[-1] = -20.0          # random weights: make the null class lose
     model.save_pretrained(tmp_path / "m2f")
-    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}, num_labels=3).save_pretrained(tmp_path / "m2f")
+    processor = Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}, num_labels=3)
+    processor.save_pretrained(tmp_path / "m2f")
     img = resize_rgb(data.coffee(), (64, 48))
     p = segment(img, method="panoptic", model=str(tmp_path / "m2f"), threshold=0.0,
                 mask_threshold=0.0, overlap_mask_area_threshold=0.0)   # random weights: keep every segment

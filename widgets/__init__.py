@@ -37,4 +37,5 @@ class ItemsEditor(W.VBox):
         return True
 
 
-__all__ = ["EditPanel", "ItemState", "MaskEditor", "ItemPalette", "ResultGallery", "ResultCard", "ItemsEditor", "disk_stroke"]
+__all__ = ["EditPanel", "ItemState", "MaskEditor", "ItemPalette", "ResultGallery", "ResultCard", "ItemsEditor",
+           "disk_stroke"]

@@ -27,7 +27,8 @@ class EditPanel(W.VBox):
         self.kind = W.ToggleButtons(options=list(EDIT_KINDS), value="text", description="edit")
         self.item = W.Dropdown(options=labels, description="item")
         self.prompt = W.Text(placeholder="a red bag  /  a photo of * in gold", description="prompt")
-        sources = [(f"{i}:{k}: {it.label}", (i, k)) for i, e in enumerate(session.images) for k, it in enumerate(e.items)]
+        sources = [(f"{i}:{k}: {it.label}", (i, k))
+                   for i, e in enumerate(session.images) for k, it in enumerate(e.items)]
         self.source = W.Dropdown(options=sources, description="source item")
         self.strength = W.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="strength")
         self.guidance = W.FloatSlider(value=5.0, min=1.0, max=12.0, step=0.5, description="guidance")

@@ -107,7 +107,7 @@ class MaskEditor(W.VBox):
         elif tool == "fill":
             self.state.flood_fill(int(x), int(y), self.tolerance.value)
         elif tool == "polygon":
-            if len(self._polygon) >= 3 and np.hypot(x - self._polygon[0][0], y - self._polygon[0][1]) <= max(3, self.size.value):
+            if len(self._polygon) >= 3 and np.hypot(*np.subtract((x, y), self._polygon[0])) <= max(3, self.size.value):
                 self.close_polygon()
             else:
                 self._polygon.append((x, y))

@@ -36,8 +36,8 @@ def segment_panoptic(image: np.ndarray, model="facebook/mask2former-swin-base-co
     inputs = processor(images=image, return_tensors="pt", **kwargs).to(model.device)
     outputs = model(**inputs)
     result = processor.post_process_panoptic_segmentation(
-        outputs, threshold=threshold, mask_threshold=mask_threshold, overlap_mask_area_threshold=overlap_mask_area_threshold,
-        target_sizes=[image.shape[:2]])[0]
+        outputs, threshold=threshold, mask_threshold=mask_threshold,
+        overlap_mask_area_threshold=overlap_mask_area_threshold, target_sizes=[image.shape[:2]])[0]
     seg = result["segmentation"].cpu().numpy()
     infos = result["segments_info"]
     if not infos:
