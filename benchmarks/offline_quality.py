@@ -1,6 +1,7 @@
 """Quality of the offline model and of every D-Edit edit kind on it, read back by a programmatic detector.
 
-    python benchmarks/offline_quality.py [--model offline] [--scenes 48] [--edit-scenes 6]
+    python benchmarks/offline_quality.py [--model offline] [--scenes 192] [--edit-scenes 6] [--steps 25] [--guidance 3]
+        [--grid docs/generation.png]
 
 Scenes and captions come from a random stream the training never drew from, and a share of them uses the
 colour-shape pairs held out of training. The detector is fixed and simple (nearest palette colour; shape
@@ -114,8 +115,9 @@ def colour_share(image, mask, colour) -> float:
 
 # --- runs --------------------------------------------------------------------------------------------------
 
-def generation(model, n: int, rng) -> dict:
-    stats = {k: [] for k in GENERATION_METRICS}
+def generation(model, n: int, rng, sampling: dict = SAMPLING, keep: int = 0) -> tuple[dict, list]:
+    """The generation metrics over ``n`` scenes, and the first ``keep`` (scene, generated image) pairs."""
+    stats, kept = {k: [] for k in GENERATION_METRICS}, []
     for i in range(n):
         scene = random_scene(rng, held_out=i % 4 == 0, num_objects=1 + i % 2)
         cond = C.encode_items(model, [scene.caption], [C.TEXT_PROMPT_LENGTH])
@@ -123,12 +125,38 @@ def generation(model, n: int, rng) -> dict:
         every = M.Regions(np.zeros(scene.labels.shape, bool), np.zeros(scene.labels.shape, bool),
                           np.ones(scene.labels.shape, bool))
         image = masked_sample(model, cond, torch.zeros(scene.labels.shape, dtype=torch.long), blank, every,
-                              SamplingConfig(seed=i, **SAMPLING), progress=False)[0]
+                              SamplingConfig(seed=i, **sampling), progress=False)[0]
         score_generation(scene, image, stats)
-    return stats
+        if i < keep:
+            kept.append((scene, image))
+    return stats, kept
 
 
-def d_edit(model, n: int, rng, workdir: Path) -> dict:
+def save_grid(samples: list, path: Path, columns: int = 6) -> None:
+    """Generated images under their captions, with what the detector read back beneath each (green: every
+    object found in its captioned colour and shape)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = -(-len(samples) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.9 * rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.ravel()[len(samples):]:
+        ax.axis("off")
+    for ax, (scene, image) in zip(axes.ravel(), samples):
+        found = {c: s for c, s, _ in detect(image)[1]}
+        read = [f"{o.colour} {found.get(o.colour, 'missing')}" for o in scene.objects]
+        right = all(found.get(o.colour) == o.shape for o in scene.objects)
+        ax.imshow(image, interpolation="nearest")
+        ax.set(xticks=[], yticks=[])
+        ax.set_title(scene.caption.replace(" on ", "\non ").replace(" and ", "\nand "), fontsize=7)
+        ax.set_xlabel("read: " + ", ".join(read), fontsize=7, color="green" if right else "#b00")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def d_edit(model, n: int, rng, workdir: Path, sampling: dict = SAMPLING) -> dict:
     stats = {k: [] for k in ("recon PSNR", "text", "move", "remove", "image", "preserved")}
     config = FinetuneConfig(num_tokens=3, stage1_steps=150, stage2_steps=150, stage1_lr=5e-3, stage2_lr=5e-4,
                             batch_size=4)
@@ -144,17 +172,17 @@ def d_edit(model, n: int, rng, workdir: Path) -> dict:
         editor = Editor(model, sessions[0], progress=False, record=False)
         original = target.image
         results = []
-        recon = editor.reconstruct(0, **SAMPLING, seed=i)
+        recon = editor.reconstruct(0, **sampling, seed=i)
         mse = ((recon.images[0].astype(float) - original) ** 2).mean()
         stats["recon PSNR"].append(10 * np.log10(255 ** 2 / max(mse, 1e-8)))
         obj = target.objects[0]
         new_colour = next(c for c in OBJECT_COLOURS if c not in (obj.colour, target.background)
                           and c not in {o.colour for o in target.objects})
-        text = editor.text(0, 1, f"a {new_colour} {obj.shape}", **SAMPLING, seed=i, edge_thickness=2)
+        text = editor.text(0, 1, f"a {new_colour} {obj.shape}", **sampling, seed=i, edge_thickness=2)
         stats["text"].append(colour_share(text.images[0], target.labels == 1, new_colour) > 0.5)
         results.append(text)
         dx, dy = (6 if obj.cx < 16 else -6), (5 if obj.cy < 16 else -5)
-        move = editor.move(0, {1: (dx, dy)}, **SAMPLING, seed=i, edge_thickness=2)
+        move = editor.move(0, {1: (dx, dy)}, **sampling, seed=i, edge_thickness=2)
         _, objs = detect(move.images[0])
         moved = [m for c, _, m in objs if c == obj.colour]
         if moved:
@@ -164,10 +192,10 @@ def d_edit(model, n: int, rng, workdir: Path) -> dict:
         else:
             stats["move"].append(False)
         results.append(move)
-        remove = editor.remove(0, 1, **SAMPLING, seed=i, edge_thickness=2)
+        remove = editor.remove(0, 1, **sampling, seed=i, edge_thickness=2)
         stats["remove"].append(colour_share(remove.images[0], target.labels == 1, obj.colour) < 0.1)
         results.append(remove)
-        image = editor.image(0, 1, 0, 1, source_session=sessions[1], **SAMPLING, seed=i, edge_thickness=2)
+        image = editor.image(0, 1, 0, 1, source_session=sessions[1], **sampling, seed=i, edge_thickness=2)
         stats["image"].append(colour_share(image.images[0], target.labels == 1, donor.objects[0].colour) > 0.5)
         results.append(image)
         for r in results:
@@ -186,33 +214,41 @@ def detector_check(rng, n: int = 200) -> dict:
 
 def table(title: str, stats: dict, targets: dict) -> None:
     print(f"\n{title}")
-    print(f"{'metric':<18}{'value':>10}{'n':>6}{'target':>10}")
+    print(f"{'metric':<18}{'value':>10}{'hits':>6}{'n':>6}{'target':>10}")
     for k, v in stats.items():
         if not v:
             continue
         value = float(np.mean(v))
-        shown = f"{value:.1f}" if k.endswith("PSNR") else f"{value:.0%}"
-        print(f"{k:<18}{shown:>10}{len(v):>6}{targets.get(k, ''):>10}")
+        shown, hits = (f"{value:.1f}", "") if k.endswith("PSNR") else (f"{value:.1%}", f"{int(np.sum(v))}")
+        print(f"{k:<18}{shown:>10}{hits:>6}{len(v):>6}{targets.get(k, ''):>10}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="offline")
-    parser.add_argument("--scenes", type=int, default=48)
+    parser.add_argument("--scenes", type=int, default=192)
     parser.add_argument("--edit-scenes", type=int, default=6)
     parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument("--steps", type=int, default=SAMPLING["steps"], help="sampling steps")
+    parser.add_argument("--guidance", type=float, default=SAMPLING["guidance"], help="classifier-free guidance")
+    parser.add_argument("--grid", type=Path, help="save the first 24 generated images with their captions here")
     args = parser.parse_args()
+    sampling = dict(steps=args.steps, guidance=args.guidance)
     torch.set_grad_enabled(True)
     table("detector on ground-truth renders (its own check)", detector_check(np.random.default_rng(999)), {})
     model = load_model(args.model)
     start = time.time()
-    gen = generation(model, args.scenes, np.random.default_rng([args.seed, 1]))
+    gen, samples = generation(model, args.scenes, np.random.default_rng([args.seed, 1]), sampling,
+                              keep=24 if args.grid else 0)
     table(f"generation from captions ({args.scenes} unseen scenes, {time.time() - start:.0f} s)", gen,
           {"colour": ">= 90%", "shape": ">= 70%", "background": ">= 95%"})
+    if args.grid:
+        save_grid(samples, args.grid)
+        print(f"generated images: {args.grid}")
     workdir = Path(tempfile.mkdtemp(prefix="dedit-bench-"))
     try:
         start = time.time()
-        edits = d_edit(model, args.edit_scenes, np.random.default_rng([args.seed, 2]), workdir)
+        edits = d_edit(model, args.edit_scenes, np.random.default_rng([args.seed, 2]), workdir, sampling)
         table(f"D-Edit ({args.edit_scenes} unseen scene pairs, {time.time() - start:.0f} s)", edits,
               {"text": ">= 80%", "move": ">= 80%", "remove": ">= 80%", "image": ">= 80%", "preserved": "100%"})
     finally:

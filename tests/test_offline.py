@@ -135,3 +135,9 @@ def test_shipped_offline_model_draws_the_captioned_background():
         nearest = min(BACKGROUND_COLOURS, key=lambda c: ((np.array(BACKGROUND_COLOURS[c]) - border) ** 2).sum())
         hits += nearest == colour
     assert hits >= 3
+
+
+def test_shipped_weights_are_the_end_of_the_committed_schedule():
+    # appending a leg to SCHEDULE without training it and exporting would leave README and weights apart
+    index = json.loads((OFFLINE_MODEL_DIR / "model_index.json").read_text())
+    assert index["_dedit_training_steps"] == T.SCHEDULE[-1].end

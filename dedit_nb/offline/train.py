@@ -189,10 +189,12 @@ class Leg:
 FINAL_SHARE = 0.02
 # The committed run. Its first leg sharpened the shapes with one decay; the next two restart warm at lower
 # rates for more steps and decay again. The fourth adds the grounding loss: two-object captions mostly failed
-# by binding each colour to the other object's shape. Legs only ever get appended, so the steps already taken
+# by binding each colour to the other object's shape. The fifth restarts once more with half the grounding
+# weight (the fourth had cost some colour accuracy). Legs only ever get appended, so the steps already taken
 # (and the committed weights) stay a prefix of the run.
 SCHEDULE = (Leg(10_500, 1e-3, 5_000), Leg(15_500, 5e-4, 4_700, warmup_steps=300),
-            Leg(19_000, 3e-4, 3_300, warmup_steps=200), Leg(24_000, 3e-4, 4_500, warmup_steps=200, grounding=0.1))
+            Leg(19_000, 3e-4, 3_300, warmup_steps=200), Leg(24_000, 3e-4, 4_500, warmup_steps=200, grounding=0.1),
+            Leg(28_000, 3e-4, 3_800, warmup_steps=200, grounding=0.05))
 
 
 def leg_at(step: int, schedule: tuple[Leg, ...] = SCHEDULE) -> tuple[int, Leg]:
