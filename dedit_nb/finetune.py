@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import conditioning as C
 from .images import rgb_to_tensor
-from .session import Session, SessionError
+from .session import Session, SessionError, save_joint_weights, settle_joint
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -172,6 +172,8 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
     sessions = [session, *extra_sessions]
     if len({s.id for s in sessions}) != len(sessions):
         raise SessionError("the same session was given twice (or two sessions share an id: copy_to gives a new one)")
+    if resume:  # the newest checkpoint every member holds, members in their first run's order
+        sessions = settle_joint(sessions)
     state = session.finetune_state
     if state is not None and resume:
         previous = FinetuneConfig(**state["config"])
@@ -216,8 +218,7 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
                    "optimizer": flatten_optimizer_state(opt) if opt is not None and not done else {}}
         fstate = {"config": asdict(config), "model_id": model.model_id, "stage": stage_, "step": next_step,
                   "done": done, "loss": result.loss}
-        for s in sessions:
-            s.save_weights(tensors, model.model_id, meta, fstate)
+        save_joint_weights(sessions, tensors, model.model_id, meta, fstate)
 
     if stage == 1:
         stopped = _run_stage1(model, trainer, tokens, start, result, callback, checkpoint, progress,

@@ -7,12 +7,21 @@ Layout::
     images/<i>-working-<hash>.png     the image at the working size the model sees
     items/<i>-<hash>.npy       label map of image i (int32, one item index per pixel)
     weights/<kind>-<hash>.safetensors  learned item tokens, trained UNet parameters, optimizer state
+    .session.lock             taken by every write (and by reads of several files)
 
-Data files are named by their content hash and written before ``session.json`` (itself written atomically),
-so a crash at any point leaves the previous session intact; files no longer referenced are deleted after.
+Every write is a read-modify-write under the folder's lock: ``session.json`` is read again, this writer's
+change is applied to it (history records are appended to what is there; any other change must start from
+what is there, or the write is refused with the fix), the new content-named data files are written, then
+``session.json`` atomically, then files nothing refers to are deleted. Several processes can therefore edit,
+record and finetune the same session, and a crash at any point leaves the previous session intact.
+
+A joint finetune saves each checkpoint in two phases (:func:`save_joint_weights`): first as ``pending`` in
+every member, then as the current weights in every member; :func:`settle_joint` brings members that a kill
+left between the phases to the newest checkpoint every member holds.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import hashlib
@@ -24,10 +33,11 @@ import secrets
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import numpy as np
+from filelock import FileLock, Timeout
 from PIL import Image
 
 from . import masks as M
@@ -35,19 +45,36 @@ from .images import resize_rgb, to_rgb_array, working_size
 
 FORMAT = 1
 SESSION_FILE = "session.json"
+LOCK_FILE = ".session.lock"
+LOCK_TIMEOUT = 600.0            # seconds a writer waits for another (a large weights save takes seconds)
 DEFAULT_TEMPLATE = "*"
+DATA_FOLDERS = ("images", "items", "weights")
+HISTORY = "history"             # the one key merged by appending; every other key is session state
 
 
 class SessionError(RuntimeError):
     """A session folder or an operation on it that is not valid, with the fix."""
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file under the process's umask."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part. The file
+    gets the permissions of any new file under the user's umask (mkstemp's are 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -57,6 +84,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def session_lock(folder: Path):
+    """The folder's write lock (shared by every process and thread; re-entrant within one thread)."""
+    lock = FileLock(str(Path(folder) / LOCK_FILE), timeout=LOCK_TIMEOUT, is_singleton=True)
+    try:
+        lock.acquire()
+    except Timeout as exc:
+        raise SessionError(f"{folder} stayed locked by another process for {LOCK_TIMEOUT:.0f} s (a finetune "
+                           "saving a large checkpoint?); try again once it is done") from exc
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -125,57 +167,58 @@ class ImageEntry:
 class Session:
     """Images, their items, the model they were finetuned on, learned weights and the edit history."""
 
-    def __init__(self, folder: Path, data: dict, images: list[ImageEntry]):
+    def __init__(self, folder: Path, data: dict, images: list[ImageEntry], base: dict | None = None,
+                 overwrite: bool = False):
         self.folder = Path(folder)
         self._data = data
         self.images = images
+        self._base = base                    # session.json as last read or written (None: a new session)
+        self._overwrite = overwrite          # a new session may replace one already in the folder
+        self._staged: dict[str, bytes] = {}  # content-named files to write with the next save
         self._weights_cache: dict[str, dict] = {}
 
     # --- creation ------------------------------------------------------------------------------------
     @classmethod
     def create(cls, folder: str | os.PathLike, image, name: str | None = None, resolution: int = 512,
                multiple: int = 64, labels: np.ndarray | None = None, item_labels: Sequence[str] | None = None,
-               overwrite: bool = False) -> "Session":
+               overwrite: bool = False, save: bool = True) -> "Session":
         """Start a session in a new folder from an image (path, PIL image or array).
 
         The image is worked on at a size whose longer side is about ``resolution`` and whose sides are
         multiples of ``multiple`` (the model's latent factor; 64 fits SD and SDXL). Until items are set,
-        one item covers the whole image.
+        one item covers the whole image. With ``save=False`` nothing is written until :meth:`save`.
         """
         folder = Path(folder)
-        if (folder / SESSION_FILE).exists() and not overwrite:
-            raise SessionError(f"{folder} already holds a session; open it with Session.open or pass overwrite=True")
-        if folder.exists() and any(folder.iterdir()) and not (folder / SESSION_FILE).exists():
-            raise SessionError(f"{folder} exists and is not an empty folder or a session; choose another folder")
+        _check_new_folder(folder, overwrite)
         data = {"format": FORMAT, "id": secrets.token_hex(3), "resolution": int(resolution), "multiple": int(multiple),
                 "model_id": None, "images": [], "weights": None, "finetune": None, "history": []}
-        session = cls(folder, data, [])
-        if overwrite and folder.exists():
-            session._data["id"] = secrets.token_hex(3)
+        session = cls(folder, data, [], base=None, overwrite=overwrite)
         session.add_image(image, name=name, labels=labels, item_labels=item_labels, save=False)
-        session.save()
+        if save:
+            session.save()
         return session
 
     @classmethod
     def open(cls, folder: str | os.PathLike) -> "Session":
+        """Open a session folder. Everything it refers to is checked first (a broken session raises a
+        :class:`SessionError` naming the file and the fix, and the folder is left as it is); then hidden
+        ``.tmp`` files of saves that were killed are removed."""
         folder = Path(folder)
-        path = folder / SESSION_FILE
-        if not path.exists():
+        if not (folder / SESSION_FILE).exists():
             raise SessionError(f"{folder} is not a session (no {SESSION_FILE}); create one with Session.create")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SessionError(f"{path} is not valid JSON ({exc}); restore it from a backup") from exc
-        if data.get("format") != FORMAT:
-            raise SessionError(f"{path} has format {data.get('format')}, this version reads format {FORMAT}")
-        images = []
-        for entry in data["images"]:
-            working = np.asarray(Image.open(folder / entry["working"]).convert("RGB"))
-            labels = np.load(folder / entry["labels"], allow_pickle=False)
-            items = [Item(**it) for it in entry["items"]]
-            labels = M.check_labels(labels, len(items), shape=working.shape[:2])
-            images.append(ImageEntry(entry["name"], entry["original"], working, labels, items, entry["working"]))
-        return cls(folder, data, images)
+        with session_lock(folder):
+            data = _read_session_json(folder)
+            images = _load_images(folder, data)
+            _check_weight_files(folder, data)
+            _remove_stale_temporaries(folder)
+        return cls(folder, data, images, base=copy.deepcopy(data))
+
+    def _reload(self) -> None:
+        """Read the session again from disk (dropping unsaved changes)."""
+        fresh = Session.open(self.folder)
+        self._data, self.images, self._base = fresh._data, fresh.images, fresh._base
+        self._staged.clear()
+        self._weights_cache.clear()
 
     # --- properties ----------------------------------------------------------------------------------
     @property
@@ -243,7 +286,7 @@ class Session:
                 item_labels = [f"item{k}" for k in range(int(labels.max()) + 1)]
             item_labels = list(item_labels)
         labels = M.check_labels(labels, len(item_labels))
-        original_rel = self._write_content_named(f"images/{index}-original", ext, original_bytes)
+        original_rel = self._stage(f"images/{index}-original", ext, original_bytes)
         self.images.append(ImageEntry(name, original_rel, working, labels, [Item(l) for l in item_labels]))
         if save:
             self.save()
@@ -311,41 +354,47 @@ class Session:
                     f"{model.latent_factor}; create the session with multiple={model.latent_factor} "
                     "(or a multiple of it)")
 
-    def _write_content_named(self, prefix: str, suffix: str, blob: bytes) -> str:
-        """Write ``blob`` as ``<prefix>-<hash><suffix>`` (once: same content, same file); returns the path
-        relative to the session folder."""
+    def _stage(self, prefix: str, suffix: str, blob: bytes) -> str:
+        """Name ``blob`` ``<prefix>-<hash><suffix>`` and keep it for the next save (which writes it, once:
+        same content, same file); returns the path relative to the session folder."""
         rel = f"{prefix}-{hashlib.sha1(blob).hexdigest()[:16]}{suffix}"
-        if not (self.folder / rel).exists():
-            atomic_write_bytes(self.folder / rel, blob)
+        self._staged[rel] = blob
         return rel
+
+    def _stage_weights(self, blobs: dict[str, bytes]) -> dict[str, str]:
+        return {kind: self._stage(f"weights/{kind}", ".safetensors", blob) for kind, blob in blobs.items()}
 
     def save_weights(self, tensors: dict[str, dict], model_id: str, meta: dict, finetune_state: dict | None) -> None:
         """Store learned tensors (``{"tokens": {...}, "unet": {...}, "optimizer": {...}}``) and metadata."""
-        from safetensors.torch import save as st_save
-        files = {}
-        for kind, tdict in tensors.items():
-            if not tdict:
-                continue
-            blob = st_save({k: v.detach().cpu().contiguous() for k, v in tdict.items()})
-            files[kind] = self._write_content_named(f"weights/{kind}", ".safetensors", blob)
-        self._data["weights"] = {"files": files, **meta}
-        self._data["model_id"] = model_id
-        self._data["finetune"] = finetune_state
-        self._weights_cache.clear()
-        self.save()
+        save_joint_weights([self], tensors, model_id, meta, finetune_state)
+
+    def weights_file(self, kind: str) -> Path | None:
+        """The file of the learned tensors of one kind, or None when none was saved."""
+        info = self._data["weights"]
+        return self.folder / info["files"][kind] if info is not None and kind in info["files"] else None
 
     def load_weights(self, kind: str) -> dict:
         """Learned tensors of one kind ('tokens', 'unet', 'optimizer'); empty when none was saved."""
         if kind in self._weights_cache:
             return self._weights_cache[kind]
         from safetensors.torch import load_file
-        info = self._data["weights"]
-        if info is None or kind not in info["files"]:
+        path = self.weights_file(kind)
+        if path is None:
             return {}
-        path = self.folder / info["files"][kind]
-        if not path.exists():
-            raise SessionError(f"learned weights file {path} is missing; restore it or finetune the session again")
-        tensors = load_file(str(path))
+        with session_lock(self.folder):
+            if not path.exists():
+                disk = _read_json(self.folder)
+                if (disk or {}).get("weights") != self._data["weights"]:
+                    raise SessionError(f"the learned weights of {self.folder} were replaced (by a finetune in "
+                                       "another process) since it was opened; open the session again")
+                raise SessionError(f"learned weights file {path} is missing; restore it or finetune the session "
+                                   "again (resume=False)")
+            try:
+                tensors = load_file(str(path))
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+                raise SessionError(f"{path} (the learned {kind} weights) is not a readable safetensors file "
+                                   f"({exc}); restore it from a backup, or finetune the session again "
+                                   "(resume=False)") from exc
         self._weights_cache[kind] = tensors
         return tensors
 
@@ -370,6 +419,7 @@ class Session:
         self._data["weights"] = None
         self._data["finetune"] = None
         self._data["model_id"] = None
+        self._data.pop("pending", None)
         self._weights_cache.clear()
         for entry in self.images:
             for item in entry.items:
@@ -385,42 +435,332 @@ class Session:
             self.save()
 
     # --- persistence ---------------------------------------------------------------------------------
-    def save(self) -> None:
-        """Write the session: data files first (content-named), then session.json atomically, then delete
-        files nothing refers to."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def _serialize(self) -> dict:
         images = []
         for i, entry in enumerate(self.images):
             M.check_labels(entry.labels, len(entry.items), shape=entry.working.shape[:2])
             if not entry.working_file:  # the working image never changes: encode it once
-                entry.working_file = self._write_content_named(f"images/{i}-working", ".png", png_bytes(entry.working))
-            labels_rel = self._write_content_named(f"items/{i}", ".npy", npy_bytes(entry.labels.astype(np.int32)))
+                entry.working_file = self._stage(f"images/{i}-working", ".png", png_bytes(entry.working))
+            labels_rel = self._stage(f"items/{i}", ".npy", npy_bytes(entry.labels.astype(np.int32)))
             images.append({"name": entry.name, "original": entry.original_file, "working": entry.working_file,
                            "size": list(entry.size), "labels": labels_rel,
                            "items": [asdict(it) for it in entry.items]})
-        self._data["images"] = images
-        atomic_write_bytes(self.folder / SESSION_FILE, json.dumps(self._data, indent=2).encode())
-        self._collect_garbage()
+        return {**copy.deepcopy(self._data), "images": images}
 
-    def _collect_garbage(self) -> None:
-        referenced = {e[k] for e in self._data["images"] for k in ("labels", "working", "original")}
-        if self._data["weights"]:
-            referenced |= set(self._data["weights"]["files"].values())
-        for sub in ("images", "items", "weights"):
-            folder = self.folder / sub
-            if folder.exists():
-                for f in folder.iterdir():
-                    if f"{sub}/{f.name}" not in referenced and not f.name.startswith("."):
-                        f.unlink()
+    def save(self) -> None:
+        """Write this session's changes: under the folder's lock, read session.json again, apply the changes
+        to it (see :meth:`_merge`), write new data files, then session.json atomically, then delete files
+        that nothing refers to."""
+        ours = self._serialize()
+        if self._base is None:
+            _check_new_folder(self.folder, self._overwrite)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with session_lock(self.folder):
+            merged = self._merge(_read_json(self.folder), ours)
+            for rel in _referenced(merged):
+                if rel in self._staged and not (self.folder / rel).exists():
+                    atomic_write_bytes(self.folder / rel, self._staged[rel])
+            atomic_write_bytes(self.folder / SESSION_FILE, json.dumps(merged, indent=2).encode())
+            _collect_garbage(self.folder, merged)
+            others_state = _state(merged) != _state(ours)
+            self._data, self._base, self._overwrite = merged, copy.deepcopy(merged), False
+            self._staged.clear()
+            if others_state:  # another process's change was kept: take its images and weights
+                self.images = _load_images(self.folder, merged)
+                self._weights_cache.clear()
+
+    def _merge(self, disk: dict | None, ours: dict) -> dict:
+        """session.json as it is on disk with this writer's change applied: records added to the history
+        since this session was read are appended; any other change replaces the state, and is refused when
+        another process changed the state too (a finetune and a re-segmentation at once, say)."""
+        path = self.folder / SESSION_FILE
+        base = self._base
+        if disk is None:
+            return ours
+        if base is None:
+            if not self._overwrite:
+                raise SessionError(f"{self.folder} already holds a session; open it with Session.open or pass "
+                                   "overwrite=True")
+            return ours
+        if disk.get("id") != base["id"]:
+            raise SessionError(f"{path} now holds another session (id {disk.get('id')!r}, not {base['id']!r}), "
+                               "created after this one was opened; open it again")
+        ours_changed, disk_changed = _state(ours) != _state(base), _state(disk) != _state(base)
+        if ours_changed and disk_changed and _state(ours) != _state(disk):
+            changed = sorted(k for k in set(disk) | set(base) if k != HISTORY and disk.get(k) != base.get(k))
+            raise SessionError(f"{path} was changed by another process since this session was opened "
+                               f"({', '.join(changed)}); this change was not saved: open the session again "
+                               "(Session.open) and redo it")
+        merged = dict(_state(ours) if ours_changed else _state(disk))
+        merged[HISTORY] = list(disk.get(HISTORY, [])) + ours[HISTORY][len(base[HISTORY]):]
+        return merged
 
     def copy_to(self, folder: str | os.PathLike) -> "Session":
         """A copy of the session folder, e.g. to branch an experiment."""
         folder = Path(folder)
         if folder.exists():
             raise SessionError(f"{folder} exists; copy into a new folder")
-        shutil.copytree(self.folder, folder)
+        with session_lock(self.folder):
+            shutil.copytree(self.folder, folder, ignore=shutil.ignore_patterns(LOCK_FILE, ".*.tmp"))
         return Session.open(folder)
 
     def __repr__(self) -> str:
         items = ", ".join(f"{e.name}: {len(e.items)} items @ {e.size[0]}x{e.size[1]}" for e in self.images)
         return f"Session({str(self.folder)!r}, {items}, model={self.model_id!r})"
+
+
+# --- joint checkpoints -------------------------------------------------------------------------------
+def save_joint_weights(sessions: Sequence[Session], tensors: dict[str, dict], model_id: str, meta: dict,
+                       finetune_state: dict | None) -> None:
+    """Save one checkpoint into every member of a (joint) finetune, all or nothing: each member first
+    stores it as ``pending``, then each makes it current. The checkpoint carries a new generation id, so
+    :func:`settle_joint` can tell after a kill which checkpoint every member holds."""
+    from safetensors.torch import save as st_save
+    blobs = {kind: st_save({k: v.detach().cpu().contiguous() for k, v in tdict.items()})
+             for kind, tdict in tensors.items() if tdict}
+    generation = secrets.token_hex(8)
+    state = {**(finetune_state or {}), "generation": generation}
+    for s in sessions:
+        s._data["pending"] = {"files": s._stage_weights(blobs), **meta, "model_id": model_id, "finetune": state}
+        s.save()
+    for s in sessions:
+        _promote_pending(s)
+
+
+def _promote_pending(session: Session) -> None:
+    pending = session._data.pop("pending")
+    session._data["weights"] = {k: v for k, v in pending.items() if k not in ("model_id", "finetune")}
+    session._data["model_id"] = pending["model_id"]
+    session._data["finetune"] = pending["finetune"]
+    session._weights_cache.clear()
+    session.save()
+
+
+def _generation(info: dict | None) -> str | None:
+    return ((info or {}).get("finetune") or {}).get("generation")
+
+
+def settle_joint(sessions: Sequence[Session]) -> list[Session]:
+    """Bring the members of a joint finetune to the newest checkpoint that every one of them holds (a kill
+    between two members' saves leaves one a checkpoint ahead), and return them in the order they were
+    finetuned in (that order fixes the token initialisation, so a resume equals an uninterrupted run)."""
+    sessions = list(sessions)
+    for s in sessions:
+        if s._base is not None:        # saved before: read what other processes (or a kill) left
+            s._reload()
+    given = {s.id for s in sessions}
+    recorded = [j for s in sessions for info in (s._data["weights"], s._data.get("pending")) if info
+                for j in info.get("joint", [])]
+    if recorded and {j["id"] for j in recorded} != given:
+        folders = sorted({j["folder"] for j in recorded})
+        raise SessionError(f"this session's finetune was started with other sessions ({folders}); pass the "
+                           "same extra_sessions, or resume=False to start over")
+    held = [{_generation({"finetune": s._data["finetune"]}), _generation(s._data.get("pending"))} - {None}
+            for s in sessions]
+    complete = set.intersection(*held) if held else set()
+    for s in sessions:
+        pending = _generation(s._data.get("pending"))
+        if pending is not None and pending in complete:
+            _promote_pending(s)
+        elif pending is not None:          # written by a save that did not reach every member
+            s._data.pop("pending")
+            s.save()
+    checkpoints = {json.dumps({k: (s._data["finetune"] or {}).get(k) for k in ("generation", "stage", "step", "done")})
+                   for s in sessions}
+    if len(checkpoints) > 1:
+        raise SessionError("the jointly finetuned sessions " + ", ".join(str(s.folder) for s in sessions)
+                           + " hold different checkpoints (saved by a version without joint checkpoints, or "
+                           "changed by hand); finetune them again with resume=False")
+    order = [j["id"] for j in recorded]
+    return sorted(sessions, key=lambda s: order.index(s.id) if s.id in order else len(order))
+
+
+# --- reading and checking a session folder -----------------------------------------------------------
+_FIX_JSON = "restore session.json from a backup, or make the session again (01_segment)"
+
+
+def _check_new_folder(folder: Path, overwrite: bool) -> None:
+    if (folder / SESSION_FILE).exists() and not overwrite:
+        raise SessionError(f"{folder} already holds a session; open it with Session.open or pass overwrite=True")
+    if folder.exists() and not (folder / SESSION_FILE).exists() and any(
+            p.name != LOCK_FILE for p in folder.iterdir()):
+        raise SessionError(f"{folder} exists and is not an empty folder or a session; choose another folder")
+
+
+def _read_json(folder: Path) -> dict | None:
+    """session.json as it is on disk (None when there is none), checked."""
+    if not (folder / SESSION_FILE).exists():
+        return None
+    return _read_session_json(folder)
+
+
+def _read_session_json(folder: Path) -> dict:
+    path = folder / SESSION_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SessionError(f"{path} is not valid JSON ({exc}); {_FIX_JSON}") from exc
+    _check_structure(data, path)
+    return data
+
+
+def _fail(path: Path, what: str, fix: str = _FIX_JSON):
+    raise SessionError(f"{path}: {what}; {fix}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_relpath(path: Path, where: str, value) -> None:
+    if not isinstance(value, str) or not value:
+        _fail(path, f"{where} should be a file name, got {value!r}")
+    parts = PurePosixPath(value).parts
+    if PurePosixPath(value).is_absolute() or ".." in parts or len(parts) != 2 or parts[0] not in DATA_FOLDERS:
+        _fail(path, f"{where} is {value!r}, not a file in one of the session's folders {DATA_FOLDERS}")
+
+
+def _check_structure(data, path: Path) -> None:
+    """Every key and type ``Session`` relies on, so a damaged session.json is named, not a TypeError."""
+    if not isinstance(data, dict):
+        _fail(path, f"holds a JSON {type(data).__name__}, not an object with the session's keys")
+    fmt = data.get("format")
+    if not _is_int(fmt):
+        _fail(path, f'has "format": {json.dumps(fmt)} ({type(fmt).__name__}); this version reads '
+              f'"format": {FORMAT}, a number', f'write "format": {FORMAT} if the rest of the file is intact, or '
+              f"{_FIX_JSON}")
+    if fmt != FORMAT:
+        _fail(path, f"has format {fmt}; this version reads format {FORMAT}",
+              "open it with the dedit-workbench version that wrote it")
+    expected = {"id": str, "resolution": int, "multiple": int, "images": list, "history": list}
+    for key, kind in expected.items():
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            _fail(path, f"{key!r} should be a {kind.__name__}, got {json.dumps(data.get(key))[:60]}")
+    for key in ("model_id",):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            _fail(path, f"{key!r} should be a string or null, got {json.dumps(data[key])[:60]}")
+    if not data["images"]:
+        _fail(path, "lists no images")
+    for i, entry in enumerate(data["images"]):
+        where = f"images[{i}]"
+        if not isinstance(entry, dict):
+            _fail(path, f"{where} should be an object, got {json.dumps(entry)[:60]}")
+        if not isinstance(entry.get("name"), str):
+            _fail(path, f"{where}.name should be a string")
+        for key in ("original", "working", "labels"):
+            _check_relpath(path, f"{where}.{key}", entry.get(key))
+        items = entry.get("items")
+        if not isinstance(items, list) or not items:
+            _fail(path, f"{where}.items should be a non-empty list of items")
+        for k, item in enumerate(items):
+            ok = (isinstance(item, dict) and set(item) <= {"label", "tokens", "template"}
+                  and isinstance(item.get("label"), str) and isinstance(item.get("template", ""), str)
+                  and isinstance(item.get("tokens", []), list) and all(isinstance(t, str) for t in item.get("tokens", [])))
+            if not ok:
+                _fail(path, f"{where}.items[{k}] should be {{label: str, tokens: [str], template: str}}, got "
+                      f"{json.dumps(item)[:80]}")
+    for key in ("weights", "pending"):
+        if data.get(key) is not None:
+            _check_weights_entry(data, key, path)
+    if (data.get("weights") is None) != (data.get("finetune") is None):
+        _fail(path, "has learned weights without a finetune state, or a finetune state without weights",
+              "restore session.json from a backup, or finetune the session again (resume=False)")
+
+
+def _check_weights_entry(data: dict, key: str, path: Path) -> None:
+    info = data[key]
+    fix = "restore session.json from a backup, or finetune the session again (finetune(..., resume=False))"
+    if not isinstance(info, dict) or not isinstance(info.get("files"), dict):
+        _fail(path, f"{key!r} should be an object with 'files'", fix)
+    for kind, rel in info["files"].items():
+        _check_relpath(path, f"{key}.files.{kind}", rel)
+    state = info.get("finetune") if key == "pending" else data.get("finetune")
+    if not isinstance(state, dict) or not _is_int(state.get("stage")) or not _is_int(state.get("step")):
+        _fail(path, f"the finetune state of {key!r} should be an object with integer 'stage' and 'step'", fix)
+    needed = ["tokens"] + (["unet"] if state["stage"] == 2 else [])
+    missing = [k for k in needed if k not in info["files"]]
+    if missing:
+        _fail(path, f"{key}.files lists no {' or '.join(missing)} weights although the finetune reached stage "
+              f"{state['stage']}; edits would run without them", fix)
+    if info.get("mode") not in ("attn", "lora"):
+        _fail(path, f"{key}.mode should be 'attn' or 'lora', got {json.dumps(info.get('mode'))}", fix)
+
+
+def _load_images(folder: Path, data: dict) -> list[ImageEntry]:
+    images = []
+    for entry in data["images"]:
+        name = entry["name"]
+        working_path, labels_path = folder / entry["working"], folder / entry["labels"]
+        fix = f"restore it from a backup, or make the session again from its original ({entry['original']})"
+        if not working_path.exists():
+            raise SessionError(f"{working_path} (the working image of image {name!r}) is missing; {fix}")
+        try:
+            with Image.open(working_path) as im:
+                working = np.asarray(im.convert("RGB"))
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types
+            raise SessionError(f"{working_path} (the working image of image {name!r}) is not a readable "
+                               f"image ({exc}); {fix}") from exc
+        if not labels_path.exists():
+            raise SessionError(f"{labels_path} (the label map of image {name!r}) is missing; restore it from a "
+                               "backup, or set the items again (01_segment with overwrite=True)")
+        try:
+            labels = np.load(labels_path, allow_pickle=False)
+            if not isinstance(labels, np.ndarray):
+                raise ValueError("it holds several arrays")
+            items = [Item(**it) for it in entry["items"]]
+            labels = M.check_labels(labels, len(items), shape=working.shape[:2])
+        except Exception as exc:  # noqa: BLE001 - numpy raises ValueError/OSError/EOFError for damaged files
+            raise SessionError(f"{labels_path} (the label map of image {name!r}) is not a valid label map of "
+                               f"{len(entry['items'])} items ({exc}); restore it from a backup, or set the items "
+                               "again (01_segment with overwrite=True)") from exc
+        images.append(ImageEntry(name, entry["original"], working, labels, items, entry["working"]))
+    return images
+
+
+def _check_weight_files(folder: Path, data: dict) -> None:
+    """Every learned weights file exists and has a readable safetensors header."""
+    from safetensors import safe_open
+    for key in ("weights", "pending"):
+        info = data.get(key)
+        for kind, rel in ((info or {}).get("files") or {}).items():
+            path = folder / rel
+            fix = "restore it from a backup, or finetune the session again (finetune(..., resume=False))"
+            if not path.exists():
+                raise SessionError(f"{path} (the learned {kind} weights) is missing; {fix}")
+            try:
+                with safe_open(str(path), framework="numpy") as f:
+                    list(f.keys())
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+                raise SessionError(f"{path} (the learned {kind} weights) is not a readable safetensors file "
+                                   f"({exc}); {fix}") from exc
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Hidden ``.tmp`` files are written under the lock, so while it is held any left are from killed saves."""
+    for sub in (folder, *(folder / d for d in DATA_FOLDERS)):
+        if sub.is_dir():
+            for f in sub.glob(".*.tmp"):
+                f.unlink()
+
+
+def _state(data: dict) -> dict:
+    return {k: v for k, v in data.items() if k != HISTORY}
+
+
+def _referenced(data: dict) -> set[str]:
+    refs = {e[k] for e in data["images"] for k in ("labels", "working", "original")}
+    for key in ("weights", "pending"):
+        if data.get(key):
+            refs |= set(data[key]["files"].values())
+    return refs
+
+
+def _collect_garbage(folder: Path, data: dict) -> None:
+    """Delete data files that ``data`` (session.json as just written, under the lock) does not refer to."""
+    referenced = _referenced(data)
+    for sub in DATA_FOLDERS:
+        path = folder / sub
+        if path.exists():
+            for f in path.iterdir():
+                if f"{sub}/{f.name}" not in referenced and not f.name.startswith("."):
+                    f.unlink()
