@@ -1,0 +1,157 @@
+"""Several processes on one session, and kills in the middle of saves: nothing recorded is lost, nothing
+referenced is deleted, and a joint finetune resumed through any member ends as an uninterrupted run."""
+import json
+import multiprocessing as mp
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from dedit_nb.finetune import FinetuneConfig, finetune
+from dedit_nb.models import load_model
+from dedit_nb.session import Session, SessionError, atomic_write_bytes
+from conftest import three_item_labels
+import session_workers as W
+
+CFG = dict(num_tokens=2, batch_size=1, checkpoint_every=1, stage1_steps=3, stage2_steps=3, stage1_lr=1e-2,
+           stage2_lr=1e-2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as in the child processes: the same reduction order, so the same weights."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_session(folder, photo, labels=three_item_labels):
+    s = Session.create(folder, photo, resolution=32, multiple=16)
+    h, w = s.images[0].labels.shape
+    s.set_items(0, labels(h, w), ["left", "right", "top"])
+    return s
+
+
+def referenced_files_exist(folder):
+    data = json.loads((folder / "session.json").read_text())
+    files = [e[k] for e in data["images"] for k in ("original", "working", "labels")]
+    files += list((data["weights"] or {}).get("files", {}).values())
+    return all((folder / f).exists() for f in files)
+
+
+def test_processes_recording_at_once_keep_every_record(tmp_path, photo):
+    folder = tmp_path / "s"
+    make_session(folder, photo)
+    n = 6
+    ctx = mp.get_context("fork")       # the workers only touch numpy/PIL/json
+    barrier = ctx.Barrier(n)
+    procs = [ctx.Process(target=W.append_record, args=(str(folder), i, barrier)) for i in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * n
+    history = Session.open(folder).history
+    assert sorted(r["worker"] for r in history) == list(range(n))
+
+
+def test_a_stale_session_saving_after_a_retrain_keeps_the_new_weights(tmp_path, photo, tiny_model_dirs):
+    model = load_model(str(tiny_model_dirs["sd"]))
+    folder = tmp_path / "s"
+    cfg = FinetuneConfig(**{**CFG, "stage1_steps": 1, "stage2_steps": 1})
+    finetune(model, make_session(folder, photo), cfg, progress=False)
+    stale, reader = Session.open(folder), Session.open(folder)    # e.g. 03_edit runs opened before 02 ran again
+    fresh = finetune(model, Session.open(folder), FinetuneConfig(**{**CFG, "stage1_steps": 1, "stage2_steps": 1,
+                                                                     "seed": 5}), resume=False, progress=False)
+    assert fresh.completed
+    retrained = Session.open(folder).load_weights("unet")
+    stale.record_edit({"kind": "recon"})
+    assert referenced_files_exist(folder)
+    again = Session.open(folder)
+    assert [r["kind"] for r in again.history] == ["recon"]
+    assert all(torch.equal(again.load_weights("unet")[n], retrained[n]) for n in retrained)
+    assert all(torch.equal(stale.load_weights("unet")[n], retrained[n]) for n in retrained)  # took the new state
+    with pytest.raises(SessionError, match="were replaced .* since it was opened; open the session again"):
+        reader.load_weights("unet")                # its weights files are gone: a clear error, not a KeyError
+
+
+@pytest.mark.slow
+def test_records_made_during_a_finetune_in_another_process_never_dangle(tmp_path, photo, tiny_model_dirs):
+    folder = tmp_path / "s"
+    model = load_model(str(tiny_model_dirs["sd"]))
+    finetune(model, make_session(folder, photo), FinetuneConfig(**{**CFG, "stage1_steps": 1, "stage2_steps": 1}),
+             progress=False)
+    stop = tmp_path / "stop"
+    ctx = mp.get_context("spawn")
+    trainer = ctx.Process(target=W.finetune_then_signal,
+                          args=(str(tiny_model_dirs["sd"]), str(folder), str(stop), {**CFG, "seed": 3}))
+    recorders = [ctx.Process(target=W.record_until, args=(str(folder), str(stop), i)) for i in range(2)]
+    for p in [trainer, *recorders]:
+        p.start()
+    for p in [trainer, *recorders]:
+        p.join(300)
+    assert [p.exitcode for p in [trainer, *recorders]] == [0, 0, 0]
+    s = Session.open(folder)                       # every referenced file exists (open checks them)
+    assert s.finetune_state["done"] and referenced_files_exist(folder)
+    counts = [json.loads((tmp_path / f"records-{i}.json").read_text()) for i in range(2)]
+    assert sum(counts) >= 2 and len(s.history) == sum(counts)
+    # the weights are those of the finetune, not of the session the recorders opened before it ended
+    reference = make_session(tmp_path / "ref", photo)
+    reference._data["id"] = s.id
+    reference.save()
+    finetune(load_model(str(tiny_model_dirs["sd"])), reference, FinetuneConfig(**{**CFG, "seed": 3}), progress=False)
+    ours, theirs = s.load_weights("unet"), reference.load_weights("unet")
+    assert all(torch.allclose(ours[n], theirs[n], atol=1e-6) for n in theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when, resume_through", [("current", 1), ("pending", 0)])
+def test_joint_finetune_killed_between_member_saves_resumes_to_the_uninterrupted_weights(
+        tmp_path, photo, tiny_model_dirs, when, resume_through):
+    model_dir = str(tiny_model_dirs["sd"])
+    flipped = lambda h, w: three_item_labels(h, w)[::-1].copy()  # noqa: E731
+    straight = [make_session(tmp_path / "a0", photo), make_session(tmp_path / "a1", photo[::-1], flipped)]
+    finetune(load_model(model_dir), straight[0], FinetuneConfig(**CFG), extra_sessions=straight[1:], progress=False)
+
+    folders = [tmp_path / "b0", tmp_path / "b1"]
+    for folder, twin, image, labels in zip(folders, straight, (photo, photo[::-1]), (three_item_labels, flipped)):
+        s = make_session(folder, image, labels)
+        s._data["id"] = twin.id                     # same token names, so the runs are comparable
+        s.save()
+    child = mp.get_context("spawn").Process(target=W.joint_finetune_killed,
+                                            args=(model_dir, [str(f) for f in folders], CFG, str(folders[1]), when))
+    child.start()
+    child.join(300)
+    assert child.exitcode == -9                     # killed while replacing the second member's session.json
+    assert list(folders[1].glob(".*.tmp"))          # the kill left the temporary file behind
+
+    members = [Session.open(f) for f in folders]
+    assert not list(folders[1].glob(".*.tmp"))      # removed when the session was opened
+    main = members[resume_through]
+    result = finetune(load_model(model_dir), main, FinetuneConfig(**CFG),
+                      extra_sessions=[m for m in members if m is not main], progress=False)
+    assert result.completed
+    for folder, twin in zip(folders, straight):
+        s = Session.open(folder)
+        assert s.finetune_state["done"]
+        for kind in ("tokens", "unet"):
+            a, b = twin.load_weights(kind), s.load_weights(kind)
+            assert set(a) == set(b) and all(torch.allclose(a[n], b[n], atol=1e-6) for n in a), (folder, kind)
+    generations = {Session.open(f).finetune_state["generation"] for f in folders}
+    assert len(generations) == 1
+
+
+def test_files_are_written_with_the_users_umask(tmp_path, photo):
+    old = os.umask(0o002)
+    try:
+        s = Session.create(tmp_path / "s", photo, resolution=32, multiple=16)
+        atomic_write_bytes(tmp_path / "out" / "manifest.json", b"{}")
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "s").rglob("*") if p.is_file() and p.name != ".session.lock"]
+    files.append(tmp_path / "out" / "manifest.json")
+    assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o664}
+    assert s.images[0].working.shape[:2] == (np.asarray(s.images[0].labels).shape)
