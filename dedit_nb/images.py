@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 MAX_PIXELS = 100_000_000  # larger inputs are refused rather than exhausting memory
 
@@ -26,8 +26,7 @@ def to_rgb_array(image) -> np.ndarray:
             raise ImageInputError(f"image file {path} does not exist")
         try:
             with Image.open(path) as im:
-                im.load()
-                image = im.copy()
+                image = ImageOps.exif_transpose(im)  # as viewers show it (a copy, upright)
         except Exception as exc:  # noqa: BLE001
             raise ImageInputError(f"cannot read {path} as an image: {exc}") from exc
     if isinstance(image, Image.Image):

@@ -138,3 +138,17 @@ def test_overwrite_replaces_every_file_of_the_old_session(tmp_path, photo):
     from dedit_nb.images import resize_rgb
     assert np.array_equal(again.images[0].working, resize_rgb(flipped, again.images[0].size))
     assert len(list((tmp_path / "s" / "images").iterdir())) == 2       # one original, one working image
+
+
+def test_exif_orientation_is_applied_as_viewers_show_the_photo(tmp_path):
+    stored = np.zeros((451, 300, 3), np.uint8)          # 300 wide, 451 high as stored
+    stored[:60, :60] = (255, 0, 0)                      # a red corner, top left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6                                    # orientation 6: shown turned 90 degrees clockwise
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    s = Session.create(tmp_path / "s", tmp_path / "phone.jpg", resolution=64, multiple=8)
+    w, h = s.images[0].size
+    assert w > h                                        # shown 451x300: worked on in landscape
+    working = s.images[0].working.astype(int)
+    assert working[2, -3, 0] > 200 and working[2, -3, 1] < 60      # the red corner is now top right
+    assert (tmp_path / "s" / s.images[0].original_file).read_bytes() == (tmp_path / "phone.jpg").read_bytes()
