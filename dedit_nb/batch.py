@@ -22,11 +22,13 @@ import argparse
 import html
 import itertools
 import json
+import re
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import yaml
@@ -140,16 +142,18 @@ def write_report(results: list[RunResult], output: Path) -> None:
                       if len({json.dumps(x.parameters.get(k), default=str) for x in results}) > 1})
     lines = [f"# Batch: {ok} of {len(results)} runs succeeded", "",
              "![contact sheet](contact_sheet.png)", "",
-             "| run | " + " | ".join(varying) + " | status | images |",
+             "| run | " + " | ".join(md_escape(k) for k in varying) + " | status | images |",
              "|---|" + "---|" * len(varying) + "---|---|"]
     rows_html = []
     for r in results:
         status = "ok" if r.ok else f"FAILED (cell {r.failed_cell}): {r.error}"
-        images = " ".join(f"![]({r.name}/{img})" for img in r.images)
-        lines.append(f"| [{r.name}]({r.name}/notebook.ipynb) | " +
-                     " | ".join(str(r.parameters.get(k)) for k in varying) + f" | {status} | {images} |")
-        imgs = "".join(f"<img src='{r.name}/{img}' width='96' style='image-rendering:pixelated'>" for img in r.images)
-        rows_html.append(f"<tr><td><a href='{r.name}/notebook.ipynb'>{r.name}</a></td>" +
+        name, link = md_escape(r.name), quote(f"{r.name}/notebook.ipynb")
+        images = " ".join(f"![]({quote(f'{r.name}/{img}')})" for img in r.images)
+        lines.append(f"| [{name}]({link}) | " + " | ".join(md_escape(r.parameters.get(k)) for k in varying)
+                     + f" | {md_escape(status)} | {images} |")
+        imgs = "".join(f"<img src='{html.escape(quote(f'{r.name}/{img}'))}' width='96' "
+                       "style='image-rendering:pixelated'>" for img in r.images)
+        rows_html.append(f"<tr><td><a href='{html.escape(link)}'>{html.escape(r.name)}</a></td>" +
                          "".join(f"<td>{html.escape(str(r.parameters.get(k)))}</td>" for k in varying) +
                          f"<td style='color:{'green' if r.ok else '#b00'}'>{html.escape(status)}</td>"
                          f"<td>{imgs}</td></tr>")
@@ -160,6 +164,13 @@ def write_report(results: list[RunResult], output: Path) -> None:
         f"<table border='1' cellpadding='4'><tr><th>run</th>{head}<th>status</th><th>images</th></tr>"
         + "".join(rows_html) + "</table></body></html>").encode())
     contact_sheet(results, varying, output / "contact_sheet.png")
+
+
+def md_escape(value) -> str:
+    """A value as literal text in a Markdown table cell: HTML escaped (Markdown passes HTML through),
+    Markdown's punctuation backslash-escaped, on one line."""
+    text = html.escape(" ".join(str(value).split()))
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", text)
 
 
 def contact_sheet(results: list[RunResult], varying: list[str], path: Path, tile: int = 160) -> None:
