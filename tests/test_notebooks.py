@@ -82,7 +82,9 @@ def test_batch_continues_past_a_failed_run_and_reports_it(finetuned_session):
                            "num_images": 1, "edge_thickness": 1},
             "grid": {"prompt": ["a white circle", "a green circle"], "seed": [0, 1]},
             "runs": [{"edit": "remove", "item": "chair"}]}
+    recorded = len(Session.open(session_dir).history)
     results = run_batch(spec)
+    assert len(Session.open(session_dir).history) == recorded + 4       # 2 workers at once: no record lost
     assert [r.ok for r in results] == [True, True, True, True, False]
     assert "parameter 'item'" in results[-1].error and results[-1].failed_cell == 3
     report = json.loads((tmp / "batch" / "report.json").read_text())
@@ -105,8 +107,10 @@ def test_batch_on_a_dask_cluster(finetuned_session):
             "parameters": {"session_dir": str(session_dir), "model": model, "edit": "recon", "steps": 2,
                            "num_images": 1},
             "grid": {"seed": [3, 4]}}
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
+    recorded = len(Session.open(session_dir).history)
+    with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
         results = run_batch(spec, scheduler=cluster.scheduler_address)
     assert [r.ok for r in results] == [True, True]
+    assert len(Session.open(session_dir).history) == recorded + 2
     seeds = [json.loads((Path(r.folder) / "manifest.json").read_text())["seeds"] for r in results]
     assert seeds == [[3], [4]]
