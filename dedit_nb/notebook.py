@@ -1,13 +1,23 @@
 """What the notebooks call: parameter checks that fail early and name the parameter, and the headless
-step of each notebook, so the notebooks stay thin and this logic is tested."""
+step of each notebook, so the notebooks stay thin and this logic is tested.
+
+Each notebook's first code cell after its parameters calls :func:`check_parameters` with its name and its
+globals: every parameter is type- and range-checked (``steps=1.5``, ``guidance='high'`` and papermill's
+``-r steps 10``, a string, are refused by name), and a name papermill injected that the parameters cell
+does not have (a misspelling such as ``strenght``) fails, naming the closest known one, before anything is
+loaded or written.
+"""
 from __future__ import annotations
 
+import ast
+import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from .edits import EDIT_KINDS, Editor, EditResult, run_edit
 from .sampler import SamplingConfig
-from .segment import METHODS
+from .segment import METHODS, Partition, segment_session
 from .session import Session, SessionError
 
 
@@ -17,6 +27,121 @@ class ParameterError(ValueError):
     def __init__(self, name: str, message: str):
         super().__init__(f"parameter {name!r}: {message}")
         self.name = name
+
+
+@dataclass(frozen=True)
+class Check:
+    """What one parameter may be: its types, an optional range, choices, and whether None is allowed."""
+
+    kinds: tuple[type, ...]
+    what: str                          # e.g. "an integer >= 1", for the error message
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False             # low itself is not allowed
+    choices: tuple = ()
+    optional: bool = False
+
+    def __call__(self, name: str, value) -> None:
+        if value is None and self.optional:
+            return
+        typed = isinstance(value, self.kinds) and not (isinstance(value, bool) and bool not in self.kinds)
+        if isinstance(value, list) and typed and list in self.kinds:
+            typed = all(isinstance(v, str) for v in value)
+        if not typed:
+            hint = ""
+            if isinstance(value, str) and (int in self.kinds or float in self.kinds):
+                hint = (f" (a string: papermill's -r passes values as text; pass it with -p {name} {value}, "
+                        "which reads numbers)")
+            raise ParameterError(name, f"should be {self.what}, got {value!r}{hint}")
+        if self.choices and value not in self.choices:
+            raise ParameterError(name, f"{value!r} is not one of {self.choices}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+                raise ParameterError(name, f"should be {self.what}, got {value!r}")
+            if self.high is not None and value > self.high:
+                raise ParameterError(name, f"should be {self.what}, got {value!r}")
+
+
+def integer(low: int | None = None, high: int | None = None) -> Check:
+    what = "an integer" + (f" >= {low}" if low is not None else "") + (f" <= {high}" if high is not None else "")
+    return Check((int,), what, low, high)
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False) -> Check:
+    bound = (f" > {low}" if low_open else f" >= {low}") if low is not None else ""
+    what = "a number" + (f" between {low} and {high}" if low is not None and high is not None else bound)
+    return Check((int, float), what, low, high, low_open)
+
+
+def text(optional: bool = False, choices: tuple = ()) -> Check:
+    what = f"one of {choices}" if choices else "a string" + (" or None" if optional else "")
+    return Check((str,), what, choices=choices, optional=optional)
+
+
+FLAG = Check((bool,), "True or False")
+ITEM = Check((int, str), "an item index or label", low=0, optional=True)
+IMAGE = Check((int, str), "an image index (>= 0) or name", low=0)
+
+NOTEBOOK_PARAMETERS: dict[str, dict[str, Check]] = {
+    "01_segment": {
+        "image_path": text(), "session_dir": text(), "resolution": integer(8), "multiple": integer(1),
+        "segmenter": text(choices=METHODS), "num_items": integer(1), "checkpoint": text(optional=True),
+        "panoptic_model": text(optional=True), "detector": text(optional=True), "text": text(),
+        "overwrite": FLAG, "interactive": FLAG},
+    "02_finetune": {
+        "session_dir": text(), "model": text(), "num_tokens": integer(1), "stage1_steps": integer(0),
+        "stage2_steps": integer(0), "stage1_lr": number(0, low_open=True), "stage2_lr": number(0, low_open=True),
+        "lora": FLAG, "batch_size": integer(1),
+        "extra_sessions": Check((list,), "a list of session folders, e.g. ['../runs/session_b']"),
+        "seed": integer(0), "recon_steps": integer(1), "recon_guidance": number(0),
+        "device": text(optional=True), "resume": FLAG},
+    "03_edit": {
+        "session_dir": text(), "model": text(), "edit": text(choices=EDIT_KINDS), "item": ITEM, "prompt": text(),
+        "dx": number(), "dy": number(), "scale": number(0, low_open=True), "source_session": text(optional=True),
+        "source_image": IMAGE, "source_item": ITEM, "strength": number(0, 1), "guidance": number(0),
+        "steps": integer(1), "edge_thickness": integer(0), "seed": integer(0), "num_images": integer(1),
+        "output_dir": text(), "device": text(optional=True), "interactive": FLAG,
+        "batch_grid": text(optional=True)},
+}
+SAMPLING = ("strength", "guidance", "steps", "edge_thickness", "seed", "num_images")
+PAPERMILL_MARK = "# Parameters"        # the comment papermill's Python translator opens its injected cell with
+
+
+def check_parameters(notebook: str, namespace: dict) -> None:
+    """Check a notebook's parameters in ``namespace`` (its ``globals()``): names papermill injected must be
+    parameters of the notebook, and every parameter must have its type and range."""
+    spec = NOTEBOOK_PARAMETERS[notebook]
+    for name in injected_names(namespace):
+        if name not in spec:
+            raise ParameterError(name, f"{notebook} has no such parameter{_closest(name, spec)}")
+    check_values(spec, {name: namespace.get(name) for name in spec})
+
+
+def check_values(spec: dict[str, Check], values: dict) -> None:
+    """Check named values against ``spec``; a name not in it fails, naming the closest one."""
+    for name, value in values.items():
+        if name not in spec:
+            raise ParameterError(name, f"unknown parameter{_closest(name, spec)}")
+        spec[name](name, value)
+
+
+def _closest(name: str, spec: dict) -> str:
+    close = difflib.get_close_matches(name, list(spec), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; the parameters are {list(spec)}"
+
+
+def injected_names(namespace: dict) -> list[str]:
+    """Names assigned by the cells papermill injected, as the kernel executed them (IPython's ``In``)."""
+    names = []
+    for source in namespace.get("In") or []:
+        if isinstance(source, str) and source.lstrip().startswith(PAPERMILL_MARK):
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                continue
+            names += [t.id for node in tree.body if isinstance(node, ast.Assign)
+                      for t in node.targets if isinstance(t, ast.Name)]
+    return names
 
 
 def segmenter_kwargs(segmenter: str, num_items: int = 6, checkpoint: str | None = None,
@@ -31,6 +156,9 @@ def segmenter_kwargs(segmenter: str, num_items: int = 6, checkpoint: str | None 
     if segmenter in ("sam", "text") and not checkpoint:
         raise ParameterError("checkpoint", f"segmenter {segmenter!r} needs a SAM .pth checkpoint path "
                                            "(sam_vit_b_01ec64.pth from the segment-anything README)")
+    if segmenter in ("sam", "text") and not Path(checkpoint).is_file():
+        raise ParameterError("checkpoint", f"{checkpoint} is not a file; download a SAM checkpoint "
+                                           "(sam_vit_b_01ec64.pth from the segment-anything README) and pass its path")
     if segmenter == "sam":
         return {"checkpoint": checkpoint}
     if segmenter == "panoptic":
@@ -69,14 +197,20 @@ def check_edit_params(session: Session, edit: str, item=None, prompt: str = "", 
             source.image(source_image).item_index(source_item)
         except Exception as exc:  # noqa: BLE001
             raise ParameterError("source_item", str(exc)) from exc
-    try:
-        return SamplingConfig(**sampling)
-    except ValueError as exc:          # messages start with the field's name
-        raise ParameterError(str(exc).split()[0], str(exc)) from exc
-    except TypeError as exc:           # an unknown keyword: name it
-        import re
-        unknown = re.search(r"'(\w+)'", str(exc))
-        raise ParameterError(unknown.group(1) if unknown else "sampling", "unknown sampling parameter") from exc
+    edit_spec = NOTEBOOK_PARAMETERS["03_edit"]
+    check_values({n: edit_spec[n] for n in SAMPLING}, sampling)
+    return SamplingConfig(**sampling)
+
+
+def create_segmented_session(session_dir: str | Path, image_path: str | Path, resolution: int, multiple: int,
+                             overwrite: bool, segmenter: str, **kwargs) -> tuple[Session, Partition]:
+    """A new session of one image, split into items by ``segmenter``; written only once segmentation worked
+    (a missing or broken checkpoint leaves nothing on disk, so the rerun needs no overwrite)."""
+    session = Session.create(session_dir, image_path, resolution=resolution, multiple=multiple, overwrite=overwrite,
+                             save=False)
+    partition = segment_session(session, 0, method=segmenter, save=False, **kwargs)
+    session.save()
+    return session, partition
 
 
 def headless_edit(model, session: Session, edit: str, output_dir: str | Path, item=None, prompt: str = "",

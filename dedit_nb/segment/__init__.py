@@ -34,12 +34,12 @@ def segment(image, method: str = "offline", **kwargs) -> Partition:
     raise ValueError(f"unknown segmenter {method!r}; choose one of {METHODS}")
 
 
-def segment_session(session, image=0, method: str = "offline", **kwargs) -> Partition:
+def segment_session(session, image=0, method: str = "offline", save: bool = True, **kwargs) -> Partition:
     """Segment a session image at its working size and store the items (validated before anything is
-    written, so a failure leaves the session as it was)."""
+    written, so a failure leaves the session as it was; ``save=False`` leaves the writing to the caller)."""
     entry = session.image(image)
     part = segment(entry.working, method=method, **kwargs)
-    session.set_items(image, part.labels, part.item_labels)
+    session.set_items(image, part.labels, part.item_labels, save=save)
     return part
 
 

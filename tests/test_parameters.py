@@ -1,0 +1,79 @@
+"""Notebook parameters are checked by name, type and range before anything is loaded or written."""
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from dedit_nb.notebook import NOTEBOOK_PARAMETERS, ParameterError, check_parameters, create_segmented_session
+from dedit_nb.session import Session
+
+NB = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def parameters_cell(name):
+    nb = json.loads((NB / f"{name}.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    return "".join(cell["source"])
+
+
+def namespace(name, injected=""):
+    """A kernel's globals after the parameters cell and papermill's injected cell ran (IPython's ``In``)."""
+    ns = {"In": ["", parameters_cell(name)]}
+    exec(parameters_cell(name), ns)
+    if injected:
+        ns["In"].append("# Parameters\n" + injected)
+        exec(injected, ns)
+    return ns
+
+
+@pytest.mark.parametrize("name", list(NOTEBOOK_PARAMETERS))
+def test_every_parameter_of_every_notebook_is_checked_and_its_default_passes(name):
+    tree = ast.parse(parameters_cell(name))
+    assigned = [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets]
+    assert assigned == list(NOTEBOOK_PARAMETERS[name])
+    check_parameters(name, namespace(name))
+
+
+@pytest.mark.parametrize("injected, name, message", [
+    ("steps = 1.5", "steps", "an integer >= 1, got 1.5"),
+    ("guidance = 'high'", "guidance", "a number >= 0, got 'high'"),
+    ("steps = '10'", "steps", "papermill's -r passes values as text; pass it with -p steps 10"),
+    ("strength = 1.5", "strength", "between 0 and 1"),
+    ("num_images = True", "num_images", "an integer >= 1, got True"),
+    ("edit = 'recolour'", "edit", "is not one of"),
+    ("strenght = 0.8", "strenght", "03_edit has no such parameter; did you mean 'strength'?"),
+    ("item = 1.0", "item", "an item index or label"),
+])
+def test_edit_parameters_fail_by_name(injected, name, message):
+    with pytest.raises(ParameterError) as err:
+        check_parameters("03_edit", namespace("03_edit", injected))
+    assert err.value.name == name and message in str(err.value)
+
+
+@pytest.mark.parametrize("injected, name", [("stage1_lr = 0", "stage1_lr"), ("batch_size = 0", "batch_size"),
+                                            ("extra_sessions = '../runs/b'", "extra_sessions"),
+                                            ("resume = 'yes'", "resume"), ("num_token = 3", "num_token")])
+def test_finetune_parameters_fail_by_name(injected, name):
+    with pytest.raises(ParameterError) as err:
+        check_parameters("02_finetune", namespace("02_finetune", injected))
+    assert err.value.name == name
+
+
+def test_names_set_outside_papermills_cell_are_not_parameters():
+    ns = namespace("03_edit", "steps = 3")
+    ns["In"].append("sampling = dict(steps=steps)")
+    exec(ns["In"][-1], ns)
+    check_parameters("03_edit", ns)
+
+
+def test_a_failed_segmentation_leaves_nothing_on_disk_so_the_rerun_works(tmp_path):
+    broken = tmp_path / "sam_vit_b.pth"
+    broken.write_bytes(b"not a checkpoint")
+    folder = tmp_path / "session"
+    image = NB.parent / "examples" / "scene_a.png"
+    with pytest.raises(Exception):
+        create_segmented_session(folder, image, 32, 8, False, "sam", checkpoint=str(broken))
+    assert not folder.exists() or not any(folder.iterdir())
+    session, partition = create_segmented_session(folder, image, 32, 8, False, "offline", num_items=3)
+    assert len(Session.open(folder).images[0].items) == len(partition.item_labels) == 3
