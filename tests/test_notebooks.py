@@ -58,7 +58,8 @@ def test_a_wrong_parameter_fails_early_and_names_it(finetuned_session):
     before = (session_dir / "session.json").read_bytes()
     for bad, name in [({"edit": "recolour"}, "edit"), ({"item": "chair"}, "item"),
                       ({"edit": "image", "source_item": 0, "source_session": str(tmp)}, "source_session"),
-                      ({"strength": 2.0}, "strength")]:
+                      ({"strength": 2.0}, "strength"), ({"steps": 1.5}, "steps"), ({"guidance": "high"}, "guidance"),
+                      ({"steps": "10"}, "steps"), ({"strenght": 0.8}, "strenght")]:
         with pytest.raises(pm.PapermillExecutionError) as err:
             execute("03_edit.ipynb", tmp / "bad.ipynb", session_dir=str(session_dir), model=model,
                     output_dir=str(tmp / "bad"), interactive=False, **bad)
@@ -67,6 +68,17 @@ def test_a_wrong_parameter_fails_early_and_names_it(finetuned_session):
         assert err.value.exec_count == 3
     assert (session_dir / "session.json").read_bytes() == before
     assert not (tmp / "bad").exists()
+
+
+def test_segment_notebook_with_a_missing_checkpoint_creates_nothing(tmp_path):
+    import papermill as pm
+    params = dict(image_path=str(ROOT / "examples" / "scene_a.png"), session_dir=str(tmp_path / "s"), resolution=32,
+                  multiple=8, segmenter="sam", checkpoint=str(tmp_path / "sam_vit_b_01ec64.pth"), interactive=False)
+    with pytest.raises(pm.PapermillExecutionError, match="parameter 'checkpoint'"):
+        execute("01_segment.ipynb", tmp_path / "01.ipynb", **params)
+    assert not (tmp_path / "s").exists()
+    execute("01_segment.ipynb", tmp_path / "01.ipynb", **{**params, "segmenter": "offline", "num_items": 2})
+    assert len(Session.open(tmp_path / "s").images[0].items) == 2
 
 
 def test_grid_expansion():
