@@ -103,7 +103,12 @@ class Editor:
         self.model, self.session, self.progress, self.record = model, session, progress, record
         meta = session.weights_meta
         model.text.set_token_rows(session.load_weights("tokens"))
-        model.load_unet_delta(meta["mode"], session.load_weights("unet"), meta.get("lora"))
+        try:
+            model.load_unet_delta(meta["mode"], session.load_weights("unet"), meta.get("lora"))
+        except KeyError as exc:     # names this UNet lacks: the file is not of this session's model
+            raise SessionError(f"{session.weights_file('unet')} names UNet parameters this model lacks "
+                               f"({exc.args[0]}); restore the session's file, or finetune the session again on "
+                               "this model (resume=False)") from exc
         self.item_prompt_length = state.get("config", {}).get("item_prompt_length", C.ITEM_PROMPT_LENGTH)
 
     # --- the edits -----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Sessions: create, open, save atomically, refuse bad input without touching the folder."""
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -152,3 +153,86 @@ def test_exif_orientation_is_applied_as_viewers_show_the_photo(tmp_path):
     working = s.images[0].working.astype(int)
     assert working[2, -3, 0] > 200 and working[2, -3, 1] < 60      # the red corner is now top right
     assert (tmp_path / "s" / s.images[0].original_file).read_bytes() == (tmp_path / "phone.jpg").read_bytes()
+
+
+def _fake_weights(s):
+    import torch
+    state = {"config": {}, "model_id": "m", "stage": 2, "step": 1, "done": True, "loss": {}}
+    s.save_weights({"tokens": {"t/0": torch.zeros(2, 4)}, "unet": {"a.attn2.to_k.weight": torch.ones(3, 3)}}, "m",
+                   {"mode": "attn", "num_tokens": 1, "joint": [{"id": s.id, "folder": str(s.folder)}]}, state)
+
+
+def _edit_json(change):
+    def corrupt(folder):
+        data = json.loads((folder / "session.json").read_text())
+        data = change(data)
+        (folder / "session.json").write_text(json.dumps(data))
+    return corrupt
+
+
+def _file(key):
+    def locate(folder):
+        data = json.loads((folder / "session.json").read_text())
+        return folder / (data["weights"]["files"][key] if key in ("unet", "tokens") else data["images"][0][key])
+    return locate
+
+
+def _write(key, blob):
+    return lambda folder: _file(key)(folder).write_bytes(blob(folder) if callable(blob) else blob)
+
+
+def _object_npy(folder):
+    import io
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return buf.getvalue()
+
+
+
+@pytest.mark.parametrize("corrupt, names, says", [
+    (_edit_json(lambda d: [d]), "session.json", "holds a JSON list"),
+    (_edit_json(lambda d: {**d, "images": {"0": d["images"][0]}}), "session.json", "'images' should be a list"),
+    (_edit_json(lambda d: {**d, "images": [{**d["images"][0], "items": [{"label": 3}]}]}), "session.json",
+     "items[0] should be"),
+    (_edit_json(lambda d: {**d, "format": "1"}), "session.json", 'has "format": "1" (str)'),
+    (_edit_json(lambda d: {**d, "format": 2}), "session.json", "has format 2; this version reads format 1"),
+    (_edit_json(lambda d: {**d, "weights": {**d["weights"], "files": {"tokens": d["weights"]["files"]["tokens"]}}}),
+     "session.json", "lists no unet weights"),
+    (_edit_json(lambda d: {**d, "images": [{**d["images"][0], "labels": "../../outside.npy"}]}), "session.json",
+     "not a file in one of the session's folders"),
+    (lambda f: _file("working")(f).unlink(), "images/0-working", "is missing"),
+    (lambda f: _file("labels")(f).unlink(), "items/0-", "is missing"),
+    (_write("labels", _object_npy), "items/0-", "allow_pickle"),
+    (_write("labels", b"\x93NUMPY garbage"), "items/0-", "not a valid label map"),
+    (_write("labels", lambda f: __import__("dedit_nb.session").session.npy_bytes(np.zeros((3, 3), np.int32))),
+     "items/0-", "resize it"),
+    (_write("unet", b"\x00" * 40), "weights/unet-", "not a readable safetensors file"),
+    (_write("unet", lambda f: _file("unet")(f).read_bytes()[:-5]), "weights/unet-", "not a readable safetensors"),
+    (lambda f: _file("tokens")(f).unlink(), "weights/tokens-", "is missing"),
+])
+def test_a_damaged_session_is_named_with_the_fix_and_left_as_it_is(tmp_path, photo, corrupt, names, says):
+    s = Session.create(tmp_path / "s", photo, resolution=64, multiple=16)
+    _fake_weights(s)
+    corrupt(tmp_path / "s")
+    before = folder_digest(tmp_path / "s")
+    with pytest.raises(SessionError) as err:
+        Session.open(tmp_path / "s")
+    message = str(err.value)
+    assert names in message and says in message, message
+    assert any(fix in message for fix in ("restore", "finetune the session again", "write", "version that wrote"))
+    assert folder_digest(tmp_path / "s") == before
+
+
+def test_unet_weights_of_another_model_are_named_not_a_key_error(tmp_path, photo, tiny_model_dirs):
+    import torch
+    from safetensors.torch import save_file
+    from dedit_nb import Editor, FinetuneConfig, finetune, load_model
+    model = load_model(str(tiny_model_dirs["offline"]))
+    s = Session.create(tmp_path / "s", photo, resolution=32, multiple=8)
+    finetune(model, s, FinetuneConfig(num_tokens=1, stage1_steps=1, stage2_steps=1), progress=False)
+    unet_file = s.weights_file("unet")
+    save_file({"mid_block.attentions.9.attn2.to_q.weight": torch.zeros(2, 2)}, str(unet_file))
+    before = folder_digest(tmp_path / "s")
+    with pytest.raises(SessionError, match=f"{unet_file.name}.*lacks.*finetune the session again"):
+        Editor(model, Session.open(tmp_path / "s"))
+    assert folder_digest(tmp_path / "s") == before
