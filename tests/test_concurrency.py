@@ -155,3 +155,18 @@ def test_files_are_written_with_the_users_umask(tmp_path, photo):
     files.append(tmp_path / "out" / "manifest.json")
     assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o664}
     assert s.images[0].working.shape[:2] == (np.asarray(s.images[0].labels).shape)
+
+
+def test_a_second_finetune_started_from_a_stale_session_is_refused_not_mixed(tmp_path, photo, tiny_model_dirs):
+    folder = tmp_path / "s"
+    make_session(folder, photo)
+    first, second = Session.open(folder), Session.open(folder)       # two 02_finetune runs started together
+    cfg = FinetuneConfig(**{**CFG, "stage1_steps": 1, "stage2_steps": 1})
+    finetune(load_model(str(tiny_model_dirs["sd"])), first, cfg, progress=False)
+    saved = Session.open(folder).load_weights("unet")
+    with pytest.raises(SessionError, match="changed by another process .* open the session again"):
+        finetune(load_model(str(tiny_model_dirs["sd"])), second, FinetuneConfig(**{**CFG, "seed": 9}),
+                 resume=False, progress=False)
+    after = Session.open(folder)
+    assert after.finetune_state["done"] and referenced_files_exist(folder)
+    assert all(torch.equal(after.load_weights("unet")[n], saved[n]) for n in saved)
