@@ -653,9 +653,10 @@ def _check_structure(data, path: Path) -> None:
         if not isinstance(items, list) or not items:
             _fail(path, f"{where}.items should be a non-empty list of items")
         for k, item in enumerate(items):
+            tokens = item.get("tokens", []) if isinstance(item, dict) else None
             ok = (isinstance(item, dict) and set(item) <= {"label", "tokens", "template"}
                   and isinstance(item.get("label"), str) and isinstance(item.get("template", ""), str)
-                  and isinstance(item.get("tokens", []), list) and all(isinstance(t, str) for t in item.get("tokens", [])))
+                  and isinstance(tokens, list) and all(isinstance(t, str) for t in tokens))
             if not ok:
                 _fail(path, f"{where}.items[{k}] should be {{label: str, tokens: [str], template: str}}, got "
                       f"{json.dumps(item)[:80]}")
