@@ -206,10 +206,10 @@ class Session:
         folder = Path(folder)
         if not (folder / SESSION_FILE).exists():
             raise SessionError(f"{folder} is not a session (no {SESSION_FILE}); create one with Session.create")
+        if not (folder / LOCK_FILE).exists():  # made before sessions had locks: add none to a broken one
+            _check_session(folder)
         with session_lock(folder):
-            data = _read_session_json(folder)
-            images = _load_images(folder, data)
-            _check_weight_files(folder, data)
+            data, images = _check_session(folder)
             _remove_stale_temporaries(folder)
         return cls(folder, data, images, base=copy.deepcopy(data))
 
@@ -577,6 +577,14 @@ def settle_joint(sessions: Sequence[Session]) -> list[Session]:
 
 # --- reading and checking a session folder -----------------------------------------------------------
 _FIX_JSON = "restore session.json from a backup, or make the session again (01_segment)"
+
+
+def _check_session(folder: Path) -> tuple[dict, list[ImageEntry]]:
+    """session.json, the images and label maps it names (loaded), and its weights files (headers), checked."""
+    data = _read_session_json(folder)
+    images = _load_images(folder, data)
+    _check_weight_files(folder, data)
+    return data, images
 
 
 def _check_new_folder(folder: Path, overwrite: bool) -> None:

@@ -210,10 +210,13 @@ def _object_npy(folder):
     (_write("unet", lambda f: _file("unet")(f).read_bytes()[:-5]), "weights/unet-", "not a readable safetensors"),
     (lambda f: _file("tokens")(f).unlink(), "weights/tokens-", "is missing"),
 ])
-def test_a_damaged_session_is_named_with_the_fix_and_left_as_it_is(tmp_path, photo, corrupt, names, says):
+@pytest.mark.parametrize("lock_file", [True, False], ids=["locked", "made-before-locks"])
+def test_a_damaged_session_is_named_with_the_fix_and_left_as_it_is(tmp_path, photo, corrupt, names, says, lock_file):
     s = Session.create(tmp_path / "s", photo, resolution=64, multiple=16)
     _fake_weights(s)
     corrupt(tmp_path / "s")
+    if not lock_file:
+        (tmp_path / "s" / ".session.lock").unlink()
     before = folder_digest(tmp_path / "s")
     with pytest.raises(SessionError) as err:
         Session.open(tmp_path / "s")
