@@ -198,7 +198,7 @@ def check_edit_params(session: Session, edit: str, item=None, prompt: str = "", 
         except Exception as exc:  # noqa: BLE001
             raise ParameterError("source_item", str(exc)) from exc
     edit_spec = NOTEBOOK_PARAMETERS["03_edit"]
-    check_values({n: edit_spec[n] for n in SAMPLING}, sampling)
+    check_values({**{n: edit_spec[n] for n in SAMPLING}, "eta": number(0, 1)}, sampling)
     return SamplingConfig(**sampling)
 
 

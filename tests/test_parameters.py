@@ -77,3 +77,13 @@ def test_a_failed_segmentation_leaves_nothing_on_disk_so_the_rerun_works(tmp_pat
     assert not folder.exists() or not any(folder.iterdir())
     session, partition = create_segmented_session(folder, image, 32, 8, False, "offline", num_items=3)
     assert len(Session.open(folder).images[0].items) == len(partition.item_labels) == 3
+
+
+def test_sampling_keywords_from_python_are_checked_by_name(tmp_path):
+    from dedit_nb.notebook import check_edit_params
+    s = Session.create(tmp_path / "s", NB.parent / "examples" / "scene_a.png", resolution=32, multiple=8)
+    assert check_edit_params(s, "recon", steps=3, eta=0.5).steps == 3
+    with pytest.raises(ParameterError, match="parameter 'step': unknown parameter; did you mean 'steps'"):
+        check_edit_params(s, "recon", step=3)
+    with pytest.raises(ParameterError, match="parameter 'steps': should be an integer >= 1, got '10'"):
+        check_edit_params(s, "recon", steps="10")
