@@ -253,7 +253,10 @@ class Session:
                   templates: Sequence[str] | None = None, save: bool = True) -> None:
         """Replace an image's items with a new partition (a label map at the working size)."""
         entry = self.image(image)
-        labels = np.asarray(labels)
+        labels = M.check_labels(labels, np.iinfo(np.int64).max, shape=entry.labels.shape)
+        if item_labels is None and int(labels.max()) >= labels.size:  # numbers no count of pixels could fill
+            raise M.PartitionError(f"label values go up to {int(labels.max())} but the map has {labels.size} "
+                                   f"pixels; number the items 0..K-1 (masks.compact_labels) or pass item_labels")
         n = len(item_labels) if item_labels is not None else int(labels.max()) + 1
         labels = M.check_labels(labels, n, shape=entry.labels.shape)
         empty = [k for k, a in enumerate(M.item_areas(labels, n)) if a == 0]
