@@ -66,7 +66,7 @@ def parse_points(text: str) -> list[tuple[float, float]]:
 class MaskEditor(W.VBox):
     """Edit an :class:`ItemState` on a canvas. Every change goes through the state (undoable, observable)."""
 
-    def __init__(self, state: ItemState, display_width: int = 640, prompter=None, **kwargs):
+    def __init__(self, state: ItemState, display_width: int = 640, prompter=None, tools=TOOLS, **kwargs):
         self.state = state
         self.prompter = prompter            # a dedit_nb.segment.sam.SamPrompter for click/box prompts
         h, w = state.labels.shape
@@ -78,8 +78,8 @@ class MaskEditor(W.VBox):
                              layout=W.Layout(width=f"{self.view_width}px", height=f"{self.view_height}px"))
         self.canvas.add_class(self.css_class)
         self.cursor_style = W.HTML(layout=W.Layout(display="none"))  # a <style> for the canvas cursor
-        tools = [t for t in TOOLS if t != "sam" or prompter is not None]
-        self.tool = W.ToggleButtons(options=[(t if t != "sam" else "SAM", t) for t in tools], value="brush",
+        tools = [t for t in tools if t in TOOLS and (t != "sam" or prompter is not None)]
+        self.tool = W.ToggleButtons(options=[(t if t != "sam" else "SAM", t) for t in tools], value=tools[0],
                                     tooltips=[TOOL_TIPS[t] for t in tools], style={"button_width": "76px"})
         wide = {"description_width": "initial"}
         self.size = W.IntSlider(value=max(2, w // 40), min=1, max=max(4, w // 4), description="brush size",
@@ -120,6 +120,7 @@ class MaskEditor(W.VBox):
         self.scale.observe(self._scale_changed, names="value")
         self.overlay_mode.observe(lambda _: self.render(), names="value")
         self.tool.observe(self._tool_changed, names="value")
+        self.tool.layout.display = "none" if len(tools) == 1 else None
         self.size.observe(lambda _: self._update_cursor(), names="value")
         self.state.observe(lambda _: self.render(), names="version")
         self.state.observe(self._selection_changed, names="selected")
