@@ -253,8 +253,9 @@ class Session:
                   templates: Sequence[str] | None = None, save: bool = True) -> None:
         """Replace an image's items with a new partition (a label map at the working size)."""
         entry = self.image(image)
-        labels = M.check_labels(labels, np.iinfo(np.int64).max, shape=entry.labels.shape)
-        if item_labels is None and int(labels.max()) >= labels.size:  # numbers no count of pixels could fill
+        labels = np.asarray(labels)
+        if (item_labels is None and labels.size and np.issubdtype(labels.dtype, np.integer)
+                and int(labels.max()) >= labels.size):  # more items than pixels: some would be empty
             raise M.PartitionError(f"label values go up to {int(labels.max())} but the map has {labels.size} "
                                    f"pixels; number the items 0..K-1 (masks.compact_labels) or pass item_labels")
         n = len(item_labels) if item_labels is not None else int(labels.max()) + 1

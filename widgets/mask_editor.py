@@ -55,7 +55,10 @@ _ids = itertools.count()
 
 def parse_points(text: str) -> list[tuple[float, float]]:
     """``"10,20 30,40"`` (commas, spaces or semicolons) -> [(10, 20), (30, 40)]."""
-    numbers = [float(t) for t in re.split(r"[\s,;()\[\]]+", text.strip()) if t]
+    try:
+        numbers = [float(t) for t in re.split(r"[\s,;()\[\]]+", text.strip()) if t]
+    except ValueError:
+        numbers = []
     if not numbers or len(numbers) % 2:
         raise ValueError(f"expected x,y pairs such as '10,20 30,40'; got {text!r}")
     if not np.isfinite(numbers).all():
@@ -121,7 +124,7 @@ class MaskEditor(W.VBox):
         self.overlay_mode.observe(lambda _: self.render(), names="value")
         self.tool.observe(self._tool_changed, names="value")
         self.tool.layout.display = "none" if len(tools) == 1 else None
-        self.size.observe(lambda _: self._update_cursor(), names="value")
+        self.size.observe(self._size_changed, names="value")
         self.state.observe(lambda _: self.render(), names="version")
         self.state.observe(self._selection_changed, names="selected")
         self.canvas.on_mouse_down(self._canvas_down)
@@ -476,6 +479,10 @@ class MaskEditor(W.VBox):
         self._polygon, self._points = [], []
         self._update_cursor()
         self.render()
+
+    def _size_changed(self, change) -> None:
+        self._update_cursor()
+        self.status.value = self.status_html()
 
     def _selection_changed(self, change) -> None:
         self._sam_points, self._sam_labels = [], []
