@@ -551,7 +551,7 @@ class EditorMachine(RuleBasedStateMachine):
     def add(self):
         self.state.add_item()
 
-    @rule(items=st_.lists(st_.integers(0, 5), min_size=1, max_size=4))
+    @rule(items=st_.lists(st_.integers(0, 2), min_size=2, max_size=4))
     def merge(self, items):
         try:
             self.state.merge(items)
