@@ -1,5 +1,6 @@
 """End to end in a real browser: JupyterLab on a free localhost port, Debian's headless Chromium driven by
-Playwright, a notebook that shows the editor, a brush stroke drawn with the mouse, checked from the kernel.
+Playwright, a notebook that shows the editor, keys, colours, a brush stroke drawn with the mouse and the wheel,
+checked in the page and from the kernel.
 
 Set DEDIT_SCREENSHOT=path to also save a screenshot of the editor and palette (used for the README).
 """
@@ -88,26 +89,42 @@ def run_cell(page, index: int) -> None:
     raise AssertionError(f"cell {index} never ran")
 
 
+XSS = "<img src=x onerror=\"window.__dedit_xss = 1\">"
+
+
 def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
+    """One editor session in a real browser: a hostile label stays text, shortcuts work on hover without a
+    painting click, buttons fit, the cursor is the brush outline, the swatch is the canvas colour, a brush
+    stroke changes exactly its pixels, the status turns "unsaved", and the wheel zooms."""
     from playwright.sync_api import sync_playwright
+    from dedit_nb.display import item_borders, item_colour
     url, token = jupyter
     session = Session.create(tmp_path / "session", data.coffee(), resolution=128, multiple=8)
     segment_session(session, 0, num_items=4)
-    after = tmp_path / "after.npy"
+    session.rename_item(0, 0, XSS)
+    after, report = tmp_path / "after.npy", tmp_path / "report.json"
     (tmp_path / "editor.ipynb").write_text(json.dumps(notebook([
-        "import numpy as np, widgets\n"
+        "import json, numpy as np, widgets\n"
         "from dedit_nb.session import Session\n"
         f"ui = widgets.ItemsEditor(Session.open(r'{tmp_path / 'session'}'), display_width=512)\n"
         "ui.editor.size.value = 3\n"
         "new_item = ui.state.add_item('stroke')\n"
+        "ui.state.selected = new_item\n"
         "ui",
-        f"np.save(r'{after}', ui.state.labels)",
+        f"np.save(r'{after}', ui.state.labels)\n"
+        f"open(r'{report}', 'w').write(json.dumps(dict(zoom=ui.editor.zoom, tool=ui.editor.tool.value)))",
     ])))
+    labels = session.images[0].labels
+    border = item_borders(labels)
+    inner = border & np.roll(border, 1, 0) & np.roll(border, -1, 0) & np.roll(border, 1, 1) & np.roll(border, -1, 1)
+    inner &= labels == 1
+    inner[:, :2] = inner[:, -2:] = inner[:2] = inner[-2:] = False
+    border_y, border_x = (int(v[0]) for v in np.nonzero(inner))            # a pixel of item 1's outline
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
         page.goto(f"{url}/lab/tree/editor.ipynb?token={token}")
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
         page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
@@ -120,7 +137,41 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
             shutil.copy(tmp_path / "failure.png", "/tmp/browser-failure.png") if os.environ.get("DEDIT_DEBUG") else None
             raise
         page.wait_for_timeout(1500)
+        output = page.locator(".jp-OutputArea-output").first
+        assert page.evaluate("window.__dedit_xss") is None                   # the label's handler never ran
+        assert "&lt;img" in output.inner_html() or "<img src=x" in output.inner_text()
+        cells = page.locator(".jp-Notebook .jp-Cell").count()
         box = canvas.bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)   # hover, no click
+        page.wait_for_timeout(300)
+        page.keyboard.press("e")
+        active = output.locator(".widget-toggle-buttons button.mod-active").first
+        page.wait_for_function("el => el.textContent.trim() === 'eraser'", arg=active.element_handle(),
+                               timeout=10_000)
+        assert "eraser" in output.locator(".dedit-tool").inner_text()
+        page.keyboard.press("b")
+        page.wait_for_timeout(800)
+        assert active.inner_text().strip() == "brush"
+        assert page.locator(".jp-Notebook .jp-Cell").count() == cells        # the keys did not reach JupyterLab
+        cursor = canvas.evaluate("el => getComputedStyle(el).cursor")
+        assert "data:image/svg+xml" in cursor                                # the brush outline
+        overflowing = output.evaluate(
+            "el => [...el.querySelectorAll('button')].filter(b => b.offsetParent && b.scrollWidth > b.clientWidth + 1)"
+            ".map(b => b.textContent.trim())")
+        assert overflowing == []                                             # no "polyg…"
+        titles = output.evaluate("el => [...el.querySelectorAll('.widget-toggle-buttons button')]"
+                                 ".map(b => b.title)")
+        assert titles and all(titles)                                        # tooltips on the tools
+        assert output.locator("button:has-text('redo')").is_disabled()
+        swatch = output.locator(".dedit-swatch").nth(1).evaluate("el => getComputedStyle(el).backgroundColor")
+        assert swatch == "rgb({}, {}, {})".format(*item_colour(1))
+        shot = tmp_path / "canvas.png"
+        canvas.screenshot(path=str(shot))
+        from PIL import Image
+        pixels = np.asarray(Image.open(shot).convert("RGB"))
+        scale = pixels.shape[1] / 128
+        seen = pixels[int((border_y + 0.5) * scale), int((border_x + 0.5) * scale)]
+        assert tuple(int(c) for c in seen) == item_colour(1)                 # the canvas shows the swatch colour
         scale = box["width"] / 128                        # image pixels -> screen pixels
         y = box["y"] + 40.5 * scale
         page.mouse.move(box["x"] + 20.5 * scale, y)
@@ -129,15 +180,21 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
             page.mouse.move(box["x"] + (x + 0.5) * scale, y)
         page.mouse.up()
         page.wait_for_timeout(1500)
+        assert "unsaved changes" in output.locator(".dedit-status").inner_text()
         if os.environ.get("DEDIT_SCREENSHOT"):
-            page.locator(".jp-OutputArea-output").first.screenshot(path=os.environ["DEDIT_SCREENSHOT"])
+            output.screenshot(path=os.environ["DEDIT_SCREENSHOT"])
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.mouse.wheel(0, -300)
+        page.wait_for_timeout(1000)
         run_cell(page, 1)
         for _ in range(120):
-            if after.exists():
+            if report.exists():
                 break
             page.wait_for_timeout(500)
         browser.close()
-    assert after.exists(), "the kernel never saved the labels"
+    assert after.exists() and report.exists(), "the kernel never saved the labels"
+    state = json.loads(report.read_text())
+    assert state["zoom"] > 1 and state["tool"] == "brush"
     labels = np.load(after)
     original = session.images[0].labels
     stroke = labels == 4

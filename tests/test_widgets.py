@@ -405,7 +405,8 @@ def test_gallery_cards_are_readable_in_a_grid(tmp_path):
     assert isinstance(gallery.box, W.GridBox) and "auto-fill" in gallery.box.layout.grid_template_columns
     title = card.title.value
     assert "{" not in title and "gold &amp; &lt;b&gt;silver" in title and "…" in title
-    assert "5.000000000000001" not in "".join(_html_values(card)) and "&quot;guidance&quot;: 5.0" in "".join(_html_values(card))
+    shown_html = "".join(_html_values(card))
+    assert "5.000000000000001" not in shown_html and "&quot;guidance&quot;: 5.0" in shown_html
     from PIL import Image
     import io
     shown = np.asarray(Image.open(io.BytesIO(card.picture.value)).convert("RGB"))
@@ -528,8 +529,8 @@ class EditorMachine(RuleBasedStateMachine):
         self.state = ItemState(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8), labels, ["a", "b"])
         self.editor = MaskEditor(self.state, display_width=48)
 
-    @rule(tool=st_.sampled_from(["brush", "eraser", "lasso"]), points=st_.lists(st_.tuples(coord, coord), min_size=1, max_size=4),
-          size=st_.integers(1, 4))
+    @rule(tool=st_.sampled_from(["brush", "eraser", "lasso"]), size=st_.integers(1, 4),
+          points=st_.lists(st_.tuples(coord, coord), min_size=1, max_size=4))
     def stroke(self, tool, points, size):
         self.editor.tool.value, self.editor.size.value = tool, size
         self.editor.mouse_down(*points[0])
