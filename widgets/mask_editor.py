@@ -94,6 +94,9 @@ class MaskEditor(W.VBox):
         self.tolerance = W.FloatSlider(value=20.0, min=1.0, max=120.0, description="fill tolerance", style=wide)
         self.scale = W.FloatSlider(value=1.0, min=0.2, max=3.0, step=0.05, description="item scale", style=wide)
         self.sam_mode = W.ToggleButtons(options=["positive", "negative", "box"], value="positive",
+                                        tooltips=["a click adds a point inside the object",
+                                                  "a click adds a point outside the object",
+                                                  "drag a box around the object"],
                                         style={"button_width": "76px"})
         auto = W.Layout(width="auto")
         button = lambda text, icon, tip: W.Button(description=text, icon=icon, tooltip=tip, layout=auto)  # noqa: E731

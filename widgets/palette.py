@@ -98,6 +98,7 @@ class ItemPalette(W.VBox):
             swatch.add_class("dedit-swatch")
             swatch.on_click(lambda _, k=k: setattr(self.state, "selected", k))
             label = W.Text(value=name, continuous_update=False, layout=W.Layout(width=widths[2]))
+            label.add_class("dedit-item-label")
             label.observe(lambda ch, k=k: self.state.rename(k, ch["new"]), names="value")
             template = W.Text(value=self.state.templates[k], continuous_update=False, placeholder="a photo of *",
                               layout=W.Layout(width=widths[3]))
