@@ -209,3 +209,67 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
     rows, cols = np.nonzero(stroke)
     assert rows.min() >= 40 - 4 and rows.max() <= 40 + 4 and cols.min() >= 20 - 4 and cols.max() <= 60 + 4
     assert np.array_equal(labels[~stroke], original[~stroke])   # nothing else changed
+
+
+def test_edit_panel_in_jupyterlab(jupyter, tmp_path, tiny_model_dirs):
+    """03's panel in a real browser: controls follow the edit, an error shows as an error, a result lands as
+    a card in a grid with a readable title and the region legend, and the dropdown moves the canvas
+    selection."""
+    from playwright.sync_api import sync_playwright
+    from dedit_nb import FinetuneConfig, finetune, load_model
+    url, token = jupyter
+    model_dir = str(tiny_model_dirs["offline"])
+    session = Session.create(tmp_path / "session", data.coffee(), resolution=32, multiple=8)
+    labels = np.zeros(session.images[0].labels.shape, np.int32)
+    labels[:, 16:] = 1
+    session.set_items(0, labels, ["left side", "right & <b>side</b>"])
+    finetune(load_model(model_dir), session, FinetuneConfig(num_tokens=1, stage1_steps=1, stage2_steps=1),
+             progress=False)
+    (tmp_path / "panel.ipynb").write_text(json.dumps(notebook([
+        "import widgets\n"
+        "from dedit_nb import Session, load_model\n"
+        f"panel = widgets.EditPanel(load_model(r'{model_dir}'), Session.open(r'{tmp_path / 'session'}'))\n"
+        "panel.steps.value = 2\n"
+        "panel",
+    ])))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.goto(f"{url}/lab/tree/panel.ipynb?token={token}")
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+        run_cell(page, 0)
+        output = page.locator(".jp-OutputArea")             # the panel, below any loading messages
+        generate = output.locator("button:has-text('Generate')")
+        generate.wait_for(state="visible", timeout=90_000)
+        prompt = output.locator("input[placeholder^='a red bag']")
+        assert prompt.is_visible()
+        output.locator(".widget-toggle-buttons button:has-text('remove')").click()
+        page.wait_for_timeout(800)
+        assert not prompt.is_visible()                                       # no prompt for a remove
+        output.locator(".widget-toggle-buttons button:has-text('text')").click()
+        prompt.wait_for(state="visible", timeout=10_000)
+        generate.click()
+        error = output.locator(".dedit-error")
+        error.wait_for(state="visible", timeout=30_000)
+        assert "needs a prompt" in error.inner_text()
+        assert error.evaluate("el => getComputedStyle(el).color") == "rgb(176, 0, 32)"   # styled as an error
+        output.locator("select").first.select_option(index=1)
+        page.wait_for_function("() => /right & <b>side/.test(document.querySelector('.dedit-status').textContent)",
+                               timeout=10_000)                               # one selection, label as text
+        prompt.fill("a red circle")
+        prompt.press("Enter")
+        generate.click()
+        card = output.locator(".dedit-card").first
+        card.wait_for(state="visible", timeout=120_000)
+        title = card.locator(".dedit-card-title").inner_text()
+        assert title.startswith("text · item: right & <b>side</b> · prompt: a red circle") and "{" not in title
+        assert "hard" in card.inner_text() and "active" in card.inner_text()    # the region legend
+        grid = card.evaluate("el => getComputedStyle(el.parentElement).display")
+        assert grid == "grid"
+        assert page.evaluate("window.__dedit_xss") is None
+        if os.environ.get("DEDIT_DEBUG"):
+            output.first.screenshot(path="/tmp/browser-panel.png")
+        browser.close()

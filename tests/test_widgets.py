@@ -436,8 +436,9 @@ def test_edit_panel_shares_the_selection_and_hides_what_does_not_apply(tmp_path,
     shown = lambda: {n for n, c in panel.controls.items() if c.layout.display != "none"}  # noqa: E731
     panel.kind.value = "text"
     assert shown() == {"item", "prompt"}
+    assert panel.canvas.rows["move"].layout.display == "none"               # no item scale for a text edit
     panel.kind.value = "move"
-    assert shown() == {"moves"}
+    assert shown() == {"moves"} and panel.canvas.rows["move"].layout.display is None
     panel.kind.value = "image"
     assert shown() == {"item", "source", "prompt"} and panel.prompt.description == "template"
     panel.kind.value = "recon"

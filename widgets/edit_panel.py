@@ -45,6 +45,7 @@ class EditPanel(W.VBox):
         entry = session.image(image)
         self.state = ItemState.from_session(session, image)
         self.canvas = MaskEditor(self.state, display_width=display_width, tools=("move",))
+        self.canvas.apply_moves_button.layout.display = "none"   # moves feed the move edit, not the items
         wide = {"description_width": "initial"}
         self.kind = W.ToggleButtons(options=list(EDIT_KINDS), value="text", description="edit",
                                     tooltips=[EDIT_TIPS[k] for k in EDIT_KINDS], style={"button_width": "70px"})
@@ -88,6 +89,8 @@ class EditPanel(W.VBox):
         used = EDIT_CONTROLS[self.kind.value]
         for name, control in self.controls.items():
             control.layout.display = None if name in used else "none"
+        for row in (self.canvas.rows["move"], self.canvas.coords_row):      # item scale, moves by dx,dy
+            row.layout.display = None if "moves" in used else "none"
         self.prompt.description = "template" if self.kind.value == "image" else "prompt"
         self.prompt.placeholder = ("optional: a photo of * in gold" if self.kind.value == "image"
                                    else "a red bag  /  a photo of * in gold")

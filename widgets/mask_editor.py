@@ -148,11 +148,12 @@ class MaskEditor(W.VBox):
             "move": W.HBox([self.scale, self.apply_moves_button, self.clear_moves_button]),
             "sam": W.HBox([W.Label("SAM prompt:"), self.sam_mode]),
         }
+        self.coords_row = W.HBox([W.Label("coordinates:"), self.coords, self.apply_coords_button])
         rows = [W.HBox([self.tool]), *self.rows.values(),
                 W.HBox([W.Label("show items as"), self.overlay_mode, self.zoom_in_button, self.zoom_out_button,
                         self.fit_button]),
                 W.HBox([self.undo_button, self.redo_button, self.reset_button]),
-                W.HBox([W.Label("coordinates:"), self.coords, self.apply_coords_button])]
+                self.coords_row]
         super().__init__([self.cursor_style, self.canvas, self.status, self.message, *rows], **kwargs)
         self._tool_changed()
 
