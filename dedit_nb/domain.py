@@ -79,7 +79,7 @@ def domain_notes(session, model="offline", notebook: str = "02_finetune") -> lis
     for entry in session.images:
         likeness = scene_likeness(entry.working)
         if likeness < MIN_SCENE_LIKENESS or flat_share(entry.working) < MIN_FLAT_SHARE:
-            where = ("in 02_finetune and 03_edit set" if notebook == "01_segment" else "set")
+            where = "In 02_finetune and 03_edit set" if notebook == "01_segment" else "Set"
             size = ("; for SD also segment at resolution=512, multiple=64 in 01_segment"
                     if max(entry.working.shape[:2]) < 256 else "")
             notes.append(

@@ -151,14 +151,13 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)   # hover, no click
         page.wait_for_timeout(300)
         page.keyboard.press("e")
-        active = output.locator(".widget-toggle-buttons button.mod-active").first
-        page.wait_for_function("el => el.textContent.trim() === 'eraser'", arg=active.element_handle(),
-                               timeout=10_000)
+        active_tool = ("() => document.querySelector('.jp-OutputArea-output .widget-toggle-buttons "
+                       "button.mod-active').textContent.trim()")
+        page.wait_for_function(f"({active_tool})() === 'eraser'", timeout=10_000)
         page.wait_for_function("() => /eraser/.test(document.querySelector('.dedit-tool').textContent)",
                                timeout=10_000)                               # the status names the current tool
         page.keyboard.press("b")
-        page.wait_for_timeout(800)
-        assert active.inner_text().strip() == "brush"
+        page.wait_for_function(f"({active_tool})() === 'brush'", timeout=10_000)
         assert page.locator(".jp-Notebook .jp-Cell").count() == cells        # the keys did not reach JupyterLab
         cursor = canvas.evaluate("el => getComputedStyle(el).cursor")
         assert "data:image/svg+xml" in cursor                                # the brush outline

@@ -29,7 +29,7 @@ def test_offline_domain_check_tells_scenes_from_photos(tmp_path):
     assert domain_notes(scene, "offline") == []
     notes = domain_notes(photo, "offline")
     assert len(notes) == 1 and f'model="{RECOMMENDED_MODEL}"' in notes[0] and "coffee" in notes[0]
-    assert "in 02_finetune and 03_edit" in domain_notes(photo, notebook="01_segment")[0]
+    assert "In 02_finetune and 03_edit" in domain_notes(photo, notebook="01_segment")[0]
     assert domain_notes(photo, RECOMMENDED_MODEL) == []             # only the offline model has a known domain
     grey = np.repeat(np.asarray(Image.open(ROOT / "examples" / "astronaut.jpg").convert("L"))[..., None], 3, -1)
     assert domain_notes(Session.create(tmp_path / "grey", grey, resolution=32, multiple=8)) != []  # texture counts
