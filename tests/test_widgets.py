@@ -431,6 +431,8 @@ def test_edit_panel_shares_the_selection_and_hides_what_does_not_apply(tmp_path,
     finetune(model, s, FinetuneConfig(num_tokens=1, stage1_steps=1, stage2_steps=1), progress=False)
     panel = EditPanel(model, s)
     assert panel.sampling() == EDIT_DEFAULTS
+    panel.strength.value = 0.1 + 0.2                                         # 0.30000000000000004
+    assert panel.sampling()["strength"] == 0.3
     panel.canvas.mouse_down(24, 10); panel.canvas.mouse_up(24, 10)           # a click on item 1 in the canvas
     assert panel.item.value == 1 and panel.state.selected == 1
     panel.item.value = 0

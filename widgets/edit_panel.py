@@ -6,7 +6,7 @@ import html
 import ipywidgets as W
 import numpy as np
 
-from dedit_nb.display import EDIT_DEFAULTS
+from dedit_nb.display import EDIT_DEFAULTS, tidy_number
 from dedit_nb.edits import EDIT_KINDS, Editor, run_edit
 from dedit_nb.session import png_bytes
 
@@ -96,8 +96,10 @@ class EditPanel(W.VBox):
                                    else "a red bag  /  a photo of * in gold")
 
     def sampling(self) -> dict:
-        return dict(steps=self.steps.value, guidance=self.guidance.value, strength=self.strength.value,
-                    edge_thickness=self.edge.value, seed=self.seed.value, num_images=self.num_images.value)
+        # sliders step in binary fractions of 0.05: 5.000000000000001 would reach the manifest
+        return dict(steps=self.steps.value, guidance=tidy_number(self.guidance.value),
+                    strength=tidy_number(self.strength.value), edge_thickness=self.edge.value,
+                    seed=self.seed.value, num_images=self.num_images.value)
 
     def show_error(self, text: str) -> None:
         self.error.value = (f"<div class='dedit-error' style='color:#b00020;background:#fdecea;border-left:4px "
