@@ -246,6 +246,19 @@ def test_view_is_nearest_neighbour_and_zoom_keeps_the_point_under_the_pointer():
     assert editor.zoom == 1.25 and editor.origin == (0.0, 0.0)
 
 
+def test_space_drag_pans_without_painting(state):
+    editor = MaskEditor(state, display_width=192)
+    editor.zoom_by(4.0, about=(0, 0))
+    before = state.labels.copy()
+    editor.handle_event({"type": "keydown", "key": " "})
+    assert "grab" in editor.cursor_style.value
+    editor._canvas_down(100, 100); editor._canvas_move(60, 80); editor._canvas_up(60, 80)
+    assert editor.origin == (5.0, 2.5) and np.array_equal(state.labels, before)   # 40 and 20 screen px at 8x
+    editor.handle_event({"type": "keyup", "key": " "})
+    editor._canvas_down(100, 100); editor._canvas_up(100, 100)
+    assert not np.array_equal(state.labels, before)                          # painting again
+
+
 def test_a_click_on_a_zoomed_view_paints_the_pixel_under_it(state):
     editor = MaskEditor(state, display_width=192)                            # 2 screen px per image pixel
     editor.zoom_by(4.0, about=(0, 0))                                        # 8 screen px per image pixel
