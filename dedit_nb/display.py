@@ -23,8 +23,8 @@ OVERLAY_MODES = ("outline", "solid")
 REGION_NAMES = ("hard", "soft", "active")
 REGION_COLOURS = np.array([(70, 70, 70), (245, 166, 35), (30, 170, 230)], np.uint8)
 REGION_MEANINGS = {
-    "hard": "kept: exactly the original pixels",
-    "soft": "blend band: held to the original for the first `strength` share of steps",
+    "hard": "the original pixels, kept exactly",
+    "soft": "a band blended with the original (held to it for the first `strength` share of steps)",
     "active": "generated",
 }
 
@@ -106,7 +106,7 @@ def region_legend_html() -> str:
 def region_legend_handles():
     """Matplotlib legend handles for the region colours (the notebooks' figures)."""
     from matplotlib.patches import Patch
-    return [Patch(facecolor=REGION_COLOURS[k] / 255, edgecolor="#888", label=f"{name}: {REGION_MEANINGS[name]}")
+    return [Patch(facecolor=REGION_COLOURS[k] / 255, edgecolor="#888", label=f"{name} ({REGION_MEANINGS[name]})")
             for k, name in enumerate(REGION_NAMES)]
 
 
