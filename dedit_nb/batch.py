@@ -78,7 +78,7 @@ def run_one(notebook: str, folder: str, parameters: dict, kernel_name: str | Non
     import papermill as pm
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    params = {**parameters, "output_dir": str(out), "interactive": False}
+    params = {**parameters, "output_dir": str(out), "interactive": False, "overwrite": True}  # the run's own folder
     start = time.time()
     result = RunResult(out.name, parameters, True, str(out))
     try:

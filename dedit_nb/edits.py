@@ -15,6 +15,7 @@ import numpy as np
 
 from . import conditioning as C
 from . import masks as M
+from .display import region_legend_handles, region_picture
 from .sampler import SamplingConfig, masked_sample
 from .session import Session, SessionError, atomic_write_bytes, npy_bytes, png_bytes
 
@@ -56,16 +57,17 @@ class EditResult:
         import matplotlib.pyplot as plt
         shown = self.images[:max_images]
         fig, axes = plt.subplots(1, 2 + len(shown), figsize=(3 * (2 + len(shown)), 3))
-        axes[0].imshow(self.original)
+        axes[0].imshow(self.original, interpolation="nearest")
         axes[0].set_title("original")
-        axes[1].imshow(self.regions.as_uint8(), cmap="viridis", vmin=0, vmax=2)
-        axes[1].set_title("hard / soft / active")
+        axes[1].imshow(region_picture(self.regions), interpolation="nearest")
+        axes[1].set_title("regions")
+        fig.legend(handles=region_legend_handles(), loc="lower center", ncol=3, fontsize=8, frameon=False)
         for ax, img, j in zip(axes[2:], shown, range(len(shown))):
-            ax.imshow(img)
+            ax.imshow(img, interpolation="nearest")
             ax.set_title(f"{self.kind} #{j}")
         for ax in axes:
             ax.axis("off")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
         return fig
 
 

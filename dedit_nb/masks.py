@@ -65,6 +65,8 @@ def check_labels(labels: np.ndarray, num_items: int, shape: tuple[int, int] | No
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise PartitionError(f"a label map is a 2-D array (H, W); got shape {labels.shape}")
+    if labels.size == 0:
+        raise PartitionError(f"a label map needs at least one pixel; got shape {labels.shape}")
     if shape is not None and labels.shape != tuple(shape):
         raise PartitionError(
             f"label map is {labels.shape[1]}x{labels.shape[0]} (WxH), the image works at {shape[1]}x{shape[0]}; "

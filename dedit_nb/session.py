@@ -297,6 +297,10 @@ class Session:
         """Replace an image's items with a new partition (a label map at the working size)."""
         entry = self.image(image)
         labels = np.asarray(labels)
+        if (item_labels is None and labels.size and np.issubdtype(labels.dtype, np.integer)
+                and int(labels.max()) >= labels.size):  # more items than pixels: some would be empty
+            raise M.PartitionError(f"label values go up to {int(labels.max())} but the map has {labels.size} "
+                                   f"pixels; number the items 0..K-1 (masks.compact_labels) or pass item_labels")
         n = len(item_labels) if item_labels is not None else int(labels.max()) + 1
         labels = M.check_labels(labels, n, shape=entry.labels.shape)
         empty = [k for k, a in enumerate(M.item_areas(labels, n)) if a == 0]

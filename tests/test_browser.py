@@ -1,5 +1,6 @@
 """End to end in a real browser: JupyterLab on a free localhost port, Debian's headless Chromium driven by
-Playwright, a notebook that shows the editor, a brush stroke drawn with the mouse, checked from the kernel.
+Playwright, a notebook that shows the editor, keys, colours, a brush stroke drawn with the mouse and the wheel,
+checked in the page and from the kernel.
 
 Set DEDIT_SCREENSHOT=path to also save a screenshot of the editor and palette (used for the README).
 """
@@ -88,26 +89,42 @@ def run_cell(page, index: int) -> None:
     raise AssertionError(f"cell {index} never ran")
 
 
+XSS = "<img src=x onerror=\"window.__dedit_xss = 1\">"
+
+
 def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
+    """One editor session in a real browser: a hostile label stays text, shortcuts work on hover without a
+    painting click, buttons fit, the cursor is the brush outline, the swatch is the canvas colour, a brush
+    stroke changes exactly its pixels, the status turns "unsaved", and the wheel zooms."""
     from playwright.sync_api import sync_playwright
+    from dedit_nb.display import item_borders, item_colour
     url, token = jupyter
     session = Session.create(tmp_path / "session", data.coffee(), resolution=128, multiple=8)
     segment_session(session, 0, num_items=4)
-    after = tmp_path / "after.npy"
+    session.rename_item(0, 0, XSS)
+    after, report = tmp_path / "after.npy", tmp_path / "report.json"
     (tmp_path / "editor.ipynb").write_text(json.dumps(notebook([
-        "import numpy as np, widgets\n"
+        "import json, numpy as np, widgets\n"
         "from dedit_nb.session import Session\n"
         f"ui = widgets.ItemsEditor(Session.open(r'{tmp_path / 'session'}'), display_width=512)\n"
         "ui.editor.size.value = 3\n"
         "new_item = ui.state.add_item('stroke')\n"
+        "ui.state.selected = 0\n"
         "ui",
-        f"np.save(r'{after}', ui.state.labels)",
+        f"np.save(r'{after}', ui.state.labels)\n"
+        f"open(r'{report}', 'w').write(json.dumps(dict(zoom=ui.editor.zoom, tool=ui.editor.tool.value)))",
     ])))
+    labels = session.images[0].labels
+    border = item_borders(labels)
+    inner = border & np.roll(border, 1, 0) & np.roll(border, -1, 0) & np.roll(border, 1, 1) & np.roll(border, -1, 1)
+    inner &= labels == 1
+    inner[:, :2] = inner[:, -2:] = inner[:2] = inner[-2:] = False
+    border_y, border_x = (int(v[0]) for v in np.nonzero(inner))            # a pixel of item 1's outline
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
         page.goto(f"{url}/lab/tree/editor.ipynb?token={token}")
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
         page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
@@ -120,7 +137,47 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
             shutil.copy(tmp_path / "failure.png", "/tmp/browser-failure.png") if os.environ.get("DEDIT_DEBUG") else None
             raise
         page.wait_for_timeout(1500)
+        output = page.locator(".jp-OutputArea-output").first
+        assert page.evaluate("window.__dedit_xss") is None                   # the label's handler never ran
+        assert "<img src=x" in output.locator(".dedit-status").inner_text()  # shown as text, not markup
+        output.locator(".dedit-item-label input").first.fill("cup")         # rename it in the palette
+        page.keyboard.press("Enter")
+        output.locator(".dedit-swatch").nth(4).click()                       # select the new item
+        page.wait_for_function("() => /stroke/.test(document.querySelector('.dedit-status').textContent) && "
+                               "!/img src/.test(document.querySelector('.dedit-status').textContent)",
+                               timeout=10_000)
+        cells = page.locator(".jp-Notebook .jp-Cell").count()
         box = canvas.bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)   # hover, no click
+        page.wait_for_timeout(300)
+        page.keyboard.press("e")
+        active_tool = ("() => document.querySelector('.jp-OutputArea-output .widget-toggle-buttons "
+                       "button.mod-active').textContent.trim()")
+        page.wait_for_function(f"({active_tool})() === 'eraser'", timeout=10_000)
+        page.wait_for_function("() => /eraser/.test(document.querySelector('.dedit-tool').textContent)",
+                               timeout=10_000)                               # the status names the current tool
+        page.keyboard.press("b")
+        page.wait_for_function(f"({active_tool})() === 'brush'", timeout=10_000)
+        assert page.locator(".jp-Notebook .jp-Cell").count() == cells        # the keys did not reach JupyterLab
+        cursor = canvas.evaluate("el => getComputedStyle(el).cursor")
+        assert "data:image/svg+xml" in cursor                                # the brush outline
+        overflowing = output.evaluate(
+            "el => [...el.querySelectorAll('button')].filter(b => b.offsetParent && b.scrollWidth > b.clientWidth + 1)"
+            ".map(b => b.textContent.trim())")
+        assert overflowing == []                                             # no "polyg…"
+        titles = output.evaluate("el => [...el.querySelectorAll('.widget-toggle-buttons button')]"
+                                 ".map(b => b.title)")
+        assert titles and all(titles)                                        # tooltips on the tools
+        assert output.locator("button:has-text('redo')").is_disabled()
+        swatch = output.locator(".dedit-swatch").nth(1).evaluate("el => getComputedStyle(el).backgroundColor")
+        assert swatch == "rgb({}, {}, {})".format(*item_colour(1))
+        shot = tmp_path / "canvas.png"
+        canvas.screenshot(path=str(shot))
+        from PIL import Image
+        pixels = np.asarray(Image.open(shot).convert("RGB"))
+        scale = pixels.shape[1] / 128
+        seen = pixels[int((border_y + 0.5) * scale), int((border_x + 0.5) * scale)]
+        assert tuple(int(c) for c in seen) == item_colour(1)                 # the canvas shows the swatch colour
         scale = box["width"] / 128                        # image pixels -> screen pixels
         y = box["y"] + 40.5 * scale
         page.mouse.move(box["x"] + 20.5 * scale, y)
@@ -129,15 +186,21 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
             page.mouse.move(box["x"] + (x + 0.5) * scale, y)
         page.mouse.up()
         page.wait_for_timeout(1500)
+        assert "unsaved changes" in output.locator(".dedit-status").inner_text()
         if os.environ.get("DEDIT_SCREENSHOT"):
-            page.locator(".jp-OutputArea-output").first.screenshot(path=os.environ["DEDIT_SCREENSHOT"])
+            output.screenshot(path=os.environ["DEDIT_SCREENSHOT"])
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.mouse.wheel(0, -300)
+        page.wait_for_timeout(1000)
         run_cell(page, 1)
         for _ in range(120):
-            if after.exists():
+            if report.exists():
                 break
             page.wait_for_timeout(500)
         browser.close()
-    assert after.exists(), "the kernel never saved the labels"
+    assert after.exists() and report.exists(), "the kernel never saved the labels"
+    state = json.loads(report.read_text())
+    assert state["zoom"] > 1 and state["tool"] == "brush"
     labels = np.load(after)
     original = session.images[0].labels
     stroke = labels == 4
@@ -145,3 +208,67 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
     rows, cols = np.nonzero(stroke)
     assert rows.min() >= 40 - 4 and rows.max() <= 40 + 4 and cols.min() >= 20 - 4 and cols.max() <= 60 + 4
     assert np.array_equal(labels[~stroke], original[~stroke])   # nothing else changed
+
+
+def test_edit_panel_in_jupyterlab(jupyter, tmp_path, tiny_model_dirs):
+    """03's panel in a real browser: controls follow the edit, an error shows as an error, a result lands as
+    a card in a grid with a readable title and the region legend, and the dropdown moves the canvas
+    selection."""
+    from playwright.sync_api import sync_playwright
+    from dedit_nb import FinetuneConfig, finetune, load_model
+    url, token = jupyter
+    model_dir = str(tiny_model_dirs["offline"])
+    session = Session.create(tmp_path / "session", data.coffee(), resolution=32, multiple=8)
+    labels = np.zeros(session.images[0].labels.shape, np.int32)
+    labels[:, 16:] = 1
+    session.set_items(0, labels, ["left side", "right & <b>side</b>"])
+    finetune(load_model(model_dir), session, FinetuneConfig(num_tokens=1, stage1_steps=1, stage2_steps=1),
+             progress=False)
+    (tmp_path / "panel.ipynb").write_text(json.dumps(notebook([
+        "import widgets\n"
+        "from dedit_nb import Session, load_model\n"
+        f"panel = widgets.EditPanel(load_model(r'{model_dir}'), Session.open(r'{tmp_path / 'session'}'))\n"
+        "panel.steps.value = 2\n"
+        "panel",
+    ])))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.goto(f"{url}/lab/tree/panel.ipynb?token={token}")
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+        run_cell(page, 0)
+        output = page.locator(".jp-OutputArea")             # the panel, below any loading messages
+        generate = output.locator("button:has-text('Generate')")
+        generate.wait_for(state="visible", timeout=90_000)
+        prompt = output.locator("input[placeholder^='a red bag']")
+        assert prompt.is_visible()
+        output.locator(".widget-toggle-buttons button:has-text('remove')").click()
+        page.wait_for_timeout(800)
+        assert not prompt.is_visible()                                       # no prompt for a remove
+        output.locator(".widget-toggle-buttons button:has-text('text')").click()
+        prompt.wait_for(state="visible", timeout=10_000)
+        generate.click()
+        error = output.locator(".dedit-error")
+        error.wait_for(state="visible", timeout=30_000)
+        assert "needs a prompt" in error.inner_text()
+        assert error.evaluate("el => getComputedStyle(el).color") == "rgb(176, 0, 32)"   # styled as an error
+        output.locator("select").first.select_option(index=1)
+        page.wait_for_function("() => /right & <b>side/.test(document.querySelector('.dedit-status').textContent)",
+                               timeout=10_000)                               # one selection, label as text
+        prompt.fill("a red circle")
+        prompt.press("Enter")
+        generate.click()
+        card = output.locator(".dedit-card").first
+        card.wait_for(state="visible", timeout=120_000)
+        title = card.locator(".dedit-card-title").inner_text()
+        assert title.startswith("text · item: right & <b>side</b> · prompt: a red circle") and "{" not in title
+        assert "hard" in card.inner_text() and "active" in card.inner_text()    # the region legend
+        grid = card.evaluate("el => getComputedStyle(el.parentElement).display")
+        assert grid == "grid"
+        assert page.evaluate("window.__dedit_xss") is None
+        if os.environ.get("DEDIT_DEBUG"):
+            output.first.screenshot(path="/tmp/browser-panel.png")
+        browser.close()

@@ -219,3 +219,390 @@ def test_edit_panel_generates_into_the_gallery(tmp_path, tiny_model_dirs):
     assert transplanted.kind == "image" and transplanted.manifest["params"]["source_item"] == "left"
     assert transplanted.manifest["prompts"]["right"] == s.images[0].items[0].prompt()
     assert len(panel.gallery.cards) == 3
+
+
+# --- the view, keys, status -------------------------------------------------------------------------------
+
+def test_view_is_nearest_neighbour_and_zoom_keeps_the_point_under_the_pointer():
+    img = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3) * 5
+    st = ItemState(img, np.zeros((4, 4), np.int32), ["all"])
+    editor = MaskEditor(st, display_width=64)
+    editor.overlay_mode.value = "solid"
+    view = editor.view_array()
+    expected = np.repeat(np.repeat(editor.render_array(), 16, 0), 16, 1)     # 16x16 blocks, no blending
+    assert np.array_equal(view, expected)
+    import io
+    from PIL import Image
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(editor.frame.value))), view)   # sent losslessly
+    before = editor.to_image(40, 24)
+    editor.zoom_by(2.0, about=(40, 24))
+    assert editor.zoom == 2 and np.allclose(editor.to_image(40, 24), before)
+    assert np.allclose(editor.to_image(*editor.to_canvas(1.25, 3.5)), (1.25, 3.5))
+    editor.pan_by(1000, 1000)                                                # clamped inside the image
+    assert editor.origin == (2.0, 2.0) and np.allclose(editor.to_image(64, 64), (4, 4))
+    editor.handle_event({"type": "keydown", "key": "0"})
+    assert editor.zoom == 1 and editor.origin == (0.0, 0.0)
+    editor.handle_event({"type": "wheel", "deltaY": -100, "relativeX": 0, "relativeY": 0})
+    assert editor.zoom == 1.25 and editor.origin == (0.0, 0.0)
+
+
+def test_space_drag_pans_without_painting(state):
+    editor = MaskEditor(state, display_width=192)
+    editor.zoom_by(4.0, about=(0, 0))
+    before = state.labels.copy()
+    editor.handle_event({"type": "keydown", "key": " "})
+    assert "grab" in editor.cursor_style.value
+    editor._canvas_down(100, 100); editor._canvas_move(60, 80); editor._canvas_up(60, 80)
+    assert editor.origin == (5.0, 2.5) and np.array_equal(state.labels, before)   # 40 and 20 screen px at 8x
+    editor.handle_event({"type": "keyup", "key": " "})
+    editor._canvas_down(100, 100); editor._canvas_up(100, 100)
+    assert not np.array_equal(state.labels, before)                          # painting again
+
+
+def test_a_click_on_a_zoomed_view_paints_the_pixel_under_it(state):
+    editor = MaskEditor(state, display_width=192)                            # 2 screen px per image pixel
+    editor.zoom_by(4.0, about=(0, 0))                                        # 8 screen px per image pixel
+    editor.size.value = 1
+    state.selected = 2
+    u, v = (30 + 0.5) * 8, (40 + 0.5) * 8                                    # image pixel (40, 30)
+    editor._canvas_down(u, v)
+    editor._canvas_up(u, v)
+    assert state.labels[40, 30] == 2 and state.labels[40, 33] != 2
+
+
+def test_shortcuts_over_the_canvas_need_no_click_and_buttons_follow_the_history(state):
+    editor = MaskEditor(state)
+    before = state.labels.copy()
+    assert editor._keys is not None and "keydown" in editor._keys.watched_events   # ipyevents: keys on hover
+    assert editor.undo_button.disabled and editor.redo_button.disabled
+    editor.handle_event({"type": "keydown", "key": "e"})
+    assert editor.tool.value == "eraser" and np.array_equal(state.labels, before)  # no painting click
+    assert "eraser" in editor.status.value                                  # the current tool, not the last used
+    editor.handle_event({"type": "keydown", "key": "]"})
+    size = editor.size.value
+    assert f"{size}px" in editor.status.value and f"r='{size * editor.view_scale}'" in \
+        editor.cursor_style.value.replace("%27", "'").replace("%3D", "=")     # the brush outline cursor, to size
+    editor.handle_event({"type": "keydown", "key": "b"})
+    editor.mouse_down(70, 40); editor.mouse_up(70, 40)
+    assert not editor.undo_button.disabled and editor.redo_button.disabled
+    editor.handle_event({"type": "keydown", "key": "z", "ctrlKey": True})
+    assert editor.undo_button.disabled and not editor.redo_button.disabled
+    assert np.array_equal(state.labels, before)
+
+
+def test_status_is_current_messages_clear_and_unsaved_changes_show(tmp_path):
+    s = Session.create(tmp_path / "s", data.coffee(), resolution=64, multiple=8)
+    ui = ItemsEditor(s)
+    assert "saved" in ui.editor.status.value and "unsaved" not in ui.editor.status.value
+    ui.state.add_item("cup")
+    assert "unsaved changes" in ui.editor.status.value
+    assert not ui.save() and "no pixels" in ui.message.value and "dedit-error" in ui.message.value
+    ui.editor.size.value = 5
+    ui.editor.mouse_down(20, 20); ui.editor.mouse_up(20, 20)
+    assert ui.message.value == ""                                          # the error answered one press
+    assert ui.save() and "saved 2 items" in ui.message.value and "unsaved" not in ui.editor.status.value
+    ui.editor.mouse_down(40, 20); ui.editor.mouse_up(40, 20)
+    assert ui.message.value == "" and "unsaved changes" in ui.editor.status.value
+
+
+def test_a_pending_move_is_refused_on_save_until_applied_or_cleared(tmp_path):
+    s = Session.create(tmp_path / "s", data.coffee(), resolution=64, multiple=8)
+    labels = np.zeros(s.images[0].labels.shape, np.int32)
+    labels[:, 32:] = 1
+    s.set_items(0, labels, ["left", "right"])
+    ui = ItemsEditor(s)
+    ui.editor.tool.value = "move"
+    ui.editor.mouse_down(40, 10); ui.editor.mouse_up(36, 10)
+    before = (tmp_path / "s" / "session.json").read_bytes()
+    assert not ui.save() and "pending move" in ui.message.value and "apply moves" in ui.message.value
+    assert (tmp_path / "s" / "session.json").read_bytes() == before
+    expected = ui.state.preview_moves()[0].copy()
+    ui.editor.apply_moves_button.click()
+    assert ui.state.moves == {} and np.array_equal(ui.state.labels, expected)
+    assert ui.save() and np.array_equal(Session.open(tmp_path / "s").images[0].labels, expected)
+
+
+def test_every_tool_has_a_path_by_typed_coordinates(state):
+    editor = MaskEditor(state)
+    state.selected = 2
+    editor.size.value = 1
+    editor.apply_coordinates("10,40 20,40")
+    assert (state.labels[40, 10:21] == 2).all()
+    editor.tool.value = "polygon"
+    state.selected = 0
+    editor.apply_coordinates("60,30 90,30 90,60")
+    assert state.labels[35, 85] == 0
+    editor.tool.value = "move"
+    state.selected = 1
+    editor.apply_coordinates("-5, 3")
+    assert state.moves[1] == M.ItemMove(dx=-5, dy=3)
+    editor.coords.value = "oops"
+    editor.apply_coords_button.click()
+    assert "x,y pairs" in editor.message.value and "dedit-error" in editor.message.value
+    editor.tool.value = "fill"
+    flat = ItemState(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.int32), ["a"])
+    flat.add_item("b")
+    fill = MaskEditor(flat)
+    fill.tool.value = "fill"
+    fill.apply_coordinates("3,3")
+    assert (flat.labels == 1).all()
+
+
+def test_palette_has_headers_tooltips_and_merge_clears_the_ticks(state):
+    palette = ItemPalette(state)
+    header = palette.children[0]
+    assert "prompt template" in header.children[3].value and "* stands for the item" in header.children[3].value
+    swatch = palette.rows.children[1].children[1]
+    from dedit_nb.display import item_colour
+    assert swatch.style.button_color == "rgb({},{},{})".format(*item_colour(1))   # the canvas colour, exactly
+    for button in (palette.add_button, palette.merge_button, palette.split_button, palette.delete_button):
+        assert button.tooltip and button.layout.width == "auto"
+    palette._checks[0].value = palette._checks[2].value = True
+    palette.merge_button.click()
+    assert state.num_items == 2 and palette.checked() == []
+    palette.split_button.click()
+    assert "nothing to split" in palette.message.value
+    palette.add_button.click()
+    assert palette.message.value == ""
+
+
+def test_editor_tools_have_tooltips_and_labels_that_fit(state):
+    editor = MaskEditor(state)
+    assert len(editor.tool.tooltips) == len(editor.tool.options) and all(editor.tool.tooltips)
+    assert all(len(label) <= 8 for label, _ in editor.tool.options)         # 76 px buttons hold 8 characters
+    for button in (editor.undo_button, editor.redo_button, editor.reset_button, editor.apply_moves_button,
+                   editor.clear_moves_button, editor.zoom_in_button, editor.zoom_out_button, editor.fit_button):
+        assert button.tooltip and button.layout.width == "auto"
+
+
+# --- hostile labels ------------------------------------------------------------------------------------
+
+def _html_values(widget):
+    import ipywidgets as W
+    out = []
+    if isinstance(widget, W.HTML):
+        out.append(widget.value)
+    for child in getattr(widget, "children", ()):
+        out += _html_values(child)
+    return out
+
+
+def test_labels_and_errors_reach_html_escaped(tmp_path):
+    evil = "<img src=x onerror=alert(1)>"
+    s = Session.create(tmp_path / "s", data.coffee(), resolution=64, multiple=8)
+    labels = np.zeros(s.images[0].labels.shape, np.int32)
+    labels[:, 32:] = 1
+    s.set_items(0, labels, [evil, "ok"])
+    ui = ItemsEditor(s)
+    ui.state.add_item(evil + "2")
+    ui.save()                                                                # error naming the evil item
+    ui.palette.delete_button.click()
+    ui.state.selected = 0
+    ui.palette.split_button.click()
+    values = _html_values(ui)
+    assert any("&lt;img" in v for v in values)                               # the labels are shown ...
+    assert not any("<img" in v for v in values)                              # ... never as markup
+
+
+def test_gallery_cards_are_readable_in_a_grid(tmp_path):
+    import ipywidgets as W
+    from dedit_nb.edits import EditResult
+    from dedit_nb.display import REGION_COLOURS
+    s = Session.create(tmp_path / "s", data.coffee(), resolution=32, multiple=8)
+    original = s.images[0].working
+    after = 255 - original
+    regions = M.edit_regions(np.eye(*original.shape[:2], dtype=bool), 1)
+    params = {"item": "gold & <b>silver</b>", "item_index": 1, "prompt": "x" * 200}
+    result = EditResult("text", [after], original, s.images[0].labels, regions,
+                        {"kind": "text", "params": params, "sampling": {"guidance": 5.000000000000001}})
+    gallery = ResultGallery(s)
+    card = gallery.add(result)
+    assert isinstance(gallery.box, W.GridBox) and "auto-fill" in gallery.box.layout.grid_template_columns
+    title = card.title.value
+    assert "{" not in title and "gold &amp; &lt;b&gt;silver" in title and "…" in title
+    shown_html = "".join(_html_values(card))
+    assert "5.000000000000001" not in shown_html and "&quot;guidance&quot;: 5.0" in shown_html
+    from PIL import Image
+    import io
+    shown = np.asarray(Image.open(io.BytesIO(card.picture.value)).convert("RGB"))
+    factor = shown.shape[1] // original.shape[1]
+    assert factor == 10 and np.array_equal(shown[::factor, ::factor], after)   # starts on the result, crisp
+    legend = "".join(_html_values(card))
+    for rgb in REGION_COLOURS:
+        assert "rgb({},{},{})".format(*rgb) in legend
+
+
+def test_edit_panel_shares_the_selection_and_hides_what_does_not_apply(tmp_path, tiny_model_dirs):
+    from dedit_nb import FinetuneConfig, finetune, load_model
+    from dedit_nb.display import EDIT_DEFAULTS
+    from widgets import EditPanel
+    model = load_model(str(tiny_model_dirs["sd"]))
+    s = Session.create(tmp_path / "s", data.coffee(), resolution=32, multiple=8)
+    labels = np.zeros(s.images[0].labels.shape, np.int32)
+    labels[:, 16:] = 1
+    s.set_items(0, labels, ["left", "<b>right</b>"])
+    finetune(model, s, FinetuneConfig(num_tokens=1, stage1_steps=1, stage2_steps=1), progress=False)
+    panel = EditPanel(model, s)
+    assert panel.sampling() == EDIT_DEFAULTS
+    panel.strength.value = 0.1 + 0.2                                         # 0.30000000000000004
+    assert panel.sampling()["strength"] == 0.3
+    panel.canvas.mouse_down(24, 10); panel.canvas.mouse_up(24, 10)           # a click on item 1 in the canvas
+    assert panel.item.value == 1 and panel.state.selected == 1
+    panel.item.value = 0
+    assert panel.state.selected == 0 and "left" in panel.canvas.status.value
+    shown = lambda: {n for n, c in panel.controls.items() if c.layout.display != "none"}  # noqa: E731
+    panel.kind.value = "text"
+    assert shown() == {"item", "prompt"}
+    assert panel.canvas.rows["move"].layout.display == "none"               # no item scale for a text edit
+    panel.kind.value = "move"
+    assert shown() == {"moves"} and panel.canvas.rows["move"].layout.display is None
+    panel.kind.value = "image"
+    assert shown() == {"item", "source", "prompt"} and panel.prompt.description == "template"
+    panel.kind.value = "recon"
+    assert shown() == set()
+    seen = []
+    real = panel.editor_backend.reconstruct
+    panel.editor_backend.reconstruct = lambda *a, **k: (seen.append(panel.generate.disabled), real(*a, **k))[1]
+    panel.steps.value = 2
+    assert panel.run() is not None and seen == [True] and not panel.generate.disabled   # disabled while running
+    panel.kind.value, panel.prompt.value = "text", ""
+    assert panel.run() is None and not panel.generate.disabled
+    assert "dedit-error" in panel.error.value and "needs a prompt" in panel.error.value
+
+
+# --- limits of the editor and the API (issue 14.7) ------------------------------------------------------
+
+def test_merge_with_a_repeated_item_keeps_every_label_named(state):
+    state.merge([0, 0, 1])
+    assert state.num_items == 2 and state.names == ["left", "top"]
+    assert_partition(state)
+
+
+def test_repeated_drags_stop_at_the_image_and_render_never_raises(state):
+    editor = MaskEditor(state)
+    editor.tool.value = "move"
+    x, y = 10, 5                                                            # "top", drawn where it is shown
+    for _ in range(6):
+        editor.mouse_down(x, y)
+        editor.mouse_up(x, y + 20)
+        y += 20
+    assert state.moves[2].dy <= 63 and editor.render_array().shape == (64, 96, 3)
+    assert "off the image" in editor.message.value
+    labels, _ = state.preview_moves()
+    assert (labels == 2).any()
+
+
+def test_item_scale_on_a_new_empty_item_says_why(state):
+    editor = MaskEditor(state)
+    state.add_item("new")
+    editor.scale.value = 1.5                                                # no exception
+    assert "no pixels to move" in editor.message.value and editor.scale.value == 1.0 and state.moves == {}
+
+
+def test_a_stroke_far_off_the_canvas_is_clipped_not_rasterised():
+    far = 1e15
+    stroke = disk_stroke((20, 30), [(-far, 5.5), (far, 5.5)], 2)           # would need 2e15 points unclipped
+    assert np.array_equal(np.nonzero(stroke.any(axis=1))[0], np.arange(3, 8))
+    assert stroke[3:8].all() and not stroke[:3].any() and not stroke[8:].any()
+    diagonal = disk_stroke((20, 30), [(-far, -far), (far, far)], 1.5)
+    yy, xx = np.mgrid[0:20, 0:30]
+    distance = np.abs(xx - yy) / np.sqrt(2)                                 # to the line y = x
+    assert (diagonal[distance <= 1.0]).all() and not diagonal[distance > 2.3].any()
+    assert np.array_equal(disk_stroke((20, 30), [(3, 4)], 0), np.pad([[True]], ((4, 15), (3, 26))))
+    with pytest.raises(ValueError, match="finite"):
+        disk_stroke((20, 30), [(0, 0), (np.inf, 1)], 2)
+
+
+def test_huge_and_empty_label_maps_fail_clearly(tmp_path):
+    s = Session.create(tmp_path / "s", data.coffee(), resolution=32, multiple=8)
+    labels = np.zeros(s.images[0].labels.shape, np.int64)
+    labels[0, 0] = 2 ** 40
+    with pytest.raises(M.PartitionError, match="label values go up to 1099511627776"):
+        s.set_items(0, labels)
+    with pytest.raises(M.PartitionError, match="at least one pixel"):
+        M.check_labels(np.zeros((0, 0), np.int32), 1)
+    with pytest.raises(M.PartitionError, match="at least one pixel"):
+        ItemState(np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.int32), ["a"])
+    with pytest.raises(M.PartitionError, match="outside 0..1"):
+        ItemState(data.coffee()[:4, :4], np.full((4, 4), 2 ** 40), ["a", "b"])
+
+
+# --- a state machine over the editor ---------------------------------------------------------------------
+
+from hypothesis import settings, strategies as st_  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule  # noqa: E402
+
+coord = st_.one_of(st_.floats(-3, 15), st_.floats(-1e12, 1e12))
+
+
+class EditorMachine(RuleBasedStateMachine):
+    """Random sequences of editor actions, far-off coordinates included; the items stay a valid partition,
+    every list stays one entry per item, and the canvas always renders."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.default_rng(0)
+        labels = np.zeros((10, 12), np.int32)
+        labels[:, 6:] = 1
+        self.state = ItemState(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8), labels, ["a", "b"])
+        self.editor = MaskEditor(self.state, display_width=48)
+
+    @rule(tool=st_.sampled_from(["brush", "eraser", "lasso"]), size=st_.integers(1, 4),
+          points=st_.lists(st_.tuples(coord, coord), min_size=1, max_size=4))
+    def stroke(self, tool, points, size):
+        self.editor.tool.value, self.editor.size.value = tool, size
+        self.editor.mouse_down(*points[0])
+        for p in points[1:-1]:
+            self.editor.mouse_move(*p)
+        self.editor.mouse_up(*points[-1])
+
+    @rule(start=st_.tuples(coord, coord), end=st_.tuples(coord, coord))
+    def drag(self, start, end):
+        self.editor.tool.value = "move"
+        self.editor.mouse_down(*start)
+        self.editor.mouse_up(*end)
+
+    @rule(scale=st_.floats(0.2, 3.0))
+    def scale(self, scale):
+        self.editor.scale.value = scale
+
+    @rule()
+    def add(self):
+        self.state.add_item()
+
+    @rule(items=st_.lists(st_.integers(0, 2), min_size=2, max_size=4))
+    def merge(self, items):
+        try:
+            self.state.merge(items)
+        except ValueError:
+            pass
+
+    @rule(item=st_.integers(0, 5), action=st_.sampled_from(["delete", "split", "select"]))
+    def item_action(self, item, action):
+        try:
+            if action == "delete":
+                self.state.delete(item)
+            elif action == "split":
+                self.state.split(item)
+            else:
+                self.state.selected = item
+        except (ValueError, Exception) as exc:  # noqa: BLE001 - refusals must be clear errors
+            assert isinstance(exc, ValueError) or "no item" in str(exc)
+
+    @rule(action=st_.sampled_from(["undo", "redo", "apply", "clear", "zoom", "fit"]))
+    def history(self, action):
+        {"undo": self.state.undo, "redo": self.state.redo, "apply": self.state.apply_moves,
+         "clear": self.state.clear_moves, "zoom": lambda: self.editor.zoom_by(2.0, (7, 30)),
+         "fit": lambda: self.editor.set_view(1.0, (0, 0))}[action]()
+
+    @invariant()
+    def consistent(self):
+        s = self.state
+        assert s.labels.shape == (10, 12) and s.labels.min() >= 0 and s.labels.max() < s.num_items
+        assert len(s.names) == len(s.templates) == len(s.visible) == s.num_items
+        assert 0 <= s.selected < s.num_items and all(0 <= k < s.num_items for k in s.moves)
+        assert self.editor.view_array().shape == (self.editor.view_height, 48, 3)
+
+
+TestEditorMachine = EditorMachine.TestCase
+TestEditorMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)

@@ -1,5 +1,5 @@
-"""A gallery of edit results: before/after with a split slider, the hard/soft/active regions, the
-manifest, and saving chosen results into the session."""
+"""A gallery of edit results in a grid of cards: before/after with a split slider, the hard/soft/active
+regions with their legend, the manifest, and saving chosen results into the session."""
 from __future__ import annotations
 
 import datetime as dt
@@ -10,9 +10,10 @@ from pathlib import Path
 import ipywidgets as W
 import numpy as np
 
+from dedit_nb.display import edit_summary, region_legend_html, region_picture, tidy_numbers
 from dedit_nb.session import png_bytes
 
-REGION_COLOURS = np.array([(60, 60, 60), (240, 180, 40), (40, 200, 120)], np.uint8)  # hard, soft, active
+CARD_WIDTH = 320
 
 
 def before_after(before: np.ndarray, after: np.ndarray, split: float) -> np.ndarray:
@@ -25,30 +26,48 @@ def before_after(before: np.ndarray, after: np.ndarray, split: float) -> np.ndar
     return out
 
 
+def upscale(image: np.ndarray, width: int) -> np.ndarray:
+    """Nearest-neighbour enlargement by a whole factor, so small images stay crisp when shown wide."""
+    factor = max(1, int(width // image.shape[1]))
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1) if factor > 1 else image
+
+
 class ResultCard(W.VBox):
-    def __init__(self, result, width: int = 320):
+    def __init__(self, result, width: int = CARD_WIDTH):
         self.result = result
         self.choice = W.Dropdown(options=list(range(len(result.images))), value=0, description="image",
-                                 layout=W.Layout(width="150px"))
-        self.split = W.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.01, description="before|after")
+                                 layout=W.Layout(width="130px"), style={"description_width": "initial"})
+        # 0: the whole result; slide right to uncover the original from the left
+        self.split = W.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.01, description="before ◀▶ after",
+                                   readout=False, style={"description_width": "initial"},
+                                   layout=W.Layout(width="180px"))
         self.picture = W.Image(format="png", layout=W.Layout(width=f"{width}px"))
-        regions = REGION_COLOURS[result.regions.as_uint8()]
-        self.regions = W.Image(value=png_bytes(regions), format="png", layout=W.Layout(width=f"{width // 2}px"))
+        self.regions = W.Image(value=png_bytes(upscale(region_picture(result.regions), width // 2)), format="png",
+                               layout=W.Layout(width=f"{width // 2}px"))
         self.selected = W.Checkbox(value=False, description="save this result", indent=False)
-        manifest = {k: v for k, v in result.manifest.items() if k != "prompts"}
-        details = W.HTML(f"<pre style='font-size:10px;max-height:160px;overflow:auto'>"
-                         f"{html.escape(json.dumps(manifest, indent=1))}</pre>")
+        manifest = tidy_numbers({k: v for k, v in result.manifest.items() if k != "prompts"})
+        details = W.HTML(f"<pre style='font-size:10px;max-height:160px;overflow:auto;white-space:pre-wrap'>"
+                         f"{html.escape(json.dumps(manifest, indent=1, ensure_ascii=False))}</pre>")
         self.choice.observe(lambda _: self.draw(), names="value")
         self.split.observe(lambda _: self.draw(), names="value")
-        title = W.HTML(f"<b>{result.kind}</b> · {html.escape(str(result.manifest.get('params', '')))[:120]}")
-        super().__init__([title, W.HBox([self.picture, W.VBox([W.Label("hard / soft / active"), self.regions])]),
-                          W.HBox([self.choice, self.split]), W.Accordion([details], titles=("manifest",)),
-                          self.selected], layout=W.Layout(border="1px solid #ddd", padding="4px", margin="4px"))
+        summary = edit_summary(result.kind, result.manifest.get("params") or {})
+        self.title = W.HTML(f"<div class='dedit-card-title' title='{html.escape(summary)}' style='font-size:12px;"
+                            f"line-height:1.3;max-width:{width}px;overflow-wrap:anywhere'>"
+                            f"<b>{html.escape(summary.split(' · ', 1)[0])}</b>"
+                            + (f" · {html.escape(summary.split(' · ', 1)[1])}" if " · " in summary else "")
+                            + "</div>")
+        legend = W.HTML(region_legend_html())
+        super().__init__([self.title, self.picture, W.HBox([self.choice, self.split]),
+                          W.HBox([self.regions, legend]), W.Accordion([details], titles=("manifest",)),
+                          self.selected], layout=W.Layout(border="1px solid #ddd", padding="4px"))
+        self.add_class("dedit-card")
+        self.width = width
         self.draw()
 
     def draw(self) -> None:
         after = self.result.images[self.choice.value]
-        self.picture.value = png_bytes(before_after(self.result.original, after, self.split.value))
+        picture = before_after(self.result.original, after, self.split.value)
+        self.picture.value = png_bytes(upscale(picture, self.width))
 
 
 class ResultGallery(W.VBox):
@@ -57,8 +76,11 @@ class ResultGallery(W.VBox):
     def __init__(self, session=None, **kwargs):
         self.session = session
         self.cards: list[ResultCard] = []
-        self.box = W.VBox()
-        self.save_button = W.Button(description="save selected into session", icon="save")
+        self.box = W.GridBox(layout=W.Layout(grid_template_columns=f"repeat(auto-fill, minmax({CARD_WIDTH + 12}px, "
+                                                                    f"1fr))", grid_gap="8px", width="100%"))
+        self.save_button = W.Button(description="save selected into session", icon="save",
+                                    layout=W.Layout(width="auto"),
+                                    tooltip="write the ticked results under the session's results/ folder")
         self.message = W.HTML()
         self.save_button.on_click(lambda _: self.save_selected())
         super().__init__([self.box, W.HBox([self.save_button, self.message])], **kwargs)
@@ -81,5 +103,5 @@ class ResultGallery(W.VBox):
                 self.session.record_edit({"kind": "saved-result", "of": card.result.kind, "folder": str(folder)})
                 card.selected.value = False
                 saved.append(folder)
-        self.message.value = f"saved {len(saved)} result(s)"
+        self.message.value = f"saved {len(saved)} result(s)" if saved else "tick 'save this result' on a card first"
         return saved

@@ -1,66 +1,112 @@
 """The item palette: one row per item (swatch, label, prompt template, area, visibility), with add, merge,
-split and delete. It edits the same :class:`ItemState` as the mask editor, so both stay in sync."""
+split and delete. It edits the same :class:`ItemState` as the mask editor, so both stay in sync. The swatch
+is the item's colour on the canvas, exactly (``dedit_nb.display``)."""
 from __future__ import annotations
+
+import html
 
 import ipywidgets as W
 
-from dedit_nb.segment.partition import item_colour
+from dedit_nb.display import item_colour, text_colour_on
 
 from .state import ItemState
+
+COLUMNS = (  # (header, width, tooltip)
+    ("", "28px", "tick items to merge them"),
+    ("item", "46px", "the item's colour on the canvas; click to select it"),
+    ("label", "170px", "the item's name (used in edits and manifests)"),
+    ("prompt template", "170px", "text around the item's learned tokens: * stands for the item, "
+                                 "e.g. 'a photo of *'; plain * uses the tokens alone"),
+    ("area", "56px", "share of the image"),
+    ("show", "50px", "show the item's colour on the canvas"),
+)
+
+
+def _header() -> W.HBox:
+    cells = [W.HTML(f"<b title='{html.escape(tip)}' style='font-size:12px'>{html.escape(text)}</b>",
+                    layout=W.Layout(width=width)) for text, width, tip in COLUMNS]
+    return W.HBox(cells, layout=W.Layout(border_bottom="1px solid #ccc"))
 
 
 class ItemPalette(W.VBox):
     def __init__(self, state: ItemState, **kwargs):
         self.state = state
         self.rows = W.VBox()
-        self.add_button = W.Button(description="add item", icon="plus")
-        self.merge_button = W.Button(description="merge checked", icon="compress")
-        self.split_button = W.Button(description="split selected", icon="scissors")
-        self.delete_button = W.Button(description="delete selected", icon="trash", button_style="danger")
+        auto = W.Layout(width="auto")
+        self.add_button = W.Button(description="add item", icon="plus", layout=auto,
+                                   tooltip="a new empty item, selected: paint its pixels")
+        self.merge_button = W.Button(description="merge ticked", icon="compress", layout=auto,
+                                     tooltip="merge the ticked items into the first ticked one")
+        self.split_button = W.Button(description="split selected", icon="scissors", layout=auto,
+                                     tooltip="split the selected item into its connected parts")
+        self.delete_button = W.Button(description="delete selected", icon="trash", button_style="danger",
+                                      layout=auto, tooltip="delete the selected item; its pixels go to its "
+                                                           "nearest neighbours")
         self.message = W.HTML()
+        self._message_version = -1
         self.add_button.on_click(lambda _: self._guard(self.state.add_item))
-        self.merge_button.on_click(lambda _: self._guard(lambda: self.state.merge(self.checked())))
-        self.split_button.on_click(lambda _: self._guard(lambda: self.state.split(self.state.selected)))
+        self.merge_button.on_click(lambda _: self._guard(self._merge))
+        self.split_button.on_click(lambda _: self._guard(lambda: self._split(self.state.selected)))
         self.delete_button.on_click(lambda _: self._guard(lambda: self.state.delete(self.state.selected)))
         self._checks: list[W.Checkbox] = []
         state.observe(lambda _: self.refresh(), names=["version", "selected"])
-        super().__init__([self.rows, W.HBox([self.add_button, self.merge_button, self.split_button,
-                                             self.delete_button]), self.message], **kwargs)
+        super().__init__([_header(), self.rows, W.HBox([self.add_button, self.merge_button, self.split_button,
+                                                        self.delete_button]), self.message], **kwargs)
         self.refresh()
+
+    def say(self, text: str, error: bool = False) -> None:
+        colour = "#b00020" if error else "#333"
+        self.message.value = (f"<span class='{'dedit-error' if error else 'dedit-note'}' style='color:{colour}'>"
+                              f"{'⚠ ' if error else ''}{html.escape(str(text))}</span>")
+        self._message_version = self.state.version
 
     def _guard(self, action) -> None:
         try:
             action()
-            self.message.value = ""
         except ValueError as exc:
-            self.message.value = f"<span style='color:#b00'>{exc}</span>"
+            self.say(str(exc), error=True)
+
+    def _merge(self) -> None:
+        checked = self.checked()
+        self.state.merge(checked)
+        for check in self._checks:          # the ticks named items that no longer exist
+            check.value = False
+
+    def _split(self, item: int) -> None:
+        if not self.state.split(item):
+            self.say(f"{self.state.names[item]!r} is one connected piece: nothing to split")
 
     def checked(self) -> list[int]:
         return [k for k, c in enumerate(self._checks) if c.value]
 
     def refresh(self) -> None:
         """Rebuild the rows from the state (cheap: one row of small widgets per item)."""
+        if self.state.version != self._message_version:
+            self.message.value = ""
         areas = self.state.areas()
         total = max(int(areas.sum()), 1)
-        old_checked = set(self.checked())
+        old_checked = set(self.checked()) if len(self._checks) == self.state.num_items else set()
         rows, self._checks = [], []
+        widths = [width for _, width, _ in COLUMNS]
         for k, name in enumerate(self.state.names):
-            r, g, b = item_colour(k)
+            rgb = item_colour(k)
             selected = k == self.state.selected
-            swatch = W.Button(description=str(k), layout=W.Layout(width="42px"),
-                              style={"button_color": f"rgb({r},{g},{b})"}, tooltip="select this item",
-                              button_style="" if not selected else "info")
+            swatch = W.Button(description=str(k), layout=W.Layout(width=widths[1], border="2px solid #2196f3"
+                                                                  if selected else "2px solid transparent"),
+                              style={"button_color": "rgb({},{},{})".format(*rgb), "text_color": text_colour_on(rgb)},
+                              tooltip=f"select item {k}")
+            swatch.add_class("dedit-swatch")
             swatch.on_click(lambda _, k=k: setattr(self.state, "selected", k))
-            label = W.Text(value=name, continuous_update=False, layout=W.Layout(width="160px"))
+            label = W.Text(value=name, continuous_update=False, layout=W.Layout(width=widths[2]))
+            label.add_class("dedit-item-label")
             label.observe(lambda ch, k=k: self.state.rename(k, ch["new"]), names="value")
-            template = W.Text(value=self.state.templates[k], continuous_update=False, placeholder="prompt, * = item",
-                              layout=W.Layout(width="160px"))
+            template = W.Text(value=self.state.templates[k], continuous_update=False, placeholder="a photo of *",
+                              layout=W.Layout(width=widths[3]))
             template.observe(lambda ch, k=k: self.state.set_template(k, ch["new"]), names="value")
-            area = W.Label(f"{areas[k] / total:.1%}", layout=W.Layout(width="52px"))
-            visible = W.Checkbox(value=self.state.visible[k], description="show", indent=False,
-                                 layout=W.Layout(width="60px"))
+            area = W.Label(f"{areas[k] / total:.1%}", layout=W.Layout(width=widths[4]))
+            visible = W.Checkbox(value=self.state.visible[k], indent=False, layout=W.Layout(width=widths[5]))
             visible.observe(lambda ch, k=k: self.state.set_visible(k, ch["new"]), names="value")
-            check = W.Checkbox(value=k in old_checked, description="", indent=False, layout=W.Layout(width="28px"))
+            check = W.Checkbox(value=k in old_checked, indent=False, layout=W.Layout(width=widths[0]))
             self._checks.append(check)
             row = W.HBox([check, swatch, label, template, area, visible])
             if selected:

@@ -20,7 +20,14 @@ MAX_UNDO = 50
 
 class ItemState(traitlets.HasTraits):
     version = traitlets.Int(0)       # bumped on every change of labels, names, templates or visibility
-    selected = traitlets.Int(0)      # the item that painting assigns pixels to
+    selected = traitlets.Int(0)      # the item that painting assigns pixels to (one selection for every view)
+
+    @traitlets.validate("selected")
+    def _valid_selection(self, proposal):
+        k = int(proposal["value"])
+        if hasattr(self, "names") and not 0 <= k < len(self.names):
+            raise traitlets.TraitError(f"no item {k}: items are 0..{len(self.names) - 1}")
+        return k
 
     def __init__(self, image: np.ndarray, labels: np.ndarray, names: Sequence[str],
                  templates: Sequence[str] | None = None):
@@ -57,6 +64,21 @@ class ItemState(traitlets.HasTraits):
         self._redo.clear()
         self.selected = min(self.selected if selected is None else selected, self.num_items - 1)
         self.version += 1
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    @property
+    def dirty(self) -> bool:
+        """True when the items differ from the last saved ones, or moves are pending."""
+        labels, names, templates = self.saved
+        return bool(self.moves) or names != self.names or templates != self.templates or not np.array_equal(
+            labels, self.labels)
 
     def undo(self) -> bool:
         if not self._undo:
@@ -179,13 +201,13 @@ class ItemState(traitlets.HasTraits):
 
     def merge(self, items: Sequence[int]) -> int:
         """Merge items into the first; the others are deleted. Returns the kept item's new index."""
-        items = [self._check_item(i) for i in items]
-        if len(set(items)) < 2:
+        items = list(dict.fromkeys(self._check_item(i) for i in items))  # each item once, first one kept
+        if len(items) < 2:
             raise ValueError("select at least two items to merge")
         before = self._snapshot()
         self.labels = M.merge_items(self.labels, items)
         keep = items[0]
-        for drop in sorted(set(items[1:]), reverse=True):
+        for drop in sorted(items[1:], reverse=True):
             self._drop_index(drop)
             keep -= drop < keep
         self._commit(before, selected=keep)
@@ -223,20 +245,35 @@ class ItemState(traitlets.HasTraits):
         self._commit(before)
         return added
 
-    def item_at(self, x: float, y: float) -> int:
-        h, w = self.labels.shape
-        return int(self.labels[min(max(int(y), 0), h - 1), min(max(int(x), 0), w - 1)])
+    def item_at(self, x: float, y: float, moved: bool = False) -> int:
+        """The item at canvas point (x, y), clamped to the image; ``moved``: as the pending moves show it."""
+        labels = self.preview_moves()[0] if moved else self.labels
+        h, w = labels.shape
+        return int(labels[min(max(int(np.floor(y)), 0), h - 1), min(max(int(np.floor(x)), 0), w - 1)])
 
     def areas(self) -> np.ndarray:
         return M.item_areas(self.labels, self.num_items)
 
     # --- pending mask edit (move / resize) -----------------------------------------------------------
     def set_move(self, item: int, dx: float | None = None, dy: float | None = None, scale: float | None = None) -> None:
-        """Record how an item should move in the mask edit (does not change the current labels)."""
+        """Record how an item should move in the mask edit (does not change the current labels).
+
+        Refused with a ValueError (nothing changes) when the item has no pixels, the values are not finite,
+        or the move would take the item entirely off the image."""
         self._check_item(item)
         old = self.moves.get(item, M.ItemMove())
-        new = M.ItemMove(dx=old.dx if dx is None else dx, dy=old.dy if dy is None else dy,
-                         scale=old.scale if scale is None else scale)
+        new = M.ItemMove(dx=old.dx if dx is None else float(dx), dy=old.dy if dy is None else float(dy),
+                         scale=old.scale if scale is None else float(scale))
+        if not all(np.isfinite([new.dx, new.dy, new.scale])) or new.scale <= 0:
+            raise ValueError(f"a move needs finite dx, dy and a positive scale; got {new}")
+        if new == old:
+            return
+        own = self.labels == item
+        if not own.any():
+            raise ValueError(f"item {item} ({self.names[item]!r}) has no pixels to move; paint it first")
+        if not M.transform_mask(own, new.dx, new.dy, new.scale).any():
+            raise ValueError(f"that would move {self.names[item]!r} off the image (dx={new.dx:g}, dy={new.dy:g}, "
+                             f"scale={new.scale:g}); the move was not changed")
         before = self._snapshot()
         if new == M.ItemMove():
             self.moves.pop(item, None)
@@ -250,11 +287,29 @@ class ItemState(traitlets.HasTraits):
             self.moves = {}
             self._commit(before)
 
-    def preview_moves(self) -> tuple[np.ndarray, np.ndarray]:
-        """Labels after the pending moves (with the refill of uncovered pixels) and the active region."""
+    def apply_moves(self) -> int:
+        """Make the pending moves part of the items (undoable); returns how many items moved."""
         if not self.moves:
+            return 0
+        before = self._snapshot()
+        moved = len(self.moves)
+        self.labels = self.preview_moves()[0].copy()
+        self.moves = {}
+        self._commit(before)
+        return moved
+
+    def preview_moves(self) -> tuple[np.ndarray, np.ndarray]:
+        """Labels after the pending moves (with the refill of uncovered pixels) and the active region.
+        A move whose item has since lost its pixels, or whose item was repainted so that the move would now
+        take it off the image, is left out of the preview until it applies again."""
+        moves = {}
+        for k, move in self.moves.items():
+            own = self.labels == k
+            if own.any() and M.transform_mask(own, move.dx, move.dy, move.scale).any():
+                moves[k] = move
+        if not moves:
             return self.labels, np.zeros(self.labels.shape, bool)
-        return M.move_items(self.labels, self.moves, list(self.moves))
+        return M.move_items(self.labels, moves, list(moves))
 
     # --- saving --------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -263,30 +318,65 @@ class ItemState(traitlets.HasTraits):
             raise M.PartitionError(f"items {empty} have no pixels; paint them or delete them before saving")
 
     def save_to_session(self, session, image=0) -> None:
-        """Write the items into the session (validated first; nothing is written on error)."""
+        """Write the items into the session (validated first; nothing is written on error). Pending moves
+        are refused: apply them (``apply_moves``) or clear them first, so none is silently dropped."""
+        if self.moves:
+            moved = ", ".join(repr(self.names[k]) for k in self.moves)
+            raise ValueError(f"{len(self.moves)} pending move(s) ({moved}) are not part of the items yet: "
+                             f"press 'apply moves' to keep them or 'clear moves' to drop them, then save")
         self.check()
         session.set_items(image, self.labels, self.names, self.templates)
         self.saved = (self.labels.copy(), list(self.names), list(self.templates))
         self.version += 1
 
 
+def _clip_segment(p0: np.ndarray, p1: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+    """The part of segment p0-p1 inside the box lo..hi (Liang-Barsky), or None."""
+    t0, t1 = 0.0, 1.0
+    d = p1 - p0
+    for axis in range(2):
+        for p, q in ((-d[axis], p0[axis] - lo[axis]), (d[axis], hi[axis] - p0[axis])):
+            if p == 0:
+                if q < 0:
+                    return None
+                continue
+            t = q / p
+            if p < 0:
+                t0 = max(t0, t)
+            else:
+                t1 = min(t1, t)
+            if t0 > t1:
+                return None
+    return p0 + t0 * d, p0 + t1 * d
+
+
 def disk_stroke(shape: tuple[int, int], points: Sequence[tuple[float, float]], radius: float) -> np.ndarray:
     """Pixels whose centre lies within ``radius`` pixels of the stroke through canvas points (x, y).
 
     A canvas point (x, y) lies in pixel (floor(y), floor(x)); the stroke is the polyline through those
-    pixels, rasterised densely and widened by ``radius`` (Euclidean), as a round brush paints.
+    pixels, rasterised densely and widened by ``radius`` (Euclidean), as a round brush paints. Segments are
+    clipped to the canvas plus the brush radius first, so points far off the canvas cost nothing extra.
     """
     h, w = shape
-    seeds = np.zeros(shape, bool)
-    pts = np.floor(np.asarray(points, dtype=np.float64)).astype(int) if len(points) else np.zeros((0, 2), int)
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if not np.isfinite(pts).all() or not np.isfinite(radius) or radius < 0:
+        raise ValueError("a stroke needs finite points and a radius >= 0")
+    pad = int(np.ceil(radius)) + 1
+    seeds = np.zeros((h + 2 * pad, w + 2 * pad), bool)
+    pts = np.floor(pts)
     if len(pts) == 1:
         pts = np.vstack([pts, pts])
-    for (x0, y0), (x1, y1) in zip(pts[:-1], pts[1:]):
+    lo, hi = np.array([-pad, -pad], np.float64), np.array([w - 1 + pad, h - 1 + pad], np.float64)
+    for p0, p1 in zip(pts[:-1], pts[1:]):
+        clipped = _clip_segment(p0, p1, lo, hi)
+        if clipped is None:
+            continue
+        (x0, y0), (x1, y1) = clipped
         n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-        xs = np.rint(np.linspace(x0, x1, n + 1)).astype(int)
-        ys = np.rint(np.linspace(y0, y1, n + 1)).astype(int)
-        ok = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+        xs = np.rint(np.linspace(x0, x1, n + 1)).astype(int) + pad
+        ys = np.rint(np.linspace(y0, y1, n + 1)).astype(int) + pad
+        ok = (xs >= 0) & (xs < w + 2 * pad) & (ys >= 0) & (ys < h + 2 * pad)
         seeds[ys[ok], xs[ok]] = True
     if not seeds.any():
-        return seeds
-    return ndi.distance_transform_edt(~seeds) <= radius
+        return np.zeros(shape, bool)
+    return (ndi.distance_transform_edt(~seeds) <= radius)[pad:pad + h, pad:pad + w]

@@ -8,16 +8,9 @@ from typing import Sequence
 import numpy as np
 
 from .. import masks as M
+from ..display import ITEM_COLOURS, item_colour, item_overlay
 
-PALETTE = np.array([
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
-    (0, 0, 128), (128, 128, 128)], dtype=np.uint8)
-
-
-def item_colour(k: int) -> tuple[int, int, int]:
-    return tuple(int(c) for c in PALETTE[k % len(PALETTE)])
+PALETTE = ITEM_COLOURS
 
 
 @dataclass
@@ -91,14 +84,14 @@ def overlay(image: np.ndarray, labels: np.ndarray, opacity: float = 0.5, outline
     return out.round().astype(np.uint8)
 
 
-def overlay_figure(image: np.ndarray, partition: Partition, opacity: float = 0.5, title: str | None = None):
+def overlay_figure(image: np.ndarray, partition: Partition, title: str | None = None):
     """Matplotlib figure: the image, its coloured items, and a legend of item labels with areas."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    axes[0].imshow(image)
+    axes[0].imshow(image, interpolation="nearest")
     axes[0].set_title("image")
-    axes[1].imshow(overlay(image, partition.labels, opacity))
+    axes[1].imshow(item_overlay(image, partition.labels, "solid"), interpolation="nearest")  # swatch colours
     axes[1].set_title(title or f"{partition.num_items} items")
     for ax in axes:
         ax.axis("off")

@@ -1,0 +1,102 @@
+"""dedit_nb's workbench helpers: the model-domain check, the shared colours and defaults, rerun folders."""
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dedit_nb import masks as M
+from dedit_nb.display import (EDIT_DEFAULTS, ITEM_COLOURS, REGION_COLOURS, edit_summary, item_borders, item_overlay,
+                              region_picture, tidy_numbers)
+from dedit_nb.domain import (MIN_RECON_PSNR, RECOMMENDED_MODEL, domain_notes, psnr, reconstruction_note,
+                             scene_likeness)
+from dedit_nb.offline.scenes import random_scene
+from dedit_nb.reruns import EDIT_MARKER, choose_folder
+from dedit_nb.session import Session
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_offline_domain_check_tells_scenes_from_photos(tmp_path):
+    rng = np.random.default_rng(5)
+    assert min(scene_likeness(random_scene(rng).image) for _ in range(40)) >= 0.85
+    for name in ("coffee.jpg", "astronaut.jpg"):
+        assert scene_likeness(np.asarray(Image.open(ROOT / "examples" / name).convert("RGB"))) < 0.4
+    scene = Session.create(tmp_path / "scene", ROOT / "examples" / "scene_a.png", resolution=32, multiple=8)
+    photo = Session.create(tmp_path / "photo", ROOT / "examples" / "coffee.jpg", resolution=32, multiple=8)
+    assert domain_notes(scene, "offline") == []
+    notes = domain_notes(photo, "offline")
+    assert len(notes) == 1 and f'model="{RECOMMENDED_MODEL}"' in notes[0] and "coffee" in notes[0]
+    assert "In 02_finetune and 03_edit" in domain_notes(photo, notebook="01_segment")[0]
+    assert domain_notes(photo, RECOMMENDED_MODEL) == []             # only the offline model has a known domain
+    grey = np.repeat(np.asarray(Image.open(ROOT / "examples" / "astronaut.jpg").convert("L"))[..., None], 3, -1)
+    assert domain_notes(Session.create(tmp_path / "grey", grey, resolution=32, multiple=8)) != []  # texture counts
+
+
+def test_reconstruction_note_flags_noise_not_a_faithful_recon():
+    rng = np.random.default_rng(0)
+    image = random_scene(rng).image
+    close = np.clip(image.astype(int) + rng.integers(-8, 9, image.shape), 0, 255).astype(np.uint8)
+    noise = rng.integers(0, 256, image.shape, dtype=np.uint8)
+    assert psnr(image, close) > MIN_RECON_PSNR and reconstruction_note(image, close) is None
+    assert psnr(image, noise) < MIN_RECON_PSNR
+    note = reconstruction_note(image, noise, "offline")
+    assert note and "PSNR" in note and f'model="{RECOMMENDED_MODEL}"' in note
+    assert psnr(image, image) == float("inf")
+
+
+def test_item_overlay_draws_exact_palette_colours():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    labels = np.zeros((20, 30), np.int32)
+    labels[:, 10:] = 1
+    labels[5:15, 20:28] = 2
+    solid = item_overlay(image, labels, "solid")
+    assert np.array_equal(solid, ITEM_COLOURS[labels])                   # exactly the swatch colours
+    outline = item_overlay(image, labels, "outline")
+    border = item_borders(labels)
+    assert np.array_equal(outline[border], ITEM_COLOURS[labels[border]])   # each side of a border its own colour
+    assert np.array_equal(outline[~border], image[~border])              # the image elsewhere, untouched
+    assert border[:, 9].all() and border[:, 10].all() and not border[:, 5].any()
+    hidden = item_overlay(image, labels, "solid", visible=[True, False, True])
+    assert np.array_equal(hidden[labels == 1], image[labels == 1])
+    with pytest.raises(ValueError, match="outline"):
+        item_overlay(image, labels, "blend")
+    assert len({tuple(c) for c in ITEM_COLOURS}) == len(ITEM_COLOURS)    # distinct
+
+
+def test_region_colours_and_readable_numbers():
+    regions = M.edit_regions(np.eye(8, dtype=bool), 1)
+    picture = region_picture(regions)
+    assert np.array_equal(picture[regions.hard], np.broadcast_to(REGION_COLOURS[0], picture[regions.hard].shape))
+    assert np.array_equal(picture[regions.active], np.broadcast_to(REGION_COLOURS[2], picture[regions.active].shape))
+    assert tidy_numbers({"g": 5.000000000000001, "s": [0.30000000000000004, 2], "n": "x", "b": True}) == \
+        {"g": 5.0, "s": [0.3, 2], "n": "x", "b": True}
+    summary = edit_summary("text", {"item": "gold & <b>", "prompt": "a" * 100, "item_index": 1})
+    assert summary.startswith("text · item: gold & <b> · prompt: ") and summary.endswith("…") and "{" not in summary
+
+
+def test_edit_defaults_are_the_notebook_parameters():
+    """03_edit's parameters cell and the interactive panel start from the same values."""
+    nb = json.loads((ROOT / "notebooks" / "03_edit.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    values = {node.targets[0].id: ast.literal_eval(node.value)
+              for node in ast.parse("".join(cell["source"])).body if isinstance(node, ast.Assign)}
+    assert {k: values[k] for k in EDIT_DEFAULTS} == EDIT_DEFAULTS
+
+
+def test_rerun_folders_are_numbered_never_overwritten(tmp_path):
+    first = Session.create(tmp_path / "s", ROOT / "examples" / "scene_a.png", resolution=32, multiple=8)
+    folder, note = choose_folder(tmp_path / "s")
+    assert folder == tmp_path / "s-2" and "overwrite=True" in note and str(tmp_path / "s-2") in note
+    Session.create(folder, ROOT / "examples" / "scene_b.png", resolution=32, multiple=8)
+    assert choose_folder(tmp_path / "s")[0] == tmp_path / "s-3"
+    assert choose_folder(tmp_path / "s", overwrite=True) == (tmp_path / "s", None)
+    assert choose_folder(tmp_path / "new") == (tmp_path / "new", None)
+    assert Session.open(first.folder).images[0].name == "scene_a"       # the first session is untouched
+    (tmp_path / "edit").mkdir()
+    assert choose_folder(tmp_path / "edit", marker=EDIT_MARKER)[0] == tmp_path / "edit"   # empty: used
+    (tmp_path / "edit" / EDIT_MARKER).write_text("{}")
+    assert choose_folder(tmp_path / "edit", marker=EDIT_MARKER, what="an edit")[0] == tmp_path / "edit-2"
