@@ -87,8 +87,8 @@ def _as_move(value) -> M.ItemMove:
 class Editor:
     """Runs edits on a finetuned session.
 
-    ``Editor(model, session)`` loads the session's learned weights into ``model`` (undoing any other
-    session's). Every edit method takes the sampling settings of :class:`SamplingConfig` as keywords
+    Every run puts the session's learned weights into ``model`` (undoing any other session's), so one
+    loaded model can serve several editors. Every edit method takes the sampling settings of :class:`SamplingConfig` as keywords
     (steps, guidance, strength, edge_thickness, seed, num_images, eta).
     """
 
@@ -101,9 +101,7 @@ class Editor:
             raise SessionError("this session's finetune did not finish; "
                                "call finetune(model, session) again to resume it")
         self.model, self.session, self.progress, self.record = model, session, progress, record
-        meta = session.weights_meta
-        model.text.set_token_rows(session.load_weights("tokens"))
-        model.load_unet_delta(meta["mode"], session.load_weights("unet"), meta.get("lora"))
+        model.use_session(session)
         self.item_prompt_length = state.get("config", {}).get("item_prompt_length", C.ITEM_PROMPT_LENGTH)
 
     # --- the edits -----------------------------------------------------------------------------------
@@ -191,13 +189,15 @@ class Editor:
             regions = M.edit_regions(active, config.edge_thickness)
         n = len(entry.items)
         areas = M.item_areas(labels, n).astype(float).tolist()
-        cond = C.encode_items(self.model, prompts, lengths, areas)
+        self.model.use_session(self.session)
+        cond = C.encode_items(self.model, prompts, lengths, areas, [it.label for it in entry.items])
         images = masked_sample(self.model, cond, C.latent_labels(self.model, labels, n), entry.working,
                                regions, config, progress=self.progress)
         manifest = {"kind": kind, "session": str(self.session.folder), "session_id": self.session.id,
                     "image": entry.name, "model_id": self.model.model_id, "params": params,
                     "sampling": asdict(config), "seeds": [config.seed + j for j in range(config.num_images)],
-                    "prompts": {it.label: p for it, p in zip(entry.items, prompts)},
+                    "prompts": {it.label: p for it, p in zip(entry.items, cond.encoded)},
+                    "dropped": {it.label: d for it, d in zip(entry.items, cond.dropped) if d},
                     "region_pixels": {r: int(getattr(regions, r).sum()) for r in ("hard", "soft", "active")}}
         if self.record:
             self.session.record_edit(manifest)
