@@ -194,7 +194,7 @@ class Editor:
         images = masked_sample(self.model, cond, C.latent_labels(self.model, labels, n), entry.working,
                                regions, config, progress=self.progress)
         manifest = {"kind": kind, "session": str(self.session.folder), "session_id": self.session.id,
-                    "image": entry.name, "model_id": self.model.model_id, "params": params,
+                    "image": entry.name, "fit": entry.fit, "model_id": self.model.model_id, "params": params,
                     "sampling": asdict(config), "seeds": [config.seed + j for j in range(config.num_images)],
                     "prompts": {it.label: p for it, p in zip(entry.items, cond.encoded)},
                     "dropped": {it.label: d for it, d in zip(entry.items, cond.dropped) if d},

@@ -506,9 +506,9 @@ def load_model(model: str | os.PathLike = "offline", device: str | torch.device 
         text = TextConditioner([slot])
         vae = _component(path, index, "vae", dt) if index.get("vae") else None
     else:
-        vae = _component(path, index, "vae", dt)
-        if dt == torch.float16 and getattr(vae.config, "force_upcast", False):
-            vae.to(torch.float32)  # SDXL's VAE overflows in fp16
+        vae_config = _vae_config(path)
+        upcast = dt == torch.float16 and vae_config.get("force_upcast", True)   # diffusers' default: True
+        vae = _component(path, index, "vae", torch.float32 if upcast else dt)   # SDXL's VAE overflows in fp16
         if family == "sdxl":
             text = TextConditioner([
                 EncoderSlot(_component(path, index, "tokenizer", None),
@@ -521,6 +521,14 @@ def load_model(model: str | os.PathLike = "offline", device: str | torch.device 
                                                 _component(path, index, "text_encoder", dt))])
     return DEditModel(model_id, family, unet, scheduler_config, text, vae=vae, device=dev, dtype=dt,
                       zero_uncond=bool(index.get("force_zeros_for_empty_prompt", False))).to(dev)
+
+
+def _vae_config(path: str) -> dict:
+    from diffusers import AutoencoderKL
+    try:
+        return dict(AutoencoderKL.load_config(path, subfolder="vae"))
+    except Exception:  # noqa: BLE001 - the component's own loader reports a missing folder
+        return {}
 
 
 def _scheduler_config(path: str, index: dict) -> dict:
@@ -555,11 +563,14 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def build_tiny_model(family: str, folder: str | os.PathLike, seed: int = 0, sample_size: int = 32) -> Path:
-    """Write a tiny randomly initialised model of a family ('sd', 'sdxl', 'offline') as a diffusers folder.
+    """Write a tiny randomly initialised model of a family ('sd', 'sd2', 'sdxl', 'offline') as a diffusers folder.
 
     Same classes and layout as the real checkpoints (``save_pretrained`` per component plus
-    ``model_index.json``), small enough to run the whole engine on a CPU in seconds.
+    ``model_index.json``), small enough to run the whole engine on a CPU in seconds. 'sd2' is 'sd' with
+    SD 2.x's differences: v-prediction and linear projections in the transformer blocks.
     """
+    v_prediction = family == "sd2"
+    family = "sd" if family == "sd2" else family
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -577,13 +588,16 @@ def build_tiny_model(family: str, folder: str | os.PathLike, seed: int = 0, samp
                            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
     else:
         unet_kwargs.update(in_channels=4, out_channels=4)
+    if v_prediction:
+        unet_kwargs.update(use_linear_projection=True)
     if family == "sdxl":
         unet_kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=8,
                            projection_class_embeddings_input_dim=32 + 6 * 8, use_linear_projection=True,
                            transformer_layers_per_block=(1, 2))
     UNet2DConditionModel(**unet_kwargs).save_pretrained(folder / "unet")
     DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                  set_alpha_to_one=False, steps_offset=1).save_pretrained(folder / "scheduler")
+                  set_alpha_to_one=False, steps_offset=1,
+                  prediction_type="v_prediction" if v_prediction else "epsilon").save_pretrained(folder / "scheduler")
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
              "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDIMScheduler"]}
     if family == "offline":

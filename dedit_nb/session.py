@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from . import masks as M
-from .images import resize_rgb, to_rgb_array, working_size
+from .images import fit_working_size, to_rgb_array
 
 FORMAT = 1
 SESSION_FILE = "session.json"
@@ -102,6 +102,7 @@ class ImageEntry:
     labels: np.ndarray                      # int32 (H, W)
     items: list[Item]
     working_file: str = ""                  # set once the working image is written
+    fit: dict = field(default_factory=dict)  # how the original became the working image (images.WorkingFit)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -138,8 +139,9 @@ class Session:
                overwrite: bool = False) -> "Session":
         """Start a session in a new folder from an image (path, PIL image or array).
 
-        The image is worked on at a size whose longer side is about ``resolution`` and whose sides are
-        multiples of ``multiple`` (the model's latent factor; 64 fits SD and SDXL). Until items are set,
+        The image is worked on at a size whose short side is about ``resolution``, aspect ratio kept, sides
+        cropped down to multiples of ``multiple`` (the model's latent factor: 8 fits SD and SDXL); the
+        session records the resize and crop. Until items are set,
         one item covers the whole image.
         """
         folder = Path(folder)
@@ -174,7 +176,8 @@ class Session:
             labels = np.load(folder / entry["labels"], allow_pickle=False)
             items = [Item(**it) for it in entry["items"]]
             labels = M.check_labels(labels, len(items), shape=working.shape[:2])
-            images.append(ImageEntry(entry["name"], entry["original"], working, labels, items, entry["working"]))
+            images.append(ImageEntry(entry["name"], entry["original"], working, labels, items, entry["working"],
+                                     entry.get("fit", {})))
         return cls(folder, data, images)
 
     # --- properties ----------------------------------------------------------------------------------
@@ -224,8 +227,8 @@ class Session:
                                "call discard_weights() first")
         source_path = Path(image) if isinstance(image, (str, os.PathLike)) else None
         rgb = to_rgb_array(image)
-        w, h = working_size(rgb.shape[1], rgb.shape[0], self._data["resolution"], self.multiple)
-        working = resize_rgb(rgb, (w, h))
+        fit = fit_working_size(rgb.shape[1], rgb.shape[0], self._data["resolution"], self.multiple)
+        working, (w, h) = fit.apply(rgb), fit.size
         index = len(self.images)
         name = name or (source_path.stem if source_path else f"image{index}")
         if any(e.name == name for e in self.images):
@@ -237,14 +240,17 @@ class Session:
             item_labels = list(item_labels or ["image"])
         else:
             labels = np.asarray(labels)
-            if labels.shape != (h, w):
+            if labels.shape == rgb.shape[:2]:
+                labels = fit.apply_labels(labels)
+            elif labels.shape != (h, w):
                 labels = M.resize_labels(labels, (h, w))
             if item_labels is None:
                 item_labels = [f"item{k}" for k in range(int(labels.max()) + 1)]
             item_labels = list(item_labels)
         labels = M.check_labels(labels, len(item_labels))
         original_rel = self._write_content_named(f"images/{index}-original", ext, original_bytes)
-        self.images.append(ImageEntry(name, original_rel, working, labels, [Item(l) for l in item_labels]))
+        self.images.append(ImageEntry(name, original_rel, working, labels, [Item(l) for l in item_labels],
+                                      fit=fit.as_dict()))
         if save:
             self.save()
         return index
@@ -396,7 +402,7 @@ class Session:
                 entry.working_file = self._write_content_named(f"images/{i}-working", ".png", png_bytes(entry.working))
             labels_rel = self._write_content_named(f"items/{i}", ".npy", npy_bytes(entry.labels.astype(np.int32)))
             images.append({"name": entry.name, "original": entry.original_file, "working": entry.working_file,
-                           "size": list(entry.size), "labels": labels_rel,
+                           "size": list(entry.size), "fit": entry.fit, "labels": labels_rel,
                            "items": [asdict(it) for it in entry.items]})
         self._data["images"] = images
         atomic_write_bytes(self.folder / SESSION_FILE, json.dumps(self._data, indent=2).encode())

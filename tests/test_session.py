@@ -114,9 +114,9 @@ def test_unreadable_image_is_a_clear_error(tmp_path):
 
 
 def test_working_size():
-    assert working_size(600, 400, 512, 64) == (512, 320)
-    assert working_size(400, 600, 512, 64) == (320, 512)
-    assert working_size(2048, 1536, 512, 8) == (512, 384)
+    assert working_size(600, 400, 512, 8) == (768, 512)      # short side = resolution, as SD users mean it
+    assert working_size(400, 600, 512, 8) == (512, 768)
+    assert working_size(2048, 1536, 512, 8) == (680, 512)    # 682.7 px: cropped to a multiple, not stretched
     with pytest.raises(ImageInputError):
         working_size(100, 100, 32, 64)
 
