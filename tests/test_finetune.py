@@ -124,3 +124,43 @@ def test_joint_finetune_of_several_images(tmp_path, photo, tiny_model_dirs):
     finetune(model, s, FinetuneConfig(stage1_steps=2, stage2_steps=1, **FAST), progress=False)
     tokens = s.load_weights("tokens")
     assert len({k.split("/", 1)[1] for k in tokens}) == 3 * 3 * 2     # 3 images x 3 items x 2 tokens
+
+
+def test_one_model_serves_many_sessions_as_fresh_models_would(tmp_path, photo, tiny_model_dirs):
+    """B (LoRA) and A (attention mode) share one loaded model: every finetune, resume and edit runs with its
+    own session's tokens and UNet delta only, as on a freshly loaded model, and a reset gives back the
+    loaded UNet bit for bit under its own parameter names."""
+    from dedit_nb.edits import Editor
+    folder = str(tiny_model_dirs["sd"])
+    sampling = dict(steps=2, guidance=3.0)
+    cfg_a = FinetuneConfig(stage1_steps=2, stage2_steps=3, stage1_lr=1e-2, stage2_lr=1e-2, **FAST)
+    shared = load_model(folder)
+    b = make_session(tmp_path, photo, shared, "b")
+    finetune(shared, b, FinetuneConfig(stage1_steps=2, stage2_steps=2, lora=True, lora_lr=1e-2, **FAST),
+             progress=False)
+    a = make_session(tmp_path, photo[::-1].copy(), shared, "a")
+    reference = make_session(tmp_path, photo[::-1].copy(), shared, "a-fresh")
+    reference._data["id"] = a.id                    # same token names: comparable runs
+    reference.save()
+    finetune(shared, a, cfg_a, progress=False, callback=lambda stage, step, loss: (stage, step) != ("stage2", 1))
+    b_between = Editor(shared, b, progress=False).reconstruct(0, **sampling).images[0]
+    assert finetune(shared, a, cfg_a, progress=False).completed                  # resumed after B ran
+    editors = [Editor(shared, a, progress=False), Editor(shared, b, progress=False)]
+    alternated = [editors[j % 2].reconstruct(0, **sampling).images[0] for j in range(4)]
+
+    finetune(load_model(folder), reference, cfg_a, progress=False)
+    for kind in ("tokens", "unet"):
+        mine, fresh = Session.open(a.folder).load_weights(kind), reference.load_weights(kind)
+        assert set(mine) == set(fresh) and all(torch.allclose(mine[n], fresh[n], atol=1e-6) for n in mine)
+    alone_a = Editor(load_model(folder), Session.open(a.folder), progress=False).reconstruct(0, **sampling).images[0]
+    alone_b = Editor(load_model(folder), Session.open(b.folder), progress=False).reconstruct(0, **sampling).images[0]
+    assert not np.array_equal(alone_a, alone_b)
+    for j, image in enumerate(alternated):
+        assert np.array_equal(image, alone_a if j % 2 == 0 else alone_b), j
+    assert np.array_equal(b_between, alone_b)
+
+    shared.reset_unet()
+    pristine = load_model(folder).unet.state_dict()
+    state = shared.unet.state_dict()
+    assert list(state) == list(pristine)
+    assert all(torch.equal(state[n], pristine[n]) for n in pristine)
