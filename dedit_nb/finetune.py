@@ -316,7 +316,7 @@ def _stage2(run: _Run, start: int, saved_unet: dict[str, torch.Tensor]) -> bool:
     with the item tokens frozen and their text states computed once."""
     model, config = run.model, run.config
     if config.lora:
-        model.add_lora(config.lora_rank, float(config.lora_rank), LORA_TARGETS)
+        model.add_lora(config.lora_rank, float(config.lora_rank), LORA_TARGETS, seed=config.seed)
         params = model.lora_parameters()
     else:
         params = model.cross_attention_parameters()

@@ -338,11 +338,15 @@ class DEditModel:
             if n not in self._pristine:
                 self._pristine[n] = params[n].detach().clone()
 
-    def add_lora(self, rank: int, alpha: float, target_modules: list[str]) -> None:
+    def add_lora(self, rank: int, alpha: float, target_modules: list[str], seed: int = 0) -> None:
+        """A fresh LoRA adapter; its random init is drawn from ``seed`` (not from the global generator, whose
+        state depends on what ran before: a resumed finetune would start from another init)."""
         from peft import LoraConfig
         self.reset_unet()
         config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_modules)
-        self.unet.add_adapter(config, adapter_name=LORA_ADAPTER)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            self.unet.add_adapter(config, adapter_name=LORA_ADAPTER)
         self.lora_adapter = LORA_ADAPTER
         for p in self.lora_parameters().values():   # trained in fp32 (peft casts the input to them)
             p.data = p.data.float()

@@ -81,28 +81,43 @@ def test_stage2_changes_only_the_chosen_parameters_and_saves_only_them(tmp_path,
     assert sum(v.numel() for v in saved.values()) < total / 2               # never the whole UNet
 
 
-def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, photo, tiny_model_dirs):
-    cfg = FinetuneConfig(stage1_steps=4, stage2_steps=4, stage1_lr=1e-2, stage2_lr=1e-2, **FAST)
-    model_a = load_model(str(tiny_model_dirs["sd"]))
+@pytest.mark.parametrize("dtype,lora", [("fp32", False), ("bf16", False), ("fp16", True)])
+def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, photo, tiny_model_dirs, dtype, lora):
+    """Also in half precision, where the saved delta is in the model's dtype and the fp32 masters and loss
+    scale travel with the optimizer state."""
+    cfg = FinetuneConfig(stage1_steps=4, stage2_steps=4, stage1_lr=1e-2, stage2_lr=1e-2, lora=lora, **FAST)
+    model_a = load_model(str(tiny_model_dirs["sd"]), dtype=dtype)
     straight = make_session(tmp_path, photo, model_a, "straight")
     full = finetune(model_a, straight, cfg, progress=False)
 
-    model_b = load_model(str(tiny_model_dirs["sd"]))
+    model_b = load_model(str(tiny_model_dirs["sd"]), dtype=dtype)
     interrupted = make_session(tmp_path, photo, model_b, "interrupted")
     interrupted._data["id"] = straight.id          # same token names, so the runs are comparable
     interrupted.save()
-    for stop_at in [("stage1", 2), ("stage2", 1)]:
+    for stop_at in [("stage1", 2), ("stage2", 0)]:
         part = finetune(model_b, interrupted, cfg, progress=False,
                         callback=lambda stage, step, loss, stop_at=stop_at: (stage, step) != stop_at)
         assert not part.completed
-    model_c = load_model(str(tiny_model_dirs["sd"]))              # a fresh process, as after a crash
+    model_c = load_model(str(tiny_model_dirs["sd"]), dtype=dtype)   # a fresh process, as after a crash
     resumed = finetune(model_c, Session.open(tmp_path / "interrupted"), cfg, progress=False)
     assert resumed.completed
     assert all(np.allclose(resumed.loss[stage], full.loss[stage]) for stage in ("stage1", "stage2"))
-    a, b = straight.load_weights("unet"), Session.open(tmp_path / "interrupted").load_weights("unet")
-    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
-    ta, tb = straight.load_weights("tokens"), Session.open(tmp_path / "interrupted").load_weights("tokens")
-    assert all(torch.allclose(ta[n], tb[n], atol=1e-6) for n in ta)
+    for kind in ("unet", "tokens"):
+        a, b = straight.load_weights(kind), Session.open(tmp_path / "interrupted").load_weights(kind)
+        assert set(a) == set(b) and all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    assert not straight.load_weights("optimizer")          # resume state is dropped once the finetune is done
+    if dtype != "fp32" and not lora:
+        assert all(v.dtype == model_a.dtype for v in straight.load_weights("unet").values())
+
+
+def test_stage1_optimizer_state_holds_only_the_trained_rows(tmp_path, photo, tiny_model_dirs):
+    model = load_model(str(tiny_model_dirs["sdxl"]))
+    s = make_session(tmp_path, photo, model)
+    finetune(model, s, FinetuneConfig(stage1_steps=3, stage2_steps=1, **FAST), progress=False,
+             callback=lambda stage, step, loss: step < 1)
+    moments = {k: v for k, v in s.load_weights("optimizer").items() if not k.endswith(".step")}
+    width = sum(slot.embedding().weight.shape[1] for slot in model.text.slots)
+    assert sum(v.numel() for v in moments.values()) == 2 * len(s.all_tokens()) * width   # Adam's two moments
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, photo, tiny_model_dirs):
