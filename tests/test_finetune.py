@@ -179,3 +179,19 @@ def test_one_model_serves_many_sessions_as_fresh_models_would(tmp_path, photo, t
     state = shared.unet.state_dict()
     assert list(state) == list(pristine)
     assert all(torch.equal(state[n], pristine[n]) for n in pristine)
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, photo, tiny_model_dirs):
+    cfg = dict(stage1_steps=2, stage2_steps=2, stage1_lr=1e-2, stage2_lr=1e-2, **FAST)
+    weights = []
+    for name, checkpointing in (("plain", False), ("checkpointed", True)):
+        model = load_model(str(tiny_model_dirs["sdxl"]))
+        s = make_session(tmp_path, photo, model, name)
+        s._data["id"] = "abcdef"
+        during = []
+        finetune(model, s, FinetuneConfig(gradient_checkpointing=checkpointing, **cfg), progress=False,
+                 callback=lambda *a, model=model: during.append(model.unet.is_gradient_checkpointing))
+        assert during == [checkpointing] * 4
+        assert not model.unet.is_gradient_checkpointing                 # switched off again after the finetune
+        weights.append({**s.load_weights("tokens"), **s.load_weights("unet")})
+    assert all(torch.allclose(weights[0][n], weights[1][n], atol=1e-6) for n in weights[0])
