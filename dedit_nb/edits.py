@@ -88,8 +88,8 @@ class Editor:
     """Runs edits on a finetuned session.
 
     Every run puts the session's learned weights into ``model`` (undoing any other session's), so one
-    loaded model can serve several editors. Every edit method takes the sampling settings of :class:`SamplingConfig` as keywords
-    (steps, guidance, strength, edge_thickness, seed, num_images, eta).
+    loaded model can serve several editors. Every edit method takes the sampling settings of
+    :class:`SamplingConfig` as keywords (steps, guidance, strength, edge_thickness, seed, num_images, eta).
     """
 
     def __init__(self, model, session: Session, progress: bool = True, record: bool = True):

@@ -173,10 +173,8 @@ class _Run:
     meta: dict
     callback: Callback | None
     progress: bool
-    resume: dict                 # saved optimizer state and fp32 masters of the stage being resumed
-    scaler_state: dict
-    saved_tokens: dict | None    # the fp32 token rows of a resumed finetune
-    noise_scheduler: object = None
+    resumed: dict = field(default_factory=dict)   # the stage being resumed: "optimizer" state with the fp32
+    noise_scheduler: object = None                # masters, "scaler" state, fp32 token "rows"
 
     def __post_init__(self):
         self.noise_scheduler = self.model.training_scheduler()
@@ -192,7 +190,8 @@ class _Run:
         noise = torch.randn(latents.shape, generator=gen).to(latents)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (bs,), generator=gen).to(latents.device)
         noisy = scheduler.add_noise(latents, noise, t).to(model.dtype)
-        pred = model.predict(noisy, t, states.to(model.dtype), layout, None if pooled is None else pooled.to(model.dtype))
+        pooled = None if pooled is None else pooled.to(model.dtype)
+        pred = model.predict(noisy, t, states.to(model.dtype), layout, pooled)
         if model.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, t)
         elif model.prediction_type == "sample":
@@ -243,7 +242,8 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
     model.reset_unet()
     tokens = [t for s in sessions for t in s.assign_tokens(config.num_tokens)]
     model.text.add_tokens(tokens, generator=torch.Generator().manual_seed(config.seed), restart=state is None)
-    result = FinetuneResult(loss={k: list(v) for k, v in (state or {}).get("loss", {"stage1": [], "stage2": []}).items()})
+    saved_loss = (state or {}).get("loss", {"stage1": [], "stage2": []})
+    result = FinetuneResult(loss={k: list(v) for k, v in saved_loss.items()})
     stage, start = (state["stage"], state["step"]) if state is not None else (1, 0)
     if state is not None:
         model.text.set_token_rows(session.load_weights("tokens"))
@@ -251,20 +251,25 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
             model.use_session(session)
             result.completed = True
             return result
+    run = _Run(model, sessions, config, tokens, _encode_images(model, sessions), result,
+               _weights_meta(config, sessions), callback, progress)
+    if state is not None:
+        run.resumed = {"optimizer": session.load_weights("optimizer"), "scaler": state.get("scaler", {}),
+                       "rows": session.load_weights("tokens")}
+    if stage == 1:
+        if _stage1(run, start):
+            return result
+        start, run.resumed = 0, {}
+    result.completed = not _stage2(run, start, session.load_weights("unet") if stage == 2 else {})
+    return result
+
+
+def _weights_meta(config: FinetuneConfig, sessions: Sequence[Session]) -> dict:
     meta = {"mode": "lora" if config.lora else "attn", "num_tokens": config.num_tokens,
             "joint": [{"id": s.id, "folder": str(s.folder)} for s in sessions]}
     if config.lora:
         meta["lora"] = {"rank": config.lora_rank, "alpha": float(config.lora_rank), "target_modules": LORA_TARGETS}
-    run = _Run(model, sessions, config, tokens, _encode_images(model, sessions), result, meta, callback, progress,
-               resume=session.load_weights("optimizer") if state is not None else {},
-               scaler_state=(state or {}).get("scaler", {}),
-               saved_tokens=session.load_weights("tokens") if state is not None else None)
-    if stage == 1:
-        if _stage1(run, start):
-            return result
-        start, run.resume, run.scaler_state = 0, {}, {}
-    result.completed = not _stage2(run, start, session.load_weights("unet") if stage == 2 else {})
-    return result
+    return meta
 
 
 def _resumable_state(session: Session, sessions: list[Session], config: FinetuneConfig, resume: bool) -> dict | None:
@@ -299,12 +304,13 @@ def _encode_images(model, sessions: Sequence[Session]) -> list[_ImageData]:
 def _stage1(run: _Run, start: int) -> bool:
     """Learn the item tokens' embedding rows (fp32 masters; nothing else of the encoders changes)."""
     model, config = run.model, run.config
-    with model.text.trainable_rows(run.tokens, run.saved_tokens) as rows:
+    with model.text.trainable_rows(run.tokens, run.resumed.get("rows")) as rows:
         opt = torch.optim.AdamW(rows, lr=config.stage1_lr, weight_decay=0.0)
-        restore_optimizer_state(opt, run.resume)
+        restore_optimizer_state(opt, run.resumed.get("optimizer", {}))
 
         def saved() -> dict[str, dict]:
-            tokens = {f"{s}/{t}": r[j].detach().cpu().clone() for s, r in enumerate(rows) for j, t in enumerate(run.tokens)}
+            tokens = {f"{s}/{t}": r[j].detach().cpu().clone()
+                      for s, r in enumerate(rows) for j, t in enumerate(run.tokens)}
             return {"tokens": tokens, "unet": {}, "optimizer": flatten_optimizer_state(opt)}
 
         stage = _Stage(1, config.stage1_steps, opt, lambda: [run.conditioning(d) for d in run.images], saved)
@@ -324,19 +330,21 @@ def _stage2(run: _Run, start: int, saved_unet: dict[str, torch.Tensor]) -> bool:
     with torch.no_grad():
         for n, value in saved_unet.items():
             params[n].copy_(value)
-    masters = FP32Masters(params, run.resume)
+    resumed = run.resumed.get("optimizer", {})
+    masters = FP32Masters(params, resumed)
     for p in params.values():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(list(masters.masters.values()), lr=config.lora_lr if config.lora else config.stage2_lr,
                             weight_decay=0.0)
-    restore_optimizer_state(opt, {k: v for k, v in run.resume.items() if not k.startswith(MASTER)})
+    restore_optimizer_state(opt, {k: v for k, v in resumed.items() if not k.startswith(MASTER)})
     tokens = run.sessions[0].load_weights("tokens")   # stage 1's fp32 rows, as saved at its end
     with torch.no_grad():
         cached = [run.conditioning(d) for d in run.images]
 
     def saved() -> dict[str, dict]:
         unet = {n: p.detach() for n, p in params.items()}
-        return {"tokens": tokens, "unet": unet, "optimizer": {**flatten_optimizer_state(opt), **masters.resume_tensors()}}
+        resume = {**flatten_optimizer_state(opt), **masters.resume_tensors()}
+        return {"tokens": tokens, "unet": unet, "optimizer": resume}
 
     try:
         return _train(run, _Stage(2, config.stage2_steps, opt, lambda: cached, saved, masters), start)
@@ -368,8 +376,8 @@ def _train(run: _Run, stage: _Stage, start: int) -> bool:
     config, key = run.config, f"stage{stage.number}"
     model = run.model
     scaler = torch.amp.GradScaler(model.device.type, init_scale=2.0 ** 10, enabled=model.dtype == torch.float16)
-    if run.scaler_state:
-        scaler.load_state_dict(run.scaler_state)
+    if run.resumed.get("scaler"):
+        scaler.load_state_dict(run.resumed["scaler"])
     del run.result.loss[key][start:]
     last_stage = stage.number == 2
     bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, leave=True, disable=not run.progress,
