@@ -195,3 +195,15 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, photo, tiny_mo
         assert not model.unet.is_gradient_checkpointing                 # switched off again after the finetune
         weights.append({**s.load_weights("tokens"), **s.load_weights("unet")})
     assert all(torch.allclose(weights[0][n], weights[1][n], atol=1e-6) for n in weights[0])
+
+
+def test_starting_over_on_the_same_model_redraws_the_tokens(tmp_path, photo, tiny_model_dirs):
+    """resume=False on a model that already holds the session's learned tokens ends where the first run did."""
+    model = load_model(str(tiny_model_dirs["sd"]))
+    s = make_session(tmp_path, photo, model)
+    cfg = FinetuneConfig(stage1_steps=2, stage2_steps=1, stage1_lr=1e-2, **FAST)
+    finetune(model, s, cfg, progress=False)
+    first = s.load_weights("tokens")
+    finetune(model, s, cfg, progress=False, resume=False)
+    again = s.load_weights("tokens")
+    assert all(torch.equal(first[k], again[k]) for k in first)
