@@ -81,7 +81,9 @@ def test_stage2_changes_only_the_chosen_parameters_and_saves_only_them(tmp_path,
     assert sum(v.numel() for v in saved.values()) < total / 2               # never the whole UNet
 
 
-@pytest.mark.parametrize("dtype,lora", [("fp32", False), ("bf16", False), ("fp16", True)])
+@pytest.mark.parametrize("dtype,lora", [("bf16", False), ("fp32", True),
+                                        pytest.param("fp32", False, marks=pytest.mark.slow),
+                                        pytest.param("fp16", True, marks=pytest.mark.slow)])
 def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, photo, tiny_model_dirs, dtype, lora):
     """Also in half precision, where the saved delta is in the model's dtype and the fp32 masters and loss
     scale travel with the optimizer state."""
