@@ -49,7 +49,7 @@ class FinetuneConfig:
     checkpoint_every: int = 50
     seed: int = 0
     item_prompt_length: int = C.ITEM_PROMPT_LENGTH
-    gradient_checkpointing: bool = False   # recompute activations in the backward pass: less memory, ~1/3 slower
+    gradient_checkpointing: bool = False   # recompute activations in the backward pass: less memory, more time
 
     def __post_init__(self):
         for name in ("num_tokens", "batch_size", "grad_accum", "checkpoint_every", "lora_rank"):
