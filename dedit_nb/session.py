@@ -141,8 +141,7 @@ class Session:
 
         The image is worked on at a size whose short side is about ``resolution``, aspect ratio kept, sides
         cropped down to multiples of ``multiple`` (the model's latent factor: 8 fits SD and SDXL); the
-        session records the resize and crop. Until items are set,
-        one item covers the whole image.
+        session records the resize and crop. Until items are set, one item covers the whole image.
         """
         folder = Path(folder)
         if (folder / SESSION_FILE).exists() and not overwrite:
