@@ -121,7 +121,7 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
             raise
         page.wait_for_timeout(1500)
         box = canvas.bounding_box()
-        scale = box["width"] / 128                        # image pixels -> screen pixels
+        scale = box["width"] / session.images[0].size[0]   # image pixels -> screen pixels
         y = box["y"] + 40.5 * scale
         page.mouse.move(box["x"] + 20.5 * scale, y)
         page.mouse.down()
