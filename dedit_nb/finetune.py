@@ -1,7 +1,7 @@
 """Two-stage D-Edit finetuning of a session's items.
 
-Stage 1 learns each item's new token embeddings (every other row of the embedding tables is restored after
-each step). Stage 2 trains the UNet's cross-attention q/k/v projections, or a LoRA on all attention layers
+Stage 1 learns each item's new token embeddings (only those rows are trained: no other row of the embedding
+tables changes). Stage 2 trains the UNet's cross-attention q/k/v projections, or a LoRA on all attention layers
 (peft), with the tokens frozen. All images of a session, and of any ``extra_sessions``, train jointly
 (their losses add up in every step), so items can later move between them. Only trained tensors are saved
 (safetensors), with the optimizer state and the loss history, every ``checkpoint_every`` steps: an
