@@ -15,6 +15,7 @@ so it runs one attention over all keys with a mask instead: the same result, mor
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -33,19 +34,28 @@ class _Plan:
     groups: list[tuple[torch.Tensor | None, torch.Tensor, list[int], list[Span]]]
 
 
-def item_coverage(labels: torch.Tensor, num_items: int, num_tokens: int) -> torch.Tensor:
-    """``(B, num_items, h, w)``: the share of each cell of a layer with ``num_tokens`` pixels that each item of the
-    ``(B, H, W)`` label maps covers (the layer's grid is a power-of-two reduction of ``H x W``)."""
-    h, w = int(labels.shape[1]), int(labels.shape[2])
+def level_factor(height: int, width: int, num_tokens: int) -> int:
+    """The downscale (a power of two) of the UNet level with ``num_tokens`` pixels over a ``height x width``
+    latent. Levels are ceil-sized, as the UNet's stride-2 convolutions make them (25 -> 13 -> 7 -> 4)."""
     factor = 1
-    while (h // factor) * (w // factor) > num_tokens and h % (factor * 2) == 0 and w % (factor * 2) == 0:
+    while True:
+        cells = -(-height // factor) * -(-width // factor)
+        if cells == num_tokens:
+            return factor
+        if cells < num_tokens or cells == 1:
+            raise ValueError(
+                f"a cross-attention layer has {num_tokens} pixels, which is no level of the {width}x{height} "
+                f"latent (sides halved, rounding up); image sides must be multiples of the model's latent factor")
         factor *= 2
-    if (h // factor) * (w // factor) != num_tokens:
-        raise ValueError(
-            f"a cross-attention layer has {num_tokens} pixels, which is no power-of-two reduction of the "
-            f"{w}x{h} latent; image sides must be multiples of the model's latent factor")
+
+
+def item_coverage(labels: torch.Tensor, num_items: int, num_tokens: int) -> torch.Tensor:
+    """``(B, num_items, h, w)``: the share of each cell of a layer with ``num_tokens`` pixels that each item of
+    the ``(B, H, W)`` label maps covers. Cell ``(i, j)`` of a level ``f`` times coarser is the block
+    ``[i*f, (i+1)*f) x [j*f, (j+1)*f)``; the blocks of the last row and column may be cut short."""
+    factor = level_factor(int(labels.shape[1]), int(labels.shape[2]), num_tokens)
     onehot = F.one_hot(labels.long(), num_items).permute(0, 3, 1, 2).float()
-    return onehot if factor == 1 else F.avg_pool2d(onehot, factor)
+    return onehot if factor == 1 else F.avg_pool2d(onehot, factor, ceil_mode=True)
 
 
 @dataclass
@@ -254,6 +264,22 @@ class GroupedAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+class _QuietAboutItemLayout(logging.Filter):
+    """diffusers warns, on every call, that a processor without an ``item_layout`` parameter ignores it; the
+    self-attention layers keep the user's processor, and ignoring the layout is what they should do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "['item_layout'] are not expected" not in record.getMessage()
+
+
 def install_grouped_attention(unet) -> None:
-    """Put :class:`GroupedAttnProcessor` on every attention layer of a diffusers UNet."""
-    unet.set_attn_processor(GroupedAttnProcessor())
+    """Put :class:`GroupedAttnProcessor` on every cross-attention layer of a diffusers UNet; self-attention
+    layers keep the processor they have (diffusers' default, or a flash / xformers one the user chose)."""
+    processors = dict(unet.attn_processors)
+    for name, module in unet.named_modules():
+        if getattr(module, "is_cross_attention", False) and f"{name}.processor" in processors:
+            processors[f"{name}.processor"] = GroupedAttnProcessor()
+    unet.set_attn_processor(processors)
+    quiet = logging.getLogger("diffusers.models.attention_processor")
+    if not any(isinstance(f, _QuietAboutItemLayout) for f in quiet.filters):
+        quiet.addFilter(_QuietAboutItemLayout())

@@ -1,7 +1,8 @@
 """Item prompts -> the UNet's grouped text conditioning (shared by finetuning and sampling)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -14,32 +15,66 @@ ITEM_PROMPT_LENGTH = 40   # item prompts, as in the reference
 TEXT_PROMPT_LENGTH = 77   # free text prompts (text edits)
 
 
+class PromptTooLongError(ValueError):
+    """A prompt whose learned item tokens would be cut off by the encoder's length limit."""
+
+
 @dataclass
 class Conditioning:
-    """One image's prompts end to end: states ``(1, S, D)``, each item's span, and the pooled embedding."""
+    """One image's prompts end to end: states ``(1, S, D)``, each item's span, the pooled embedding, and
+    what each prompt became once fitted to its length (``encoded``; the words cut off in ``dropped``)."""
 
     states: torch.Tensor
     spans: list[Span]
     pooled: torch.Tensor | None
+    encoded: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
 
 
-def encode_items(model, prompts: Sequence[str], lengths: Sequence[int], areas: Sequence[float] | None = None
-                 ) -> Conditioning:
+def fit_prompts(model, prompts: Sequence[str], lengths: Sequence[int], names: Sequence[str] | None = None
+                ) -> tuple[list[str], list[str]]:
+    """Each prompt as it will be encoded at its length, and the words that do not fit.
+
+    A prompt whose item tokens would not fit is refused (an item's learned tokens are never dropped); other
+    words past the limit are dropped with a warning naming them, as diffusers' pipelines do.
+    """
+    encoded, dropped = [], []
+    for k, (prompt, length) in enumerate(zip(prompts, lengths)):
+        length = min(length, model.text.max_length)
+        kept, lost_words, lost_items = model.text.fit(prompt, length)
+        name = names[k] if names is not None else f"#{k}"
+        if lost_items:
+            raise PromptTooLongError(
+                f"item {name!r}: the prompt {prompt!r} is longer than the {length} tokens an item prompt may "
+                f"have, and its learned tokens {lost_items} would be cut off; shorten its template (or use "
+                f"fewer num_tokens, or a larger item_prompt_length when finetuning)")
+        if lost_words:
+            warnings.warn(f"the prompt of item {name!r} is longer than the encoder's {length} tokens; "
+                          f"dropped: {lost_words!r}", stacklevel=3)
+        encoded.append(kept)
+        dropped.append(lost_words)
+    return encoded, dropped
+
+
+def encode_items(model, prompts: Sequence[str], lengths: Sequence[int], areas: Sequence[float] | None = None,
+                 names: Sequence[str] | None = None) -> Conditioning:
     """Encode one prompt per item (``lengths[k]`` tokens each) into one sequence.
 
-    The pooled embedding (SDXL) is the area-weighted mean of the items' pooled embeddings.
+    The pooled embedding (SDXL) is the area-weighted mean of the items' pooled embeddings. ``names`` (the
+    items' labels) name the item in the error or warning of a prompt that does not fit (:func:`fit_prompts`).
     """
+    encoded, dropped = fit_prompts(model, prompts, lengths, names)
     pieces, pooled_rows, spans, start = [], [], [], 0
     by_length: dict[int, list[int]] = {}
     for k, length in enumerate(lengths):
         by_length.setdefault(min(length, model.text.max_length), []).append(k)
-    encoded: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    encoded_states: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for length, ks in by_length.items():
         states, pooled = model.text.encode([prompts[k] for k in ks], length)
         for j, k in enumerate(ks):
-            encoded[k] = (states[j], None if pooled is None else pooled[j])
+            encoded_states[k] = (states[j], None if pooled is None else pooled[j])
     for k in range(len(prompts)):
-        states, pooled = encoded[k]
+        states, pooled = encoded_states[k]
         pieces.append(states)
         spans.append((start, start + states.shape[0]))
         start += states.shape[0]
@@ -51,7 +86,7 @@ def encode_items(model, prompts: Sequence[str], lengths: Sequence[int], areas: S
                                device=pooled_rows[0].device)
         weights = weights / weights.sum().clamp_min(1e-8)
         pooled = (torch.stack(pooled_rows) * weights[:, None]).sum(0, keepdim=True)
-    return Conditioning(torch.cat(pieces, dim=0)[None], spans, pooled)
+    return Conditioning(torch.cat(pieces, dim=0)[None], spans, pooled, encoded, dropped)
 
 
 def unconditional(model, length: int = TEXT_PROMPT_LENGTH) -> Conditioning:

@@ -89,9 +89,9 @@ def _as_move(value) -> M.ItemMove:
 class Editor:
     """Runs edits on a finetuned session.
 
-    ``Editor(model, session)`` loads the session's learned weights into ``model`` (undoing any other
-    session's). Every edit method takes the sampling settings of :class:`SamplingConfig` as keywords
-    (steps, guidance, strength, edge_thickness, seed, num_images, eta).
+    Every run puts the session's learned weights into ``model`` (undoing any other session's), so one
+    loaded model can serve several editors. Every edit method takes the sampling settings of
+    :class:`SamplingConfig` as keywords (steps, guidance, strength, edge_thickness, seed, num_images, eta).
     """
 
     def __init__(self, model, session: Session, progress: bool = True, record: bool = True):
@@ -103,10 +103,8 @@ class Editor:
             raise SessionError("this session's finetune did not finish; "
                                "call finetune(model, session) again to resume it")
         self.model, self.session, self.progress, self.record = model, session, progress, record
-        meta = session.weights_meta
-        model.text.set_token_rows(session.load_weights("tokens"))
         try:
-            model.load_unet_delta(meta["mode"], session.load_weights("unet"), meta.get("lora"))
+            model.use_session(session)
         except KeyError as exc:     # names this UNet lacks: the file is not of this session's model
             raise SessionError(f"{session.weights_file('unet')} names UNet parameters this model lacks "
                                f"({exc.args[0]}); restore the session's file, or finetune the session again on "
@@ -198,13 +196,15 @@ class Editor:
             regions = M.edit_regions(active, config.edge_thickness)
         n = len(entry.items)
         areas = M.item_areas(labels, n).astype(float).tolist()
-        cond = C.encode_items(self.model, prompts, lengths, areas)
+        self.model.use_session(self.session)
+        cond = C.encode_items(self.model, prompts, lengths, areas, [it.label for it in entry.items])
         images = masked_sample(self.model, cond, C.latent_labels(self.model, labels, n), entry.working,
                                regions, config, progress=self.progress)
         manifest = {"kind": kind, "session": str(self.session.folder), "session_id": self.session.id,
-                    "image": entry.name, "model_id": self.model.model_id, "params": params,
+                    "image": entry.name, "fit": entry.fit, "model_id": self.model.model_id, "params": params,
                     "sampling": asdict(config), "seeds": [config.seed + j for j in range(config.num_images)],
-                    "prompts": {it.label: p for it, p in zip(entry.items, prompts)},
+                    "prompts": {it.label: p for it, p in zip(entry.items, cond.encoded)},
+                    "dropped": {it.label: d for it, d in zip(entry.items, cond.dropped) if d},
                     "region_pixels": {r: int(getattr(regions, r).sum()) for r in ("hard", "soft", "active")}}
         if self.record:
             self.session.record_edit(manifest)

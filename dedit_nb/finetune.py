@@ -1,12 +1,18 @@
 """Two-stage D-Edit finetuning of a session's items.
 
-Stage 1 learns each item's new token embeddings (every other row of the embedding tables is restored after
-each step). Stage 2 trains the UNet's cross-attention q/k/v projections, or a LoRA on all attention layers
+Stage 1 learns each item's new token embeddings (only those rows are trained: no other row of the embedding
+tables changes). Stage 2 trains the UNet's cross-attention q/k/v projections, or a LoRA on all attention layers
 (peft), with the tokens frozen. All images of a session, and of any ``extra_sessions``, train jointly
 (their losses add up in every step), so items can later move between them. Only trained tensors are saved
 (safetensors), with the optimizer state and the loss history, every ``checkpoint_every`` steps: an
 interrupted finetune resumes where it stopped and, because each step's noise comes from
 ``(seed, stage, step)``, ends with the same weights as an uninterrupted one.
+
+Precision: the model runs in the dtype it was loaded in (fp32, fp16 or bf16); what is trained is held in
+fp32 master copies (the token rows; the q/k/v weights, whose model-dtype copies follow them; the LoRA
+weights themselves), with loss scaling in fp16. The saved UNet delta is in the model's dtype; the fp32
+masters travel with the optimizer state until the finetune is done, so a resumed run still ends with the
+weights of an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ class FinetuneConfig:
     checkpoint_every: int = 50
     seed: int = 0
     item_prompt_length: int = C.ITEM_PROMPT_LENGTH
+    gradient_checkpointing: bool = False   # recompute activations in the backward pass: less memory, more time
 
     def __post_init__(self):
         for name in ("num_tokens", "batch_size", "grad_accum", "checkpoint_every", "lora_rank"):
@@ -55,7 +62,7 @@ class FinetuneConfig:
     def resumable_with(self, other: "FinetuneConfig") -> bool:
         """Whether a finetune started with ``other`` can continue under these settings (only the step
         counts and the checkpoint interval may change)."""
-        free = {"stage1_steps", "stage2_steps", "checkpoint_every"}
+        free = {"stage1_steps", "stage2_steps", "checkpoint_every", "gradient_checkpointing"}
         return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self) if f.name not in free)
 
 
@@ -85,15 +92,6 @@ def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_003 + step)
 
 
-@contextlib.contextmanager
-def _autocast(model):
-    if model.device.type == "cuda" and model.dtype != torch.float32:
-        with torch.autocast("cuda", dtype=model.dtype):
-            yield
-    else:
-        yield
-
-
 def flatten_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """An optimizer's state as flat tensors ``"{param index}.{name}"`` (safetensors holds no nesting)."""
     flat = {}
@@ -113,50 +111,113 @@ def restore_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Te
     for key, value in flat.items():
         idx, name = key.split(".", 1)
         target = params[int(idx)]
+        if name != "step" and value.numel() != target.numel():
+            raise SessionError("the saved optimizer state does not fit this finetune (it was saved by an older "
+                               "version); pass resume=False to start over")
         state.setdefault(int(idx), {})[name] = value.reshape(()) if name == "step" else value.reshape(target.shape)
     opt.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
+MASTER = "master/"   # prefix of fp32 master copies among the saved resume tensors
+
+
+class FP32Masters:
+    """fp32 master copies of parameters kept in a lower precision: the optimizer steps the masters, the
+    model's copies follow them. fp32 parameters are their own masters."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor]):
+        self.params = params
+        self.masters = {}
+        for n, p in params.items():
+            if p.dtype == torch.float32:
+                self.masters[n] = p
+            else:
+                start = saved.get(MASTER + n, p.detach())
+                self.masters[n] = start.to(device=p.device, dtype=torch.float32).clone().requires_grad_(True)
+        self.copies = [n for n in params if self.masters[n] is not params[n]]
+
+    def grads_to_masters(self) -> None:
+        for n in self.copies:
+            p = self.params[n]
+            self.masters[n].grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def masters_to_params(self) -> None:
+        for n in self.copies:
+            self.params[n].copy_(self.masters[n])
+
+    def resume_tensors(self) -> dict[str, torch.Tensor]:
+        return {MASTER + n: self.masters[n].detach() for n in self.copies}
+
+
 @dataclass
 class _ImageData:
-    latents: torch.Tensor
+    latents: torch.Tensor        # fp32, encoded once
     labels: torch.Tensor
     prompts: list[str]
+    names: list[str]
     areas: list[float]
 
 
-class _Trainer:
-    def __init__(self, model, sessions: Sequence[Session], config: FinetuneConfig):
-        self.model, self.config = model, config
-        self.noise_scheduler = model.training_scheduler()
-        self.images: list[_ImageData] = []
-        for entry in (e for s in sessions for e in s.images):
-            pixels = rgb_to_tensor(entry.working).to(model.device)
-            latents = model.encode_images(pixels)
-            labels = C.latent_labels(model, entry.labels, len(entry.items))
-            areas = np.bincount(entry.labels.ravel(), minlength=len(entry.items)).astype(float).tolist()
-            self.images.append(_ImageData(latents, labels, [it.prompt() for it in entry.items], areas))
+@dataclass
+class _Run:
+    """What both stages share: the model, the sessions' images, settings, loss record and how to save."""
+
+    model: object
+    sessions: list[Session]
+    config: FinetuneConfig
+    tokens: list[str]
+    images: list[_ImageData]
+    result: FinetuneResult
+    meta: dict
+    callback: Callback | None
+    progress: bool
+    resumed: dict = field(default_factory=dict)   # the stage being resumed: "optimizer" state with the fp32
+    noise_scheduler: object = None                # masters, "scaler" state, fp32 token "rows"
+
+    def __post_init__(self):
+        self.noise_scheduler = self.model.training_scheduler()
 
     def conditioning(self, data: _ImageData) -> C.Conditioning:
         return C.encode_items(self.model, data.prompts, [self.config.item_prompt_length] * len(data.prompts),
-                              data.areas)
+                              data.areas, data.names)
 
     def loss(self, data: _ImageData, cond: C.Conditioning, gen: torch.Generator) -> torch.Tensor:
-        bs = self.config.batch_size
+        model, bs, scheduler = self.model, self.config.batch_size, self.noise_scheduler
         states, layout, pooled = C.batch([cond] * bs, [data.labels] * bs)
         latents = data.latents.expand(bs, -1, -1, -1)
         noise = torch.randn(latents.shape, generator=gen).to(latents)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bs,), generator=gen).to(latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        with _autocast(self.model):
-            pred = self.model.predict(noisy, t, states, layout, pooled)
-        if self.model.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, t)
-        elif self.model.prediction_type == "sample":
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (bs,), generator=gen).to(latents.device)
+        noisy = scheduler.add_noise(latents, noise, t).to(model.dtype)
+        pooled = None if pooled is None else pooled.to(model.dtype)
+        pred = model.predict(noisy, t, states.to(model.dtype), layout, pooled)
+        if model.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, t)
+        elif model.prediction_type == "sample":
             target = latents
         else:
             target = noise
         return F.mse_loss(pred.float(), target.float())
+
+    def save(self, stage: int, next_step: int, tensors: dict[str, dict], scaler, done: bool) -> None:
+        fstate = {"config": asdict(self.config), "model_id": self.model.model_id, "stage": stage, "step": next_step,
+                  "done": done, "loss": self.result.loss, "scaler": {} if done else scaler.state_dict()}
+        if done:
+            tensors = {**tensors, "optimizer": {}}
+        save_joint_weights(self.sessions, tensors, self.model.model_id, self.meta, fstate)
+
+
+@dataclass
+class _Stage:
+    """One stage as the shared loop runs it."""
+
+    number: int
+    steps: int
+    optimizer: torch.optim.Optimizer
+    conditionings: Callable[[], list[C.Conditioning]]   # one per image, called every step
+    saved: Callable[[], dict[str, dict]]                # tokens / unet / optimizer tensors to checkpoint
+    masters: FP32Masters | None = None
 
 
 def finetune(model, session: Session, config: FinetuneConfig | None = None, callback: Callback | None = None,
@@ -170,21 +231,7 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
     """
     config = config or FinetuneConfig()
     sessions = [session, *extra_sessions]
-    if len({s.id for s in sessions}) != len(sessions):
-        raise SessionError("the same session was given twice (or two sessions share an id: copy_to gives a new one)")
-    if resume:  # the newest checkpoint every member holds, members in their first run's order
-        sessions = settle_joint(sessions)
-    state = session.finetune_state
-    if state is not None and resume:
-        previous = FinetuneConfig(**state["config"])
-        if not config.resumable_with(previous):
-            raise SessionError("this session's finetune was started with other settings "
-                               f"({previous}); pass the same settings, or resume=False to start over")
-        if session.joint_session_ids != {s.id for s in sessions}:
-            raise SessionError("this session's finetune was started with other sessions; pass the same "
-                               "extra_sessions, or resume=False to start over")
-    else:
-        state = None
+    state, sessions = _resumable_state(session, sessions, config, resume)
     for s in sessions:  # every session is checked before any of them is changed
         s.check_model(model)
     if state is None:
@@ -192,153 +239,180 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
             if s.has_weights:
                 s.discard_weights()
     model.reset_unet()
-
     tokens = [t for s in sessions for t in s.assign_tokens(config.num_tokens)]
-    model.text.add_tokens(tokens, generator=torch.Generator().manual_seed(config.seed))
-    if state is not None:
-        model.text.set_token_rows(session.load_weights("tokens"))
+    model.text.add_tokens(tokens, generator=torch.Generator().manual_seed(config.seed), restart=state is None)
     saved_loss = (state or {}).get("loss", {"stage1": [], "stage2": []})
     result = FinetuneResult(loss={k: list(v) for k, v in saved_loss.items()})
     stage, start = (state["stage"], state["step"]) if state is not None else (1, 0)
-    if state is not None and state.get("done") and start >= _stage_steps(config, stage) and stage == 2:
-        meta = session.weights_meta
-        model.load_unet_delta(meta["mode"], session.load_weights("unet"), meta.get("lora"))
-        result.completed = True
-        return result
+    if state is not None:
+        model.text.set_token_rows(session.load_weights("tokens"))
+        if state.get("done") and stage == 2 and start >= config.stage2_steps:
+            model.use_session(session)
+            result.completed = True
+            return result
+    run = _Run(model, sessions, config, tokens, _encode_images(model, sessions), result,
+               _weights_meta(config, sessions), callback, progress)
+    if state is not None:
+        run.resumed = {"optimizer": session.load_weights("optimizer"), "scaler": state.get("scaler", {}),
+                       "rows": session.load_weights("tokens")}
+    if stage == 1:
+        if _stage1(run, start):
+            return result
+        start, run.resumed = 0, {}
+    result.completed = not _stage2(run, start, session.load_weights("unet") if stage == 2 else {})
+    return result
 
-    trainer = _Trainer(model, sessions, config)
+
+def _weights_meta(config: FinetuneConfig, sessions: Sequence[Session]) -> dict:
     meta = {"mode": "lora" if config.lora else "attn", "num_tokens": config.num_tokens,
             "joint": [{"id": s.id, "folder": str(s.folder)} for s in sessions]}
     if config.lora:
         meta["lora"] = {"rank": config.lora_rank, "alpha": float(config.lora_rank), "target_modules": LORA_TARGETS}
+    return meta
 
-    def checkpoint(stage_: int, next_step: int, opt, done: bool) -> None:
-        tensors = {"tokens": model.text.get_token_rows(tokens),
-                   "unet": {n: p.detach() for n, p in _stage2_params(model, config).items()} if stage_ == 2 else {},
-                   "optimizer": flatten_optimizer_state(opt) if opt is not None and not done else {}}
-        fstate = {"config": asdict(config), "model_id": model.model_id, "stage": stage_, "step": next_step,
-                  "done": done, "loss": result.loss}
-        save_joint_weights(sessions, tensors, model.model_id, meta, fstate)
 
-    if stage == 1:
-        stopped = _run_stage1(model, trainer, tokens, start, result, callback, checkpoint, progress,
-                              session.load_weights("optimizer") if state is not None else {})
-        if stopped:
-            return result
-        stage, start = 2, 0
-        state = None
+def _resumable_state(session: Session, sessions: list[Session], config: FinetuneConfig,
+                     resume: bool) -> tuple[dict | None, list[Session]]:
+    """The saved finetune state to continue from (None to start over) and the members in their first run's
+    order, brought to the newest checkpoint every member holds; refuses a mismatched resume."""
+    if len({s.id for s in sessions}) != len(sessions):
+        raise SessionError("the same session was given twice (or two sessions share an id: copy_to gives a new one)")
+    if not resume:
+        return None, sessions
+    sessions = settle_joint(sessions)
+    state = session.finetune_state
+    if state is None:
+        return None, sessions
+    previous = FinetuneConfig(**state["config"])
+    if not config.resumable_with(previous):
+        raise SessionError("this session's finetune was started with other settings "
+                           f"({previous}); pass the same settings, or resume=False to start over")
+    if session.joint_session_ids != {s.id for s in sessions}:
+        raise SessionError("this session's finetune was started with other sessions; pass the same "
+                           "extra_sessions, or resume=False to start over")
+    return state, sessions
+
+
+def _encode_images(model, sessions: Sequence[Session]) -> list[_ImageData]:
+    """Each image's latents (fp32), latent item map, item prompts and areas: computed once, not per step."""
+    images = []
+    for entry in (e for s in sessions for e in s.images):
+        latents = model.encode_images(rgb_to_tensor(entry.working)).float()
+        labels = C.latent_labels(model, entry.labels, len(entry.items))
+        areas = np.bincount(entry.labels.ravel(), minlength=len(entry.items)).astype(float).tolist()
+        images.append(_ImageData(latents, labels, [it.prompt() for it in entry.items],
+                                 [it.label for it in entry.items], areas))
+    return images
+
+
+def _stage1(run: _Run, start: int) -> bool:
+    """Learn the item tokens' embedding rows (fp32 masters; nothing else of the encoders changes)."""
+    model, config = run.model, run.config
+    with model.text.trainable_rows(run.tokens, run.resumed.get("rows")) as rows:
+        opt = torch.optim.AdamW(rows, lr=config.stage1_lr, weight_decay=0.0)
+        restore_optimizer_state(opt, run.resumed.get("optimizer", {}))
+
+        def saved() -> dict[str, dict]:
+            tokens = {f"{s}/{t}": r[j].detach().cpu().clone()
+                      for s, r in enumerate(rows) for j, t in enumerate(run.tokens)}
+            return {"tokens": tokens, "unet": {}, "optimizer": flatten_optimizer_state(opt)}
+
+        stage = _Stage(1, config.stage1_steps, opt, lambda: [run.conditioning(d) for d in run.images], saved)
+        return _train(run, stage, start)
+
+
+def _stage2(run: _Run, start: int, saved_unet: dict[str, torch.Tensor]) -> bool:
+    """Train the UNet's cross-attention q/k/v (fp32 masters of the model-dtype weights) or a LoRA (fp32),
+    with the item tokens frozen and their text states computed once."""
+    model, config = run.model, run.config
     if config.lora:
-        model.add_lora(config.lora_rank, float(config.lora_rank), LORA_TARGETS)
+        model.add_lora(config.lora_rank, float(config.lora_rank), LORA_TARGETS, seed=config.seed)
+        params = model.lora_parameters()
     else:
-        model.remember_pristine(model.cross_attention_parameters())
-    if state is not None and state["stage"] == 2:
-        unet = session.load_weights("unet")
-        params = _stage2_params(model, config)
-        with torch.no_grad():
-            for n, value in unet.items():
-                params[n].data = value.to(params[n])
-    stopped = _run_stage2(model, trainer, config, start, result, callback, checkpoint, progress,
-                          session.load_weights("optimizer") if state is not None else {})
-    result.completed = not stopped
-    return result
-
-
-def _stage_steps(config: FinetuneConfig, stage: int) -> int:
-    return config.stage1_steps if stage == 1 else config.stage2_steps
-
-
-def _stage2_params(model, config: FinetuneConfig) -> dict[str, torch.nn.Parameter]:
-    return model.lora_parameters() if config.lora else model.cross_attention_parameters()
-
-
-def _trainable_fp32(params) -> None:
-    """Trainable tensors are kept in fp32 (autocast runs the fp16 model around them on CUDA)."""
-    for p in params:
-        if p.dtype != torch.float32:
-            p.data = p.data.float()
-
-
-def _run_stage1(model, trainer: _Trainer, tokens, start, result, callback, checkpoint, progress, opt_state) -> bool:
-    config = trainer.config
-    tables = model.text.parameters_for_tokens()
-    _trainable_fp32(tables)
-    new_rows = [torch.zeros(t.shape[0], dtype=torch.bool, device=t.device) for t in tables]
-    for mask, ids in zip(new_rows, model.text.token_ids(tokens)):
-        mask[ids.to(mask.device)] = True
-    frozen = [t.detach().clone() for t in tables]
-    for t in tables:
-        t.requires_grad_(True)
-    opt = torch.optim.AdamW(tables, lr=config.stage1_lr, weight_decay=0.0)
-    restore_optimizer_state(opt, opt_state)
-    try:
-        return _loop(1, trainer, opt, tables, start, config.stage1_steps, result, callback, checkpoint, progress,
-                     grad_rows=new_rows, frozen=frozen, encode_each_step=True)
-    finally:
-        for t in tables:
-            t.requires_grad_(False)
-            t.data = t.data.to(model.dtype)
-
-
-def _run_stage2(model, trainer: _Trainer, config, start, result, callback, checkpoint, progress, opt_state) -> bool:
-    params = _stage2_params(model, config)
-    _trainable_fp32(params.values())
+        params = model.cross_attention_parameters()
+        model.remember_pristine(params)
+    with torch.no_grad():
+        for n, value in saved_unet.items():
+            params[n].copy_(value)
+    resumed = run.resumed.get("optimizer", {})
+    masters = FP32Masters(params, resumed)
     for p in params.values():
         p.requires_grad_(True)
-    lr = config.lora_lr if config.lora else config.stage2_lr
-    opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
-    restore_optimizer_state(opt, opt_state)
+    opt = torch.optim.AdamW(list(masters.masters.values()), lr=config.lora_lr if config.lora else config.stage2_lr,
+                            weight_decay=0.0)
+    restore_optimizer_state(opt, {k: v for k, v in resumed.items() if not k.startswith(MASTER)})
+    tokens = run.sessions[0].load_weights("tokens")   # stage 1's fp32 rows, as saved at its end
+    with torch.no_grad():
+        cached = [run.conditioning(d) for d in run.images]
+
+    def saved() -> dict[str, dict]:
+        unet = {n: p.detach() for n, p in params.items()}
+        resume = {**flatten_optimizer_state(opt), **masters.resume_tensors()}
+        return {"tokens": tokens, "unet": unet, "optimizer": resume}
+
     try:
-        return _loop(2, trainer, opt, list(params.values()), start, config.stage2_steps, result, callback,
-                     checkpoint, progress, encode_each_step=False)
+        return _train(run, _Stage(2, config.stage2_steps, opt, lambda: cached, saved, masters), start)
     finally:
         for p in params.values():
             p.requires_grad_(False)
-            p.data = p.data.to(model.dtype)
 
 
-def _loop(stage, trainer: _Trainer, opt, params, start, steps, result, callback, checkpoint, progress,
-          grad_rows=None, frozen=None, encode_each_step=True) -> bool:
-    """Run one stage from ``start`` to ``steps``; returns True when a callback stopped it."""
-    config = trainer.config
-    key = f"stage{stage}"
-    del result.loss[key][start:]
-    cached = None
-    if not encode_each_step:
-        with torch.no_grad():
-            cached = [trainer.conditioning(d) for d in trainer.images]
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"stage {stage}: "
-               + ("item tokens" if stage == 1 else "UNet"), disable=not progress, leave=True)
-    for step in bar:
-        gen = _step_generator(config.seed, stage, step)
-        total = 0.0
-        for _ in range(config.grad_accum):
-            for i, data in enumerate(trainer.images):
-                cond = trainer.conditioning(data) if cached is None else cached[i]
-                loss = trainer.loss(data, cond, gen) / config.grad_accum
-                loss.backward()
-                total += loss.item()
-        if grad_rows is not None:
-            for p, rows in zip(params, grad_rows):
-                if p.grad is not None:
-                    p.grad[~rows] = 0
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if frozen is not None:
-            with torch.no_grad():
-                for p, rows, orig in zip(params, grad_rows, frozen):
-                    p[~rows] = orig[~rows]
-        value = total / len(trainer.images)
-        result.loss[key].append(value)
-        bar.set_postfix(loss=f"{value:.4f}")
-        stop = callback is not None and callback(key, step, value) is False
-        last = step + 1 == steps
-        if stop or last or (step + 1) % config.checkpoint_every == 0:
-            done = last and stage == 2
-            checkpoint(stage, step + 1, opt, done)
-        if stop:
-            bar.close()
-            return True
-    if steps <= start:
-        checkpoint(stage, steps, opt, stage == 2)
+@contextlib.contextmanager
+def _memory_options(model, config: FinetuneConfig):
+    """Gradient checkpointing of the UNet and the text encoders for the duration of a stage, if asked."""
+    if not config.gradient_checkpointing:
+        yield
+        return
+    model.unet.enable_gradient_checkpointing()
+    encoders = [s.encoder for s in model.text.slots if getattr(s.encoder, "supports_gradient_checkpointing", False)]
+    for e in encoders:
+        e.gradient_checkpointing_enable()
+    try:
+        yield
+    finally:
+        model.unet.disable_gradient_checkpointing()
+        for e in encoders:
+            e.gradient_checkpointing_disable()
+
+
+def _train(run: _Run, stage: _Stage, start: int) -> bool:
+    """Steps ``start`` .. ``stage.steps`` of a stage; returns True when the callback stopped it."""
+    config, key = run.config, f"stage{stage.number}"
+    model = run.model
+    scaler = torch.amp.GradScaler(model.device.type, init_scale=2.0 ** 10, enabled=model.dtype == torch.float16)
+    if run.resumed.get("scaler"):
+        scaler.load_state_dict(run.resumed["scaler"])
+    del run.result.loss[key][start:]
+    last_stage = stage.number == 2
+    bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, leave=True, disable=not run.progress,
+               desc=f"stage {stage.number}: " + ("UNet" if last_stage else "item tokens"))
+    with _memory_options(model, config):
+        for step in bar:
+            gen = _step_generator(config.seed, stage.number, step)
+            total = 0.0
+            for _ in range(config.grad_accum):
+                for data, cond in zip(run.images, stage.conditionings()):
+                    loss = run.loss(data, cond, gen) / config.grad_accum
+                    scaler.scale(loss).backward()
+                    total += loss.item()
+            if stage.masters is not None:
+                stage.masters.grads_to_masters()
+            scaler.step(stage.optimizer)
+            scaler.update()
+            stage.optimizer.zero_grad(set_to_none=True)
+            if stage.masters is not None:
+                stage.masters.masters_to_params()
+            value = total / len(run.images)
+            run.result.loss[key].append(value)
+            bar.set_postfix(loss=f"{value:.4f}")
+            stop = run.callback is not None and run.callback(key, step, value) is False
+            end = step + 1 == stage.steps
+            if stop or end or (step + 1) % config.checkpoint_every == 0:
+                run.save(stage.number, step + 1, stage.saved(), scaler, done=end and last_stage)
+            if stop:
+                bar.close()
+                return True
+    if stage.steps <= start:
+        run.save(stage.number, stage.steps, stage.saved(), scaler, done=last_stage)
     bar.close()
     return False

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +70,55 @@ def to_rgb_array(image) -> np.ndarray:
     raise ImageInputError(f"unsupported image dtype {arr.dtype}")
 
 
-def working_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
-    """(W, H) with the longer side near ``resolution``, both sides multiples of ``multiple``, aspect ratio
-    kept as closely as those multiples allow. Nothing is cropped."""
+@dataclass(frozen=True)
+class WorkingFit:
+    """How an image becomes its working size: resized by one factor (aspect ratio kept), then the
+    remainder past the last whole ``multiple`` centre-cropped away (less than one multiple per axis).
+    Never stretched."""
+
+    source: tuple[int, int]                 # (W, H) of the image as read
+    resized: tuple[int, int]                # (W, H) after the uniform resize
+    crop: tuple[int, int, int, int]         # (left, top, right, bottom) box kept of the resized image
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The working size (W, H)."""
+        left, top, right, bottom = self.crop
+        return right - left, bottom - top
+
+    def apply(self, rgb: np.ndarray) -> np.ndarray:
+        """``uint8 (H, W, 3)`` at the source size -> the working image."""
+        left, top, right, bottom = self.crop
+        return np.ascontiguousarray(resize_rgb(rgb, self.resized)[top:bottom, left:right])
+
+    def apply_labels(self, labels: np.ndarray) -> np.ndarray:
+        """A label map at the source size -> the working size (nearest, then the same crop)."""
+        from .masks import resize_labels
+        left, top, right, bottom = self.crop
+        return resize_labels(labels, self.resized[::-1])[top:bottom, left:right]
+
+    def as_dict(self) -> dict:
+        """What the session and edit manifests record."""
+        return {"source": list(self.source), "resized": list(self.resized), "crop": list(self.crop),
+                "method": "resize keeping the aspect ratio, centre crop to a multiple"}
+
+
+def fit_working_size(width: int, height: int, resolution: int, multiple: int) -> WorkingFit:
+    """The working geometry of a ``width x height`` image: short side ``resolution`` (as diffusers' training
+    scripts and SD users mean it), aspect ratio kept, sides cropped down to multiples of ``multiple`` (the
+    model's latent factor, 8 for SD and SDXL)."""
     if resolution < multiple:
         raise ImageInputError(f"resolution {resolution} is below the model's size multiple {multiple}")
-    scale = resolution / max(width, height)
-    w = max(multiple, int(round(width * scale / multiple)) * multiple)
-    h = max(multiple, int(round(height * scale / multiple)) * multiple)
-    return w, h
+    scale = resolution / min(width, height)
+    rw, rh = max(multiple, round(width * scale)), max(multiple, round(height * scale))
+    w, h = rw // multiple * multiple, rh // multiple * multiple
+    left, top = (rw - w) // 2, (rh - h) // 2
+    return WorkingFit((width, height), (rw, rh), (left, top, left + w, top + h))
+
+
+def working_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """(W, H) of :func:`fit_working_size`."""
+    return fit_working_size(width, height, resolution, multiple).size
 
 
 def resize_rgb(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -15,6 +15,7 @@ Everything downstream (finetune, sampler, edits) talks to :class:`DEditModel` on
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -87,29 +88,65 @@ class TextConditioner:
     def __init__(self, slots: Sequence[EncoderSlot], added_time_ids: bool = False):
         self.slots = list(slots)
         self.added_time_ids = added_time_ids
+        self.learned: set[str] = set()   # item tokens (added by add_tokens): never cut from a prompt
 
     @property
     def max_length(self) -> int:
         return min(s.max_length for s in self.slots)
 
     # --- item tokens ---------------------------------------------------------------------------------
-    def add_tokens(self, tokens: Sequence[str], generator: torch.Generator | None = None) -> list[str]:
-        """Add new tokens to every tokenizer; their embedding rows start as draws from a normal with the
-        table's mean and std. Tokens already present are left as they are. Returns the ones added."""
+    def add_tokens(self, tokens: Sequence[str], generator: torch.Generator | None = None,
+                   restart: bool = False) -> list[str]:
+        """Add new tokens to every tokenizer; their embedding rows start as draws from a normal with the mean
+        and std of the tokenizer's own vocabulary. Tokens already present keep their rows, unless ``restart``
+        (a finetune starting over draws them again). Returns the ones added."""
+        self.learned.update(tokens)
         fresh = [t for t in tokens if t not in self.slots[0].tokenizer.get_vocab()]
-        if not fresh:
-            return []
+        drawn = list(tokens) if restart else fresh
         for slot in self.slots:
-            slot.tokenizer.add_tokens(fresh)
+            if fresh:
+                slot.tokenizer.add_tokens(fresh)
+            ids = slot.tokenizer.convert_tokens_to_ids(drawn)
+            if not ids:
+                continue
             table = slot.embedding().weight
-            mean, std = table.float().mean().item(), table.float().std().item()
-            ids = slot.tokenizer.convert_tokens_to_ids(fresh)
+            base = table[:slot.tokenizer.vocab_size].float()   # other sessions' tokens do not shift the draw
+            mean, std = base.mean().item(), base.std().item()
             if max(ids) >= table.shape[0]:  # grow only: some tables have spare rows past the tokenizer
                 slot.encoder.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
             with torch.no_grad():
-                rows = torch.randn(len(fresh), table.shape[1], generator=generator) * std + mean
+                rows = torch.randn(len(drawn), table.shape[1], generator=generator) * std + mean
                 slot.embedding().weight[ids] = rows.to(slot.embedding().weight)
         return fresh
+
+    @contextlib.contextmanager
+    def trainable_rows(self, tokens: Sequence[str], rows: dict[str, torch.Tensor] | None = None):
+        """Train the tokens' embedding rows as fp32 master copies, whatever the encoders' dtype.
+
+        Yields one ``(len(tokens), D)`` fp32 leaf tensor per encoder (started from ``rows``, keyed as in
+        :meth:`get_token_rows`, or from the table). A forward hook puts them, cast to the table's dtype, in
+        place of the table's rows, so gradients reach only them (an optimizer over them holds kilobytes,
+        not the whole vocabulary). On exit the table takes their values.
+        """
+        start = rows if rows is not None else self.get_token_rows(tokens)
+        masters, hooks = [], []
+        try:
+            for s, (slot, ids) in enumerate(zip(self.slots, self.token_ids(tokens))):
+                module = slot.embedding()
+                device = module.weight.device
+                master = torch.stack([start[f"{s}/{t}"] for t in tokens]).float().to(device).requires_grad_(True)
+                position = torch.full((module.weight.shape[0],), -1, dtype=torch.long, device=device)
+                position[ids.to(device)] = torch.arange(len(tokens), device=device)
+                masters.append(master)
+                hooks.append(module.register_forward_hook(_substitute_rows(master, position)))
+            yield masters
+        finally:
+            for hook in hooks:
+                hook.remove()
+            with torch.no_grad():
+                for slot, ids, master in zip(self.slots, self.token_ids(tokens), masters):
+                    weight = slot.embedding().weight
+                    weight[ids.to(weight.device)] = master.detach().to(weight)
 
     def token_ids(self, tokens: Sequence[str]) -> list[torch.Tensor]:
         """Row indices of the tokens in each encoder's embedding table."""
@@ -146,11 +183,28 @@ class TextConditioner:
                     weight[i] = rows[key].to(weight)
 
     # --- encoding ------------------------------------------------------------------------------------
+    def fit(self, prompt: str, length: int) -> tuple[str, str, list[str]]:
+        """How ``prompt`` fits in ``length`` tokens (start and end tokens included): ``(the text encoded,
+        the words dropped, the item tokens among them)``; ``(prompt, "", [])`` when it all fits."""
+        kept, dropped_text, dropped_items = prompt, "", []
+        for s, slot in enumerate(self.slots):
+            ids = slot.tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
+            if len(ids) > length:
+                cut = ids[length - 1:-1]   # truncation keeps the end token and drops what precedes it
+                if s == 0:
+                    kept = slot.tokenizer.decode(ids[1:length - 1]).strip()
+                text = slot.tokenizer.decode(cut).strip()
+                dropped_text = text if len(text) > len(dropped_text) else dropped_text
+                items = [t for t in slot.tokenizer.convert_ids_to_tokens(cut) if t in self.learned]
+                dropped_items += [t for t in items if t not in dropped_items]
+        return kept, dropped_text, dropped_items
+
     def encode(self, prompts: Sequence[str], length: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Encode prompts padded/truncated to ``length`` tokens.
+        """Encode prompts padded/truncated to ``length`` tokens (callers check truncation with :meth:`fit`).
 
-        Returns states ``(n, length, D)`` and the pooled embedding ``(n, P)`` (SDXL) or None.
+        Returns states ``(n, length, D)`` and the pooled embedding ``(n, P)`` (SDXL) or None, in the
+        encoders' dtype.
         """
         length = min(length or self.max_length, self.max_length)
         states, pooled = [], None
@@ -175,8 +229,17 @@ class TextConditioner:
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
         return {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}
 
-    def parameters_for_tokens(self) -> list[torch.nn.Parameter]:
-        return [slot.embedding().weight for slot in self.slots]
+
+
+def _substitute_rows(master: torch.Tensor, position: torch.Tensor):
+    """Forward hook of an embedding: rows whose id has a master row take it (cast to the output's dtype)."""
+    def hook(module, args, output):
+        where = position[args[0]]
+        found = where >= 0
+        if not bool(found.any()):
+            return output
+        return torch.where(found[..., None], master[where.clamp_min(0)].to(output.dtype), output)
+    return hook
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,7 +263,10 @@ class DEditModel:
         self.dtype = dtype
         self._pristine: dict[str, torch.Tensor] = {}   # UNet parameters as loaded, before a delta replaced them
         self.lora_adapter: str | None = None
+        self._delta_source: dict | None = None          # the session tensors whose delta is in place now
         install_grouped_attention(self.unet)
+        if self.vae is not None:
+            self.vae.enable_slicing()   # decode a batch one image at a time: same output, a batch's peak / n
         for module in self.modules():
             module.requires_grad_(False)
             module.eval()
@@ -218,8 +284,9 @@ class DEditModel:
 
     @property
     def latent_factor(self) -> int:
-        """Image sides must be multiples of this: VAE downscale x UNet downsamplings."""
-        return self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        """Image sides must be multiples of this (the VAE's downscale): the UNet takes any latent size, its
+        coarser levels are ceil-sized (e.g. 40x25 -> 20x13 -> 10x7) and the item maps follow them."""
+        return self.vae_scale
 
     @property
     def latent_channels(self) -> int:
@@ -271,26 +338,34 @@ class DEditModel:
             if n not in self._pristine:
                 self._pristine[n] = params[n].detach().clone()
 
-    def add_lora(self, rank: int, alpha: float, target_modules: list[str]) -> None:
+    def add_lora(self, rank: int, alpha: float, target_modules: list[str], seed: int = 0) -> None:
+        """A fresh LoRA adapter; its random init is drawn from ``seed`` (not from the global generator, whose
+        state depends on what ran before: a resumed finetune would start from another init)."""
         from peft import LoraConfig
         self.reset_unet()
         config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_modules)
-        self.unet.add_adapter(config, adapter_name=LORA_ADAPTER)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            self.unet.add_adapter(config, adapter_name=LORA_ADAPTER)
         self.lora_adapter = LORA_ADAPTER
+        for p in self.lora_parameters().values():   # trained in fp32 (peft casts the input to them)
+            p.data = p.data.float()
 
     def lora_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.unet.named_parameters() if "lora_" in n}
 
     def reset_unet(self) -> None:
-        """Undo any learned delta: restore replaced parameters and drop the LoRA adapter."""
+        """Undo any learned delta: the UNet as loaded, bit for bit and with its own parameter names (the LoRA
+        wrappers are unloaded, not just emptied)."""
         if self.lora_adapter is not None:
-            self.unet.delete_adapters(self.lora_adapter)
+            self.unet.unload_lora()
             self.lora_adapter = None
         params = dict(self.unet.named_parameters())
         with torch.no_grad():
             for n, value in self._pristine.items():
                 params[n].data = value.clone()
         self._pristine.clear()
+        self._delta_source = None
 
     def load_unet_delta(self, mode: str, tensors: dict[str, torch.Tensor], lora: dict | None = None) -> None:
         """Put learned UNet parameters in place ('attn': replaced q/k/v weights; 'lora': adapter weights)."""
@@ -310,6 +385,16 @@ class DEditModel:
             for n, value in tensors.items():
                 params[n].data = value.to(device=self.device, dtype=params[n].dtype).clone()
         self.unet.requires_grad_(False)
+        self._delta_source = tensors
+
+    def use_session(self, session) -> None:
+        """Put exactly this finetuned session's item tokens and UNet delta in place (every run calls it, so
+        one loaded model serves many sessions: the delta is swapped only when another one is in place)."""
+        self.text.set_token_rows(session.load_weights("tokens"))
+        unet = session.load_weights("unet")
+        if unet is not self._delta_source or not unet:
+            meta = session.weights_meta
+            self.load_unet_delta(meta["mode"], unet, meta.get("lora"))
 
     @property
     def prediction_type(self) -> str:
@@ -322,6 +407,12 @@ class DEditModel:
     def sampling_scheduler(self):
         from diffusers import DDIMScheduler
         return DDIMScheduler.from_config(self.scheduler_config)
+
+    def enable_vae_tiling(self) -> None:
+        """Encode/decode large images in overlapping tiles (diffusers' VAE tiling): bounded memory for
+        images above the VAE's sample size, with blended tile seams there; smaller images are unchanged."""
+        if self.vae is not None:
+            self.vae.enable_tiling()
 
     def to(self, device=None, dtype=None) -> "DEditModel":
         self.device = torch.device(device) if device is not None else self.device
@@ -419,9 +510,9 @@ def load_model(model: str | os.PathLike = "offline", device: str | torch.device 
         text = TextConditioner([slot])
         vae = _component(path, index, "vae", dt) if index.get("vae") else None
     else:
-        vae = _component(path, index, "vae", dt)
-        if dt == torch.float16 and getattr(vae.config, "force_upcast", False):
-            vae.to(torch.float32)  # SDXL's VAE overflows in fp16
+        vae_config = _vae_config(path)
+        upcast = dt == torch.float16 and vae_config.get("force_upcast", True)   # diffusers' default: True
+        vae = _component(path, index, "vae", torch.float32 if upcast else dt)   # SDXL's VAE overflows in fp16
         if family == "sdxl":
             text = TextConditioner([
                 EncoderSlot(_component(path, index, "tokenizer", None),
@@ -434,6 +525,14 @@ def load_model(model: str | os.PathLike = "offline", device: str | torch.device 
                                                 _component(path, index, "text_encoder", dt))])
     return DEditModel(model_id, family, unet, scheduler_config, text, vae=vae, device=dev, dtype=dt,
                       zero_uncond=bool(index.get("force_zeros_for_empty_prompt", False))).to(dev)
+
+
+def _vae_config(path: str) -> dict:
+    from diffusers import AutoencoderKL
+    try:
+        return dict(AutoencoderKL.load_config(path, subfolder="vae"))
+    except Exception:  # noqa: BLE001 - the component's own loader reports a missing folder
+        return {}
 
 
 def _scheduler_config(path: str, index: dict) -> dict:
@@ -468,11 +567,14 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def build_tiny_model(family: str, folder: str | os.PathLike, seed: int = 0, sample_size: int = 32) -> Path:
-    """Write a tiny randomly initialised model of a family ('sd', 'sdxl', 'offline') as a diffusers folder.
+    """Write a tiny randomly initialised model of a family ('sd', 'sd2', 'sdxl', 'offline') as a diffusers folder.
 
     Same classes and layout as the real checkpoints (``save_pretrained`` per component plus
-    ``model_index.json``), small enough to run the whole engine on a CPU in seconds.
+    ``model_index.json``), small enough to run the whole engine on a CPU in seconds. 'sd2' is 'sd' with
+    SD 2.x's differences: v-prediction and linear projections in the transformer blocks.
     """
+    v_prediction = family == "sd2"
+    family = "sd" if family == "sd2" else family
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -490,13 +592,16 @@ def build_tiny_model(family: str, folder: str | os.PathLike, seed: int = 0, samp
                            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
     else:
         unet_kwargs.update(in_channels=4, out_channels=4)
+    if v_prediction:
+        unet_kwargs.update(use_linear_projection=True)
     if family == "sdxl":
         unet_kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=8,
                            projection_class_embeddings_input_dim=32 + 6 * 8, use_linear_projection=True,
                            transformer_layers_per_block=(1, 2))
     UNet2DConditionModel(**unet_kwargs).save_pretrained(folder / "unet")
     DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                  set_alpha_to_one=False, steps_offset=1).save_pretrained(folder / "scheduler")
+                  set_alpha_to_one=False, steps_offset=1,
+                  prediction_type="v_prediction" if v_prediction else "epsilon").save_pretrained(folder / "scheduler")
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
              "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDIMScheduler"]}
     if family == "offline":

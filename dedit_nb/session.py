@@ -41,7 +41,7 @@ from filelock import FileLock, Timeout
 from PIL import Image
 
 from . import masks as M
-from .images import resize_rgb, to_rgb_array, working_size
+from .images import fit_working_size, to_rgb_array
 
 FORMAT = 1
 SESSION_FILE = "session.json"
@@ -144,6 +144,7 @@ class ImageEntry:
     labels: np.ndarray                      # int32 (H, W)
     items: list[Item]
     working_file: str = ""                  # set once the working image is written
+    fit: dict = field(default_factory=dict)  # how the original became the working image (images.WorkingFit)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -184,9 +185,10 @@ class Session:
                overwrite: bool = False, save: bool = True) -> "Session":
         """Start a session in a new folder from an image (path, PIL image or array).
 
-        The image is worked on at a size whose longer side is about ``resolution`` and whose sides are
-        multiples of ``multiple`` (the model's latent factor; 64 fits SD and SDXL). Until items are set,
-        one item covers the whole image. With ``save=False`` nothing is written until :meth:`save`.
+        The image is worked on at a size whose short side is about ``resolution``, aspect ratio kept, sides
+        cropped down to multiples of ``multiple`` (the model's latent factor: 8 fits SD and SDXL); the
+        session records the resize and crop. Until items are set, one item covers the whole image. With
+        ``save=False`` nothing is written until :meth:`save`.
         """
         folder = Path(folder)
         _check_new_folder(folder, overwrite)
@@ -267,8 +269,8 @@ class Session:
                                "call discard_weights() first")
         source_path = Path(image) if isinstance(image, (str, os.PathLike)) else None
         rgb = to_rgb_array(image)
-        w, h = working_size(rgb.shape[1], rgb.shape[0], self._data["resolution"], self.multiple)
-        working = resize_rgb(rgb, (w, h))
+        fit = fit_working_size(rgb.shape[1], rgb.shape[0], self._data["resolution"], self.multiple)
+        working, (w, h) = fit.apply(rgb), fit.size
         index = len(self.images)
         name = name or (source_path.stem if source_path else f"image{index}")
         if any(e.name == name for e in self.images):
@@ -280,14 +282,17 @@ class Session:
             item_labels = list(item_labels or ["image"])
         else:
             labels = np.asarray(labels)
-            if labels.shape != (h, w):
+            if labels.shape == rgb.shape[:2]:
+                labels = fit.apply_labels(labels)
+            elif labels.shape != (h, w):
                 labels = M.resize_labels(labels, (h, w))
             if item_labels is None:
                 item_labels = [f"item{k}" for k in range(int(labels.max()) + 1)]
             item_labels = list(item_labels)
         labels = M.check_labels(labels, len(item_labels))
         original_rel = self._stage(f"images/{index}-original", ext, original_bytes)
-        self.images.append(ImageEntry(name, original_rel, working, labels, [Item(l) for l in item_labels]))
+        self.images.append(ImageEntry(name, original_rel, working, labels, [Item(l) for l in item_labels],
+                                      fit=fit.as_dict()))
         if save:
             self.save()
         return index
@@ -447,7 +452,7 @@ class Session:
                 entry.working_file = self._stage(f"images/{i}-working", ".png", png_bytes(entry.working))
             labels_rel = self._stage(f"items/{i}", ".npy", npy_bytes(entry.labels.astype(np.int32)))
             images.append({"name": entry.name, "original": entry.original_file, "working": entry.working_file,
-                           "size": list(entry.size), "labels": labels_rel,
+                           "size": list(entry.size), "fit": entry.fit, "labels": labels_rel,
                            "items": [asdict(it) for it in entry.items]})
         return {**copy.deepcopy(self._data), "images": images}
 
@@ -726,7 +731,8 @@ def _load_images(folder: Path, data: dict) -> list[ImageEntry]:
             raise SessionError(f"{labels_path} (the label map of image {name!r}) is not a valid label map of "
                                f"{len(entry['items'])} items ({exc}); restore it from a backup, or set the items "
                                "again (01_segment with overwrite=True)") from exc
-        images.append(ImageEntry(name, entry["original"], working, labels, items, entry["working"]))
+        images.append(ImageEntry(name, entry["original"], working, labels, items, entry["working"],
+                                 entry.get("fit", {})))
     return images
 
 

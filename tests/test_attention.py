@@ -160,3 +160,65 @@ def test_unet_with_grouped_processor_isolates_items_in_cross_attention(tiny_mode
     level = layout.level_labels(n).reshape(-1)
     assert torch.allclose(a[0, level == 0], b[0, level == 0], atol=0, rtol=0)
     assert not torch.allclose(a[0, level == 1], b[0, level == 1])
+
+
+def test_item_maps_follow_ceil_sized_levels_and_equal_the_dense_formula():
+    """A 5x7 latent has UNet levels 3x4 and 2x2 (stride-2 convolutions round up): each cell takes the
+    majority item of its block, cut short at the last row and column."""
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 3, (1, 5, 7), generator=g)
+    spans = [[(0, 3), (3, 8), (8, 12)]]
+    layout = ItemLayout(labels, spans)
+    for factor, (h, w) in ((2, (3, 4)), (4, (2, 2))):
+        expected = torch.tensor([[int(torch.bincount(labels[0, i * factor:(i + 1) * factor,
+                                                             j * factor:(j + 1) * factor].reshape(-1),
+                                                     minlength=3).argmax()) for j in range(w)] for i in range(h)])
+        assert torch.equal(layout.level_labels(h * w)[0], expected)
+        q, k, v = torch.randn(1, 2, h * w, 4, generator=g), torch.randn(1, 2, 12, 4, generator=g), \
+            torch.randn(1, 2, 12, 4, generator=g)
+        ref = reference_grouped(q, k, v, expected.reshape(1, -1), spans)
+        assert (grouped_attention(q, k, v, layout) - ref).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="no level"):
+        layout.level_labels(3 * 3)
+
+
+class _CheckingProcessor(GroupedAttnProcessor):
+    """Checks every grouped call against the dense formula on the layer's own item map."""
+
+    calls = []
+
+    def grouped(self, query, key, value, layout):
+        out = super().grouped(query, key, value, layout)
+        labels = layout.level_labels(query.shape[2]).reshape(query.shape[0], -1)
+        ref = reference_grouped(query, key, value, labels, layout.spans)
+        self.calls.append((query.shape[2], (out - ref).abs().max().item()))
+        return out
+
+
+def test_a_unet_at_an_odd_latent_size_groups_its_coarse_levels_exactly(tiny_model_dirs):
+    from dedit_nb.models import load_model
+    model = load_model(str(tiny_model_dirs["offline"]))     # cross-attention at the second, ceil-sized level
+    model.unet.set_attn_processor({n: _CheckingProcessor() if ".attn2." in n else p
+                                   for n, p in model.unet.attn_processors.items()})
+    labels = torch.zeros(1, 13, 9, dtype=torch.long)
+    labels[0, :, 5:] = 1
+    labels[0, 8:, :] = 2
+    states, _ = model.text.encode(["a cat", "a dog", "grass"], 6)
+    _CheckingProcessor.calls.clear()
+    with torch.no_grad():
+        out = model.predict(torch.randn(1, 3, 13, 9), 10, states.reshape(1, 18, -1),
+                            ItemLayout(labels, [[(0, 6), (6, 12), (12, 18)]]))
+    assert out.shape == (1, 3, 13, 9)
+    assert {n for n, _ in _CheckingProcessor.calls} == {7 * 5}
+    assert max(err for _, err in _CheckingProcessor.calls) <= 1e-5
+
+
+def test_grouped_processor_goes_on_cross_attention_only(tiny_model):
+    from diffusers.models.attention_processor import AttnProcessor
+    unet = tiny_model.unet
+    processors = unet.attn_processors
+    assert processors and all(isinstance(p, GroupedAttnProcessor) == (".attn2." in n) for n, p in processors.items())
+    unet.set_attn_processor(AttnProcessor())            # e.g. the user's choice of backend
+    A.install_grouped_attention(unet)
+    for name, p in unet.attn_processors.items():
+        assert type(p) is (GroupedAttnProcessor if ".attn2." in name else AttnProcessor)

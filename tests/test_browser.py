@@ -175,10 +175,10 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
         canvas.screenshot(path=str(shot))
         from PIL import Image
         pixels = np.asarray(Image.open(shot).convert("RGB"))
-        scale = pixels.shape[1] / 128
+        scale = pixels.shape[1] / session.images[0].size[0]
         seen = pixels[int((border_y + 0.5) * scale), int((border_x + 0.5) * scale)]
         assert tuple(int(c) for c in seen) == item_colour(1)                 # the canvas shows the swatch colour
-        scale = box["width"] / 128                        # image pixels -> screen pixels
+        scale = box["width"] / session.images[0].size[0]   # image pixels -> screen pixels
         y = box["y"] + 40.5 * scale
         page.mouse.move(box["x"] + 20.5 * scale, y)
         page.mouse.down()

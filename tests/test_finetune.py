@@ -81,28 +81,45 @@ def test_stage2_changes_only_the_chosen_parameters_and_saves_only_them(tmp_path,
     assert sum(v.numel() for v in saved.values()) < total / 2               # never the whole UNet
 
 
-def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, photo, tiny_model_dirs):
-    cfg = FinetuneConfig(stage1_steps=4, stage2_steps=4, stage1_lr=1e-2, stage2_lr=1e-2, **FAST)
-    model_a = load_model(str(tiny_model_dirs["sd"]))
+@pytest.mark.parametrize("dtype,lora", [("bf16", False), ("fp32", True),
+                                        pytest.param("fp32", False, marks=pytest.mark.slow),
+                                        pytest.param("fp16", True, marks=pytest.mark.slow)])
+def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, photo, tiny_model_dirs, dtype, lora):
+    """Also in half precision, where the saved delta is in the model's dtype and the fp32 masters and loss
+    scale travel with the optimizer state."""
+    cfg = FinetuneConfig(stage1_steps=4, stage2_steps=4, stage1_lr=1e-2, stage2_lr=1e-2, lora=lora, **FAST)
+    model_a = load_model(str(tiny_model_dirs["sd"]), dtype=dtype)
     straight = make_session(tmp_path, photo, model_a, "straight")
     full = finetune(model_a, straight, cfg, progress=False)
 
-    model_b = load_model(str(tiny_model_dirs["sd"]))
+    model_b = load_model(str(tiny_model_dirs["sd"]), dtype=dtype)
     interrupted = make_session(tmp_path, photo, model_b, "interrupted")
     interrupted._data["id"] = straight.id          # same token names, so the runs are comparable
     interrupted.save()
-    for stop_at in [("stage1", 2), ("stage2", 1)]:
+    for stop_at in [("stage1", 2), ("stage2", 0)]:
         part = finetune(model_b, interrupted, cfg, progress=False,
                         callback=lambda stage, step, loss, stop_at=stop_at: (stage, step) != stop_at)
         assert not part.completed
-    model_c = load_model(str(tiny_model_dirs["sd"]))              # a fresh process, as after a crash
+    model_c = load_model(str(tiny_model_dirs["sd"]), dtype=dtype)   # a fresh process, as after a crash
     resumed = finetune(model_c, Session.open(tmp_path / "interrupted"), cfg, progress=False)
     assert resumed.completed
     assert all(np.allclose(resumed.loss[stage], full.loss[stage]) for stage in ("stage1", "stage2"))
-    a, b = straight.load_weights("unet"), Session.open(tmp_path / "interrupted").load_weights("unet")
-    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
-    ta, tb = straight.load_weights("tokens"), Session.open(tmp_path / "interrupted").load_weights("tokens")
-    assert all(torch.allclose(ta[n], tb[n], atol=1e-6) for n in ta)
+    for kind in ("unet", "tokens"):
+        a, b = straight.load_weights(kind), Session.open(tmp_path / "interrupted").load_weights(kind)
+        assert set(a) == set(b) and all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    assert not straight.load_weights("optimizer")          # resume state is dropped once the finetune is done
+    if dtype != "fp32" and not lora:
+        assert all(v.dtype == model_a.dtype for v in straight.load_weights("unet").values())
+
+
+def test_stage1_optimizer_state_holds_only_the_trained_rows(tmp_path, photo, tiny_model_dirs):
+    model = load_model(str(tiny_model_dirs["sdxl"]))
+    s = make_session(tmp_path, photo, model)
+    finetune(model, s, FinetuneConfig(stage1_steps=3, stage2_steps=1, **FAST), progress=False,
+             callback=lambda stage, step, loss: step < 1)
+    moments = {k: v for k, v in s.load_weights("optimizer").items() if not k.endswith(".step")}
+    width = sum(slot.embedding().weight.shape[1] for slot in model.text.slots)
+    assert sum(v.numel() for v in moments.values()) == 2 * len(s.all_tokens()) * width   # Adam's two moments
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, photo, tiny_model_dirs):
@@ -124,3 +141,71 @@ def test_joint_finetune_of_several_images(tmp_path, photo, tiny_model_dirs):
     finetune(model, s, FinetuneConfig(stage1_steps=2, stage2_steps=1, **FAST), progress=False)
     tokens = s.load_weights("tokens")
     assert len({k.split("/", 1)[1] for k in tokens}) == 3 * 3 * 2     # 3 images x 3 items x 2 tokens
+
+
+def test_one_model_serves_many_sessions_as_fresh_models_would(tmp_path, photo, tiny_model_dirs):
+    """B (LoRA) and A (attention mode) share one loaded model: every finetune, resume and edit runs with its
+    own session's tokens and UNet delta only, as on a freshly loaded model, and a reset gives back the
+    loaded UNet bit for bit under its own parameter names."""
+    from dedit_nb.edits import Editor
+    folder = str(tiny_model_dirs["sd"])
+    sampling = dict(steps=2, guidance=3.0)
+    cfg_a = FinetuneConfig(stage1_steps=2, stage2_steps=3, stage1_lr=1e-2, stage2_lr=1e-2, **FAST)
+    shared = load_model(folder)
+    b = make_session(tmp_path, photo, shared, "b")
+    finetune(shared, b, FinetuneConfig(stage1_steps=2, stage2_steps=2, lora=True, lora_lr=1e-2, **FAST),
+             progress=False)
+    a = make_session(tmp_path, photo[::-1].copy(), shared, "a")
+    reference = make_session(tmp_path, photo[::-1].copy(), shared, "a-fresh")
+    reference._data["id"] = a.id                    # same token names: comparable runs
+    reference.save()
+    finetune(shared, a, cfg_a, progress=False, callback=lambda stage, step, loss: (stage, step) != ("stage2", 1))
+    b_between = Editor(shared, b, progress=False).reconstruct(0, **sampling).images[0]
+    assert finetune(shared, a, cfg_a, progress=False).completed                  # resumed after B ran
+    editors = [Editor(shared, a, progress=False), Editor(shared, b, progress=False)]
+    alternated = [editors[j % 2].reconstruct(0, **sampling).images[0] for j in range(4)]
+
+    finetune(load_model(folder), reference, cfg_a, progress=False)
+    for kind in ("tokens", "unet"):
+        mine, fresh = Session.open(a.folder).load_weights(kind), reference.load_weights(kind)
+        assert set(mine) == set(fresh) and all(torch.allclose(mine[n], fresh[n], atol=1e-6) for n in mine)
+    alone_a = Editor(load_model(folder), Session.open(a.folder), progress=False).reconstruct(0, **sampling).images[0]
+    alone_b = Editor(load_model(folder), Session.open(b.folder), progress=False).reconstruct(0, **sampling).images[0]
+    assert not np.array_equal(alone_a, alone_b)
+    for j, image in enumerate(alternated):
+        assert np.array_equal(image, alone_a if j % 2 == 0 else alone_b), j
+    assert np.array_equal(b_between, alone_b)
+
+    shared.reset_unet()
+    pristine = load_model(folder).unet.state_dict()
+    state = shared.unet.state_dict()
+    assert list(state) == list(pristine)
+    assert all(torch.equal(state[n], pristine[n]) for n in pristine)
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, photo, tiny_model_dirs):
+    cfg = dict(stage1_steps=2, stage2_steps=2, stage1_lr=1e-2, stage2_lr=1e-2, **FAST)
+    weights = []
+    for name, checkpointing in (("plain", False), ("checkpointed", True)):
+        model = load_model(str(tiny_model_dirs["sdxl"]))
+        s = make_session(tmp_path, photo, model, name)
+        s._data["id"] = "abcdef"
+        during = []
+        finetune(model, s, FinetuneConfig(gradient_checkpointing=checkpointing, **cfg), progress=False,
+                 callback=lambda *a, model=model: during.append(model.unet.is_gradient_checkpointing))
+        assert during == [checkpointing] * 4
+        assert not model.unet.is_gradient_checkpointing                 # switched off again after the finetune
+        weights.append({**s.load_weights("tokens"), **s.load_weights("unet")})
+    assert all(torch.allclose(weights[0][n], weights[1][n], atol=1e-6) for n in weights[0])
+
+
+def test_starting_over_on_the_same_model_redraws_the_tokens(tmp_path, photo, tiny_model_dirs):
+    """resume=False on a model that already holds the session's learned tokens ends where the first run did."""
+    model = load_model(str(tiny_model_dirs["sd"]))
+    s = make_session(tmp_path, photo, model)
+    cfg = FinetuneConfig(stage1_steps=2, stage2_steps=1, stage1_lr=1e-2, **FAST)
+    finetune(model, s, cfg, progress=False)
+    first = s.load_weights("tokens")
+    finetune(model, s, cfg, progress=False, resume=False)
+    again = s.load_weights("tokens")
+    assert all(torch.equal(first[k], again[k]) for k in first)

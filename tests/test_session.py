@@ -24,8 +24,8 @@ def test_create_keeps_the_original_and_works_at_multiples_without_cropping(tmp_p
     entry = s.images[0]
     assert (tmp_path / "s" / entry.original_file).read_bytes() == src.read_bytes()
     w, h = entry.size
-    assert w % 64 == 0 and h % 64 == 0 and max(w, h) == 256
-    assert abs(w / h - photo.shape[1] / photo.shape[0]) < 0.2       # aspect kept (400x600 -> 256x192)
+    assert w % 64 == 0 and h % 64 == 0 and min(w, h) == 256         # resolution is the short side
+    assert w / h == photo.shape[1] / photo.shape[0]                  # aspect kept (600x400 -> 384x256)
     assert (entry.labels == 0).all() and [i.label for i in entry.items] == ["image"]
 
 
@@ -115,9 +115,9 @@ def test_unreadable_image_is_a_clear_error(tmp_path):
 
 
 def test_working_size():
-    assert working_size(600, 400, 512, 64) == (512, 320)
-    assert working_size(400, 600, 512, 64) == (320, 512)
-    assert working_size(2048, 1536, 512, 8) == (512, 384)
+    assert working_size(600, 400, 512, 8) == (768, 512)      # short side = resolution, as SD users mean it
+    assert working_size(400, 600, 512, 8) == (512, 768)
+    assert working_size(2048, 1536, 512, 8) == (680, 512)    # 682.7 px: cropped to a multiple, not stretched
     with pytest.raises(ImageInputError):
         working_size(100, 100, 32, 64)
 
