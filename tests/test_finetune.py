@@ -186,10 +186,10 @@ def test_one_model_serves_many_sessions_as_fresh_models_would(tmp_path, photo, t
 def test_gradient_checkpointing_trains_the_same_weights(tmp_path, photo, tiny_model_dirs):
     cfg = dict(stage1_steps=2, stage2_steps=2, stage1_lr=1e-2, stage2_lr=1e-2, **FAST)
     weights = []
+    first = make_session(tmp_path, photo, load_model(str(tiny_model_dirs["sdxl"])), "first")
     for name, checkpointing in (("plain", False), ("checkpointed", True)):
         model = load_model(str(tiny_model_dirs["sdxl"]))
-        s = make_session(tmp_path, photo, model, name)
-        s._data["id"] = "abcdef"
+        s = first.copy_to(tmp_path / name)     # the same session id, so the same token names
         during = []
         finetune(model, s, FinetuneConfig(gradient_checkpointing=checkpointing, **cfg), progress=False,
                  callback=lambda *a, model=model: during.append(model.unet.is_gradient_checkpointing))
