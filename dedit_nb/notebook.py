@@ -100,7 +100,7 @@ NOTEBOOK_PARAMETERS: dict[str, dict[str, Check]] = {
         "dx": number(), "dy": number(), "scale": number(0, low_open=True), "source_session": text(optional=True),
         "source_image": IMAGE, "source_item": ITEM, "strength": number(0, 1), "guidance": number(0),
         "steps": integer(1), "edge_thickness": integer(0), "seed": integer(0), "num_images": integer(1),
-        "output_dir": text(), "device": text(optional=True), "interactive": FLAG,
+        "output_dir": text(), "overwrite": FLAG, "device": text(optional=True), "interactive": FLAG,
         "batch_grid": text(optional=True)},
 }
 SAMPLING = ("strength", "guidance", "steps", "edge_thickness", "seed", "num_images")

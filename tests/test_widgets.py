@@ -8,7 +8,7 @@ from dedit_nb import masks as M
 from dedit_nb.images import resize_rgb
 from dedit_nb.session import Session
 from widgets import ItemPalette, ItemsEditor, ItemState, MaskEditor, ResultGallery, disk_stroke
-from widgets.gallery import before_after
+from widgets.gallery import CARD_WIDTH, before_after
 
 
 @pytest.fixture
@@ -426,7 +426,8 @@ def test_gallery_cards_are_readable_in_a_grid(tmp_path):
     import io
     shown = np.asarray(Image.open(io.BytesIO(card.picture.value)).convert("RGB"))
     factor = shown.shape[1] // original.shape[1]
-    assert factor == 10 and np.array_equal(shown[::factor, ::factor], after)   # starts on the result, crisp
+    assert factor == CARD_WIDTH // original.shape[1] > 1                      # crisp: a whole-pixel enlargement
+    assert np.array_equal(shown[::factor, ::factor], after)                   # starts on the result
     legend = "".join(_html_values(card))
     for rgb in REGION_COLOURS:
         assert "rgb({},{},{})".format(*rgb) in legend
