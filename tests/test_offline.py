@@ -1,5 +1,7 @@
 """The offline demo model: its scenes, its resumable training script, and the shipped weights."""
+import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -7,7 +9,12 @@ import torch
 
 from dedit_nb.models import OFFLINE_MODEL_DIR, load_model
 from dedit_nb.offline import train as T
+from dedit_nb.offline import scenes as W
 from dedit_nb.offline.scenes import HELD_OUT, SHAPES, random_scene, shape_mask
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
 
 
 def test_scenes_come_with_a_partition_and_never_draw_held_out_pairs():
@@ -74,6 +81,58 @@ def test_caption_tokens_know_which_item_each_word_names():
         assert all(named[k] == [o.colour, o.shape] for k, o in enumerate(scene.objects, start=1))
         assert {w for w, i in zip(words, items.tolist()) if i < 0} <= {"[CLS]", "[SEP]", "[PAD]", "a", "an", ",",
                                                                        "and", "on"}
+
+
+def test_trained_wording_never_uses_a_held_out_word_or_template_and_the_held_out_wording_does():
+    rng = np.random.default_rng(4)
+    held_template_words = words(W.HELD_OUT_TEMPLATE) - set().union(*map(words, W.CAPTION_TEMPLATES)) - {"a"}
+    assert W.HELD_OUT_WORDS and held_template_words       # "picture", "against"
+    seen = {colour: set() for colour in W.COLOUR_WORDS}
+    for _ in range(400):
+        scene = W.reword(random_scene(rng), rng, W.TRAINED)
+        for text in [scene.caption] + scene.item_phrases:
+            assert not words(text) & (W.HELD_OUT_WORDS | held_template_words), text
+        for colour in seen:
+            seen[colour] |= {w for w in W.COLOUR_WORDS[colour] if re.search(rf"\b{w}\b", scene.caption)}
+    # every trained synonym of every colour turns up
+    assert all(found == set(W.COLOUR_WORDS[c]) - W.HELD_OUT_WORDS for c, found in seen.items())
+    held = W.reword(random_scene(rng, num_objects=1), rng, W.HELD_OUT_VOCABULARY)
+    assert held.caption.startswith("a picture of ") and " against " in held.caption
+    plain = W.Scene(held.image, held.labels, held.background, held.objects)
+    assert W.reword(held, rng, W.PLAIN).caption == plain.caption and plain.caption.endswith(" background")
+    with pytest.raises(ValueError, match="unknown vocabulary"):
+        W.reword(held, rng, "fancy")
+
+
+def test_caption_words_name_their_own_item_in_every_template_and_vocabulary():
+    # the grounding loss pulls each item's words onto its pixels: a word given to the wrong item, or a colour
+    # or shape word left as glue, would teach the model to bind wrongly
+    from dedit_nb.models import _minilm_slot
+    tokenizer = _minilm_slot(torch.float32).tokenizer
+    rng = np.random.default_rng(6)
+    fits = lambda c: len(tokenizer(c)["input_ids"]) <= T.TEXT_LENGTH     # noqa: E731
+    content = set().union(*map(words, [*itertools.chain(*W.COLOUR_WORDS.values(), *W.SHAPE_WORDS.values(),
+                                                        *W.SIZE_WORDS.values()), *W.BACKGROUND_NOUNS]))
+    for template, vocabulary, n in itertools.product(W.CAPTION_TEMPLATES + (W.HELD_OUT_TEMPLATE,),
+                                                     (W.TRAINED, W.HELD_OUT_VOCABULARY), (1, 2, 3)):
+        for _ in range(4):
+            scene = W.reword(random_scene(rng, num_objects=n), rng, vocabulary, fits=fits, template=template)
+            items = T.caption_token_items(scene.caption_parts, tokenizer).tolist()
+            ids = tokenizer(scene.caption, max_length=T.TEXT_LENGTH, padding="max_length")["input_ids"]
+            tokens = tokenizer.convert_ids_to_tokens(ids)
+            assert len(ids) == T.TEXT_LENGTH, scene.caption          # nothing truncated
+            named = {k: tokenizer.convert_tokens_to_string([t for t, i in zip(tokens, items) if i == k])
+                     for k in range(n + 1)}
+            bg_colours, bg_nouns = W.COLOUR_WORDS[scene.background], W.BACKGROUND_NOUNS
+            assert named[0] in {f"{c} {b}" for c in bg_colours for b in bg_nouns}, (scene.caption, named)
+            for k, obj in enumerate(scene.objects, start=1):
+                size = W.size_class(obj, 32, n)
+                sizes = [""] + [f"{s} " for s in W.SIZE_WORDS.get(size, ())]
+                expected = {f"{s}{a} {b}" for s in sizes for c in W.COLOUR_WORDS[obj.colour]
+                            for shape in W.SHAPE_WORDS[obj.shape] for a, b in ((c, shape), (shape, c))}
+                assert named[k] in expected, (scene.caption, k, named[k])
+            glue = [t for t, i in zip(tokens, items) if i < 0 and t not in ("[CLS]", "[SEP]", "[PAD]")]
+            assert not words(" ".join(glue)) & content, (scene.caption, glue)
 
 
 def test_grounding_loss_is_zero_when_words_and_pixels_keep_to_their_item_and_two_when_they_swap():
