@@ -49,7 +49,9 @@ def test_learning_rate_legs_decay_restart_warm_and_appending_a_leg_keeps_the_pre
 def test_training_resumes_to_the_same_weights(tmp_path):
     # interrupted inside the second leg's warm-up, so the resumed leg must pick up the schedule
     # (the second leg also trains the grounding loss)
-    schedule = (T.Leg(2, 1e-3, 1), T.Leg(4, 5e-4, 1, warmup_steps=2, grounding=0.1))
+    # (and words its scenes from the trained vocabulary, with noise and dropout on the text states)
+    schedule = (T.Leg(2, 1e-3, 1), T.Leg(4, 5e-4, 1, warmup_steps=2, grounding=0.1, vocabulary=W.TRAINED,
+                                         text_noise=0.3, token_dropout=0.1))
     kwargs = dict(minutes=5, batch=4, checkpoint_every=10, schedule=schedule)
     T.train(tmp_path / "straight", **kwargs)
     assert T.train(tmp_path / "resumed", stop_at=3, **kwargs) == 3
@@ -61,9 +63,67 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     from safetensors.torch import load_file
     ta, tb = (load_file(str(tmp_path / run / "state.safetensors")) for run in ("straight", "resumed"))
     assert all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta if k.startswith("ema."))
-    target = T.export(tmp_path / "straight", tmp_path / "exported")
+    target = T.export(tmp_path / "straight", tmp_path / "exported", schedule=schedule)
     model = load_model(str(target))
     assert model.family == "offline" and model.vae is None and model.text.max_length == T.TEXT_LENGTH
+    assert json.loads((target / "model_index.json").read_text())["_dedit_schedule_legs"] == 2
+
+
+def test_a_run_can_start_at_a_leg_end_from_exported_weights(tmp_path):
+    schedule = (T.Leg(2, 1e-3, 1), T.Leg(4, 5e-4, 1, vocabulary=W.TRAINED, text_noise=0.3))
+    kwargs = dict(minutes=5, batch=4, checkpoint_every=10, schedule=schedule)
+    T.train(tmp_path / "first", stop_at=2, **kwargs)
+    exported = T.export(tmp_path / "first", tmp_path / "exported", schedule=schedule)
+    assert T.train(tmp_path / "second", init=exported, **kwargs) == 4
+    state = json.loads((tmp_path / "second" / "state.json").read_text())
+    assert state["step"] == 4 and len(state["loss"]) == 2           # only the second leg's steps were trained
+    with pytest.raises(ValueError, match="not the end of a leg"):
+        T.export(tmp_path / "second", tmp_path / "mid", schedule=(T.Leg(3, 1e-3, 1), T.Leg(6, 1e-3, 1)))
+    T.export(tmp_path / "second", tmp_path / "mid", schedule=(T.Leg(3, 1e-3, 1), T.Leg(6, 1e-3, 1)), mid_leg=True)
+    with pytest.raises(ValueError, match="not at the end of a leg"):   # exported at 4, inside this schedule's leg
+        T.train(tmp_path / "third", init=tmp_path / "mid", **dict(kwargs, schedule=(T.Leg(3, 1e-3, 1),
+                                                                                      T.Leg(6, 1e-3, 1))))
+
+
+class RecordingPhrases(T.PhraseCache):
+    def __init__(self, text):
+        super().__init__(text)
+        self.seen = set()
+
+    def __call__(self, prompts):
+        self.seen.update(prompts)
+        return super().__call__(prompts)
+
+
+def test_a_worded_leg_draws_the_same_scenes_in_trained_words_only():
+    from dedit_nb.models import TextConditioner, _minilm_slot
+    phrases = RecordingPhrases(TextConditioner([_minilm_slot(torch.float32)]))
+    plain = T.Leg(10, 1e-3, 1)
+    worded = T.Leg(10, 1e-3, 1, vocabulary=W.TRAINED)
+    held_template_words = words(W.HELD_OUT_TEMPLATE) - set().union(*map(words, W.CAPTION_TEMPLATES)) - {"a"}
+    for step in range(6):
+        a = T.make_batch(step, 0, 32, 16, 0.5, phrases, plain)
+        before = set(phrases.seen)
+        b = T.make_batch(step, 0, 32, 16, 0.5, phrases, worded)
+        assert torch.equal(a.images, b.images) and torch.equal(a.scene_labels, b.scene_labels)
+        new = phrases.seen - before
+        assert len(new) >= 8 and not any(words(p) & (W.HELD_OUT_WORDS | held_template_words) for p in phrases.seen)
+        assert all(phrases.fits(p) for p in phrases.seen)
+        c = T.make_batch(step, 0, 32, 16, 0.5, phrases, None)     # no leg: the first legs' plain batches
+        assert torch.equal(a.states, c.states) and torch.equal(a.token_items, c.token_items)
+
+
+def test_text_state_noise_and_dropout_spare_the_empty_captions():
+    gen = torch.Generator().manual_seed(0)
+    states = torch.randn(3, 200, 384) * 5
+    worded = torch.tensor([True, False, True])
+    out = T.perturb_text_states(states, worded, 0.3, 0.1, gen)
+    assert torch.equal(out[1], states[1])
+    dropped = (out[[0, 2]] == 0).all(-1)
+    assert 0.05 < dropped.float().mean() < 0.15
+    kept = ~dropped
+    ratio = (out[[0, 2]] - states[[0, 2]])[kept].pow(2).mean() / states[[0, 2]][kept].pow(2).mean()
+    assert ratio.sqrt().item() == pytest.approx(0.3, rel=0.05)
 
 
 def test_caption_tokens_know_which_item_each_word_names():
@@ -198,5 +258,6 @@ def test_shipped_offline_model_draws_the_captioned_background():
 
 def test_shipped_weights_are_the_end_of_the_committed_schedule():
     # appending a leg to SCHEDULE without training it and exporting would leave README and weights apart
+    # (a leg may be appended and trained before its weights are chosen: the index says which leg they end)
     index = json.loads((OFFLINE_MODEL_DIR / "model_index.json").read_text())
-    assert index["_dedit_training_steps"] == T.SCHEDULE[-1].end
+    assert index["_dedit_training_steps"] == T.SCHEDULE[index["_dedit_schedule_legs"] - 1].end
