@@ -34,7 +34,7 @@ from ..attention import GroupedAttnProcessor, ItemLayout, item_coverage
 from ..finetune import flatten_optimizer_state, restore_optimizer_state
 from ..models import MINILM_SOURCE, OFFLINE_MODEL_DIR, TextConditioner, _minilm_slot
 from ..session import atomic_write_bytes
-from .scenes import PLAIN, random_scene, reword
+from .scenes import PLAIN, TRAINED, random_scene, reword
 
 TEXT_LENGTH = 24          # every prompt is padded to this many MiniLM tokens, in training and in use
 RESOLUTION = 32
@@ -234,7 +234,7 @@ FINAL_SHARE = 0.02
 SCHEDULE = (Leg(10_500, 1e-3, 5_000), Leg(15_500, 5e-4, 4_700, warmup_steps=300),
             Leg(19_000, 3e-4, 3_300, warmup_steps=200), Leg(24_000, 3e-4, 4_500, warmup_steps=200, grounding=0.1),
             Leg(28_000, 3e-4, 3_800, warmup_steps=200, grounding=0.05),
-            Leg(34_000, 3e-4, 3_000, warmup_steps=200, grounding=0.05, vocabulary="trained", text_noise=0.3,
+            Leg(34_000, 3e-4, 3_000, warmup_steps=200, grounding=0.05, vocabulary=TRAINED, text_noise=0.3,
                 token_dropout=0.1))
 
 
