@@ -1,5 +1,7 @@
 """The offline demo model: its scenes, its resumable training script, and the shipped weights."""
+import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -7,7 +9,12 @@ import torch
 
 from dedit_nb.models import OFFLINE_MODEL_DIR, load_model
 from dedit_nb.offline import train as T
+from dedit_nb.offline import scenes as W
 from dedit_nb.offline.scenes import HELD_OUT, SHAPES, random_scene, shape_mask
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
 
 
 def test_scenes_come_with_a_partition_and_never_draw_held_out_pairs():
@@ -42,7 +49,9 @@ def test_learning_rate_legs_decay_restart_warm_and_appending_a_leg_keeps_the_pre
 def test_training_resumes_to_the_same_weights(tmp_path):
     # interrupted inside the second leg's warm-up, so the resumed leg must pick up the schedule
     # (the second leg also trains the grounding loss)
-    schedule = (T.Leg(2, 1e-3, 1), T.Leg(4, 5e-4, 1, warmup_steps=2, grounding=0.1))
+    # (and words its scenes from the trained vocabulary, with noise and dropout on the text states)
+    schedule = (T.Leg(2, 1e-3, 1), T.Leg(4, 5e-4, 1, warmup_steps=2, grounding=0.1, vocabulary=W.TRAINED,
+                                         text_noise=0.3, token_dropout=0.1))
     kwargs = dict(minutes=5, batch=4, checkpoint_every=10, schedule=schedule)
     T.train(tmp_path / "straight", **kwargs)
     assert T.train(tmp_path / "resumed", stop_at=3, **kwargs) == 3
@@ -54,9 +63,67 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     from safetensors.torch import load_file
     ta, tb = (load_file(str(tmp_path / run / "state.safetensors")) for run in ("straight", "resumed"))
     assert all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta if k.startswith("ema."))
-    target = T.export(tmp_path / "straight", tmp_path / "exported")
+    target = T.export(tmp_path / "straight", tmp_path / "exported", schedule=schedule)
     model = load_model(str(target))
     assert model.family == "offline" and model.vae is None and model.text.max_length == T.TEXT_LENGTH
+    assert json.loads((target / "model_index.json").read_text())["_dedit_schedule_legs"] == 2
+
+
+def test_a_run_can_start_at_a_leg_end_from_exported_weights(tmp_path):
+    schedule = (T.Leg(2, 1e-3, 1), T.Leg(4, 5e-4, 1, vocabulary=W.TRAINED, text_noise=0.3))
+    kwargs = dict(minutes=5, batch=4, checkpoint_every=10, schedule=schedule)
+    T.train(tmp_path / "first", stop_at=2, **kwargs)
+    exported = T.export(tmp_path / "first", tmp_path / "exported", schedule=schedule)
+    assert T.train(tmp_path / "second", init=exported, **kwargs) == 4
+    state = json.loads((tmp_path / "second" / "state.json").read_text())
+    assert state["step"] == 4 and len(state["loss"]) == 2           # only the second leg's steps were trained
+    with pytest.raises(ValueError, match="not the end of a leg"):
+        T.export(tmp_path / "second", tmp_path / "mid", schedule=(T.Leg(3, 1e-3, 1), T.Leg(6, 1e-3, 1)))
+    T.export(tmp_path / "second", tmp_path / "mid", schedule=(T.Leg(3, 1e-3, 1), T.Leg(6, 1e-3, 1)), mid_leg=True)
+    with pytest.raises(ValueError, match="not at the end of a leg"):   # exported at 4, inside this schedule's leg
+        T.train(tmp_path / "third", init=tmp_path / "mid", **dict(kwargs, schedule=(T.Leg(3, 1e-3, 1),
+                                                                                      T.Leg(6, 1e-3, 1))))
+
+
+class RecordingPhrases(T.PhraseCache):
+    def __init__(self, text):
+        super().__init__(text)
+        self.seen = set()
+
+    def __call__(self, prompts):
+        self.seen.update(prompts)
+        return super().__call__(prompts)
+
+
+def test_a_worded_leg_draws_the_same_scenes_in_trained_words_only():
+    from dedit_nb.models import TextConditioner, _minilm_slot
+    phrases = RecordingPhrases(TextConditioner([_minilm_slot(torch.float32)]))
+    plain = T.Leg(10, 1e-3, 1)
+    worded = T.Leg(10, 1e-3, 1, vocabulary=W.TRAINED)
+    held_template_words = words(W.HELD_OUT_TEMPLATE) - set().union(*map(words, W.CAPTION_TEMPLATES)) - {"a"}
+    for step in range(6):
+        a = T.make_batch(step, 0, 32, 16, 0.5, phrases, plain)
+        before = set(phrases.seen)
+        b = T.make_batch(step, 0, 32, 16, 0.5, phrases, worded)
+        assert torch.equal(a.images, b.images) and torch.equal(a.scene_labels, b.scene_labels)
+        new = phrases.seen - before
+        assert len(new) >= 8 and not any(words(p) & (W.HELD_OUT_WORDS | held_template_words) for p in phrases.seen)
+        assert all(phrases.fits(p) for p in phrases.seen)
+        c = T.make_batch(step, 0, 32, 16, 0.5, phrases, None)     # no leg: the first legs' plain batches
+        assert torch.equal(a.states, c.states) and torch.equal(a.token_items, c.token_items)
+
+
+def test_text_state_noise_and_dropout_spare_the_empty_captions():
+    gen = torch.Generator().manual_seed(0)
+    states = torch.randn(3, 200, 384) * 5
+    worded = torch.tensor([True, False, True])
+    out = T.perturb_text_states(states, worded, 0.3, 0.1, gen)
+    assert torch.equal(out[1], states[1])
+    dropped = (out[[0, 2]] == 0).all(-1)
+    assert 0.05 < dropped.float().mean() < 0.15
+    kept = ~dropped
+    ratio = (out[[0, 2]] - states[[0, 2]])[kept].pow(2).mean() / states[[0, 2]][kept].pow(2).mean()
+    assert ratio.sqrt().item() == pytest.approx(0.3, rel=0.05)
 
 
 def test_caption_tokens_know_which_item_each_word_names():
@@ -74,6 +141,58 @@ def test_caption_tokens_know_which_item_each_word_names():
         assert all(named[k] == [o.colour, o.shape] for k, o in enumerate(scene.objects, start=1))
         assert {w for w, i in zip(words, items.tolist()) if i < 0} <= {"[CLS]", "[SEP]", "[PAD]", "a", "an", ",",
                                                                        "and", "on"}
+
+
+def test_trained_wording_never_uses_a_held_out_word_or_template_and_the_held_out_wording_does():
+    rng = np.random.default_rng(4)
+    held_template_words = words(W.HELD_OUT_TEMPLATE) - set().union(*map(words, W.CAPTION_TEMPLATES)) - {"a"}
+    assert W.HELD_OUT_WORDS and held_template_words       # "picture", "against"
+    seen = {colour: set() for colour in W.COLOUR_WORDS}
+    for _ in range(400):
+        scene = W.reword(random_scene(rng), rng, W.TRAINED)
+        for text in [scene.caption] + scene.item_phrases:
+            assert not words(text) & (W.HELD_OUT_WORDS | held_template_words), text
+        for colour in seen:
+            seen[colour] |= {w for w in W.COLOUR_WORDS[colour] if re.search(rf"\b{w}\b", scene.caption)}
+    # every trained synonym of every colour turns up
+    assert all(found == set(W.COLOUR_WORDS[c]) - W.HELD_OUT_WORDS for c, found in seen.items())
+    held = W.reword(random_scene(rng, num_objects=1), rng, W.HELD_OUT_VOCABULARY)
+    assert held.caption.startswith("a picture of ") and " against " in held.caption
+    plain = W.Scene(held.image, held.labels, held.background, held.objects)
+    assert W.reword(held, rng, W.PLAIN).caption == plain.caption and plain.caption.endswith(" background")
+    with pytest.raises(ValueError, match="unknown vocabulary"):
+        W.reword(held, rng, "fancy")
+
+
+def test_caption_words_name_their_own_item_in_every_template_and_vocabulary():
+    # the grounding loss pulls each item's words onto its pixels: a word given to the wrong item, or a colour
+    # or shape word left as glue, would teach the model to bind wrongly
+    from dedit_nb.models import _minilm_slot
+    tokenizer = _minilm_slot(torch.float32).tokenizer
+    rng = np.random.default_rng(6)
+    fits = lambda c: len(tokenizer(c)["input_ids"]) <= T.TEXT_LENGTH     # noqa: E731
+    content = set().union(*map(words, [*itertools.chain(*W.COLOUR_WORDS.values(), *W.SHAPE_WORDS.values(),
+                                                        *W.SIZE_WORDS.values()), *W.BACKGROUND_NOUNS]))
+    for template, vocabulary, n in itertools.product(W.CAPTION_TEMPLATES + (W.HELD_OUT_TEMPLATE,),
+                                                     (W.TRAINED, W.HELD_OUT_VOCABULARY), (1, 2, 3)):
+        for _ in range(4):
+            scene = W.reword(random_scene(rng, num_objects=n), rng, vocabulary, fits=fits, template=template)
+            items = T.caption_token_items(scene.caption_parts, tokenizer).tolist()
+            ids = tokenizer(scene.caption, max_length=T.TEXT_LENGTH, padding="max_length")["input_ids"]
+            tokens = tokenizer.convert_ids_to_tokens(ids)
+            assert len(ids) == T.TEXT_LENGTH, scene.caption          # nothing truncated
+            named = {k: tokenizer.convert_tokens_to_string([t for t, i in zip(tokens, items) if i == k])
+                     for k in range(n + 1)}
+            bg_colours, bg_nouns = W.COLOUR_WORDS[scene.background], W.BACKGROUND_NOUNS
+            assert named[0] in {f"{c} {b}" for c in bg_colours for b in bg_nouns}, (scene.caption, named)
+            for k, obj in enumerate(scene.objects, start=1):
+                size = W.size_class(obj, 32, n)
+                sizes = [""] + [f"{s} " for s in W.SIZE_WORDS.get(size, ())]
+                expected = {f"{s}{a} {b}" for s in sizes for c in W.COLOUR_WORDS[obj.colour]
+                            for shape in W.SHAPE_WORDS[obj.shape] for a, b in ((c, shape), (shape, c))}
+                assert named[k] in expected, (scene.caption, k, named[k])
+            glue = [t for t, i in zip(tokens, items) if i < 0 and t not in ("[CLS]", "[SEP]", "[PAD]")]
+            assert not words(" ".join(glue)) & content, (scene.caption, glue)
 
 
 def test_grounding_loss_is_zero_when_words_and_pixels_keep_to_their_item_and_two_when_they_swap():
@@ -139,5 +258,6 @@ def test_shipped_offline_model_draws_the_captioned_background():
 
 def test_shipped_weights_are_the_end_of_the_committed_schedule():
     # appending a leg to SCHEDULE without training it and exporting would leave README and weights apart
+    # (a leg may be appended and trained before its weights are chosen: the index says which leg they end)
     index = json.loads((OFFLINE_MODEL_DIR / "model_index.json").read_text())
-    assert index["_dedit_training_steps"] == T.SCHEDULE[-1].end
+    assert index["_dedit_training_steps"] == T.SCHEDULE[index["_dedit_schedule_legs"] - 1].end

@@ -2,10 +2,16 @@
 
 Every scene comes with its label map (0 = background, 1.. = objects in drawing order), so it can train
 the model on captions and on grouped item prompts, and it is what the quality benchmark draws from.
+
+A scene's words are plain ("a red circle and a blue square on a yellow background") until :func:`reword`
+draws them from a vocabulary: synonyms of every colour and shape, sentence templates, the objects in any
+order, truthful size adjectives and D-Edit's item phrasings ("a photo of a square in gold"). ``HELD_OUT_WORDS``
+and ``HELD_OUT_TEMPLATE`` never appear in training; the benchmark measures them as their own column.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -20,6 +26,36 @@ BACKGROUND_COLOURS = {
 SHAPES = ("circle", "square", "triangle", "cross")
 # colour-shape pairs never drawn in training: the benchmark asks for them
 HELD_OUT = {("purple", "triangle"), ("orange", "square")}
+
+# the words for every colour (objects' and backgrounds') and shape; the first is the plain one
+COLOUR_WORDS = {
+    "red": ("red", "crimson", "cherry", "ruby", "scarlet"),
+    "green": ("green", "emerald", "jade", "lime", "grass green"),
+    "blue": ("blue", "cobalt", "sapphire", "royal blue", "azure"),
+    "yellow": ("yellow", "golden", "gold", "lemon", "canary"),
+    "purple": ("purple", "plum", "amethyst", "magenta", "violet"),
+    "orange": ("orange", "tangerine", "amber", "pumpkin"),
+    "white": ("white", "snowy", "snow white", "chalk", "ivory"),
+    "black": ("black", "jet black", "ebony", "inky"),
+    "gray": ("gray", "grey", "silver", "slate"),
+}
+SHAPE_WORDS = {
+    "circle": ("circle", "disc", "dot", "orb", "round shape", "ball"),
+    "square": ("square", "box", "block", "tile", "cube"),
+    "triangle": ("triangle", "pyramid", "wedge", "triangular shape"),
+    "cross": ("cross", "plus sign", "plus shape", "plus"),
+}
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "big": ("big", "large")}
+BACKGROUND_NOUNS = ("background", "backdrop")
+# sentence templates of a caption; {objects} is the list of object phrases
+CAPTION_TEMPLATES = ("{objects} on {background}", "{background} with {objects}", "a photo of {objects} on {background}",
+                     "{objects} in front of {background}", "an image of {objects} over {background}",
+                     "{objects}, {background}")
+# never in training: the benchmark's held-out-words column uses them
+HELD_OUT_WORDS = frozenset({"scarlet", "azure", "violet", "ivory", "ball", "cube"})
+HELD_OUT_TEMPLATE = "a picture of {objects} against {background}"
+PLAIN, TRAINED, HELD_OUT_VOCABULARY = "plain", "trained", "held-out"
+Parts = list[tuple[str, "int | None"]]
 
 
 def article(word: str) -> str:
@@ -49,25 +85,126 @@ class Scene:
     labels: np.ndarray              # int32 (S, S): 0 background, k = objects[k - 1]
     background: str
     objects: list[SceneObject] = field(default_factory=list)
+    # the caption as pieces of text, each with the item (label) its words name, or None for the glue:
+    # "a " None, "red circle" 1, ", a " None, ..., "yellow background" 0 (plain words unless reworded)
+    caption_parts: Parts | None = None
+    # the phrase of each item in label order: the background first, then each object
+    item_phrases: list[str] | None = None
+
+    def __post_init__(self):
+        if self.caption_parts is None:
+            self.caption_parts = plain_caption_parts(self.background, self.objects)
+        if self.item_phrases is None:
+            self.item_phrases = [background_phrase(self.background)] + [o.phrase for o in self.objects]
 
     @property
     def caption(self) -> str:
         return "".join(text for text, _ in self.caption_parts)
 
-    @property
-    def caption_parts(self) -> list[tuple[str, int | None]]:
-        """The caption as pieces of text, each with the item (label) its words name, or None for the glue:
-        "a " None, "red circle" 1, ", a " None, ..., "yellow background" 0."""
-        parts: list[tuple[str, int | None]] = []
-        for k, obj in enumerate(self.objects, start=1):
-            glue = "" if k == 1 else " and " if k == len(self.objects) else ", "
-            parts += [(f"{glue}{article(obj.colour)} ", None), (f"{obj.colour} {obj.shape}", k)]
-        return parts + [(f" on {article(self.background)} ", None), (f"{self.background} background", 0)]
 
-    @property
-    def item_phrases(self) -> list[str]:
-        """Phrase of each item in label order: the background first, then each object."""
-        return [background_phrase(self.background)] + [o.phrase for o in self.objects]
+def plain_caption_parts(background: str, objects: list[SceneObject]) -> Parts:
+    parts: Parts = []
+    for k, obj in enumerate(objects, start=1):
+        glue = "" if k == 1 else " and " if k == len(objects) else ", "
+        parts += [(f"{glue}{article(obj.colour)} ", None), (f"{obj.colour} {obj.shape}", k)]
+    return parts + [(f" on {article(background)} ", None), (f"{background} background", 0)]
+
+
+def vocabulary_words(words: tuple[str, ...], vocabulary: str) -> tuple[str, ...]:
+    """The words a vocabulary may use of ``words`` (a colour's or a shape's): plain, the trained ones, or the
+    held-out ones where there are any (else the trained ones)."""
+    if vocabulary == PLAIN:
+        return words[:1]
+    trained = tuple(w for w in words if w not in HELD_OUT_WORDS)
+    if vocabulary == TRAINED:
+        return trained
+    if vocabulary == HELD_OUT_VOCABULARY:
+        return tuple(w for w in words if w in HELD_OUT_WORDS) or trained
+    raise ValueError(f"unknown vocabulary {vocabulary!r}; use {PLAIN!r}, {TRAINED!r} or {HELD_OUT_VOCABULARY!r}")
+
+
+def size_class(obj: SceneObject, size: int, num_objects: int) -> str | None:
+    """"small" or "big" where the object's radius is in the lower or upper fifth of random_scene's range."""
+    share = obj.radius * (1 + 0.25 * (num_objects - 1)) / size       # uniform in [0.16, 0.3]
+    return "small" if share < 0.188 else "big" if share > 0.272 else None
+
+
+def object_parts(obj: SceneObject, item: int, rng: np.random.Generator, vocabulary: str,
+                 size_word: str | None = None) -> Parts:
+    """An object's words in one of three orders: "a (small) crimson disc", "a (small) disc in crimson",
+    "a (small) disc that is crimson"; its own words (size, colour, shape) belong to ``item``."""
+    colour = str(rng.choice(vocabulary_words(COLOUR_WORDS[obj.colour], vocabulary)))
+    shape = str(rng.choice(vocabulary_words(SHAPE_WORDS[obj.shape], vocabulary)))
+    size = [(size_word, item), (" ", None)] if size_word else []
+    form = int(rng.integers(3)) if vocabulary != PLAIN else 0
+    if form == 0:
+        first = size_word or colour
+        body = size + [(colour, item), (" ", None), (shape, item)]
+    else:
+        first = size_word or shape
+        body = size + [(shape, item), (" in " if form == 1 else " that is ", None), (colour, item)]
+    return [(f"{article(first)} ", None)] + body
+
+
+def background_parts(colour_name: str, rng: np.random.Generator, vocabulary: str) -> Parts:
+    colour = str(rng.choice(vocabulary_words(COLOUR_WORDS[colour_name], vocabulary)))
+    noun = BACKGROUND_NOUNS[int(rng.integers(len(BACKGROUND_NOUNS)))] if vocabulary != PLAIN else "background"
+    return [(f"{article(colour)} ", None), (colour, 0), (" ", None), (noun, 0)]
+
+
+def reword(scene: Scene, rng: np.random.Generator, vocabulary: str = TRAINED,
+           fits: Callable[[str], bool] | None = None, tries: int = 20, template: str | None = None) -> Scene:
+    """The scene with its caption and item phrases drawn from ``vocabulary``: a template (the held-out one
+    only, and always, for the held-out vocabulary), the objects in a random order, each in a random order of
+    its words with a truthful size adjective a third of the time; item phrases the same way, a third of them
+    as D-Edit writes them ("a photo of ..."). A draw whose caption ``fits`` rejects (too many tokens) is
+    drawn again; after ``tries`` the plain words are kept. ``template`` fixes the template (for tests)."""
+    n = len(scene.objects)
+    sizes = [size_class(o, scene.image.shape[0], n) for o in scene.objects]
+
+    def size_word(k: int) -> str | None:
+        if vocabulary == PLAIN or sizes[k] is None or rng.random() >= 1 / 3:
+            return None
+        return str(rng.choice(SIZE_WORDS[sizes[k]]))
+
+    for _ in range(tries):
+        if template is not None:
+            chosen = template
+        elif vocabulary == HELD_OUT_VOCABULARY:
+            chosen = HELD_OUT_TEMPLATE
+        else:
+            chosen = CAPTION_TEMPLATES[0 if vocabulary == PLAIN else int(rng.integers(len(CAPTION_TEMPLATES)))]
+        order = rng.permutation(n) if vocabulary != PLAIN else np.arange(n)
+        listed: Parts = []
+        for position, k in enumerate(order):
+            glue = "" if position == 0 else " and " if position == n - 1 else ", "
+            listed += [(glue, None)] + object_parts(scene.objects[k], int(k) + 1, rng, vocabulary, size_word(k))
+        slots = {"objects": listed, "background": background_parts(scene.background, rng, vocabulary), None: []}
+        parts: Parts = []
+        for piece, slot in zip(*_split_template(chosen)):
+            parts += [(piece, None)] + slots[slot]
+        parts = [(text, item) for text, item in parts if text]
+        if fits is None or fits("".join(text for text, _ in parts)):
+            break
+    else:
+        parts = plain_caption_parts(scene.background, scene.objects)
+    phrases = ["".join(t for t, _ in background_parts(scene.background, rng, vocabulary))]
+    phrases += ["".join(t for t, _ in object_parts(o, k + 1, rng, vocabulary, size_word(k)))
+                for k, o in enumerate(scene.objects)]
+    if vocabulary != PLAIN:
+        phrases = [f"a photo of {p}" if rng.random() < 1 / 3 else p for p in phrases]
+    return replace(scene, caption_parts=parts, item_phrases=phrases)
+
+
+def _split_template(template: str) -> tuple[list[str], list[str | None]]:
+    """"{objects} on {background}" -> (["", " on ", ""], ["objects", "background", None])."""
+    pieces, slots, rest = [], [], template
+    while "{" in rest:
+        before, _, after = rest.partition("{")
+        slot, _, rest = after.partition("}")
+        pieces.append(before)
+        slots.append(slot)
+    return pieces + [rest], slots + [None]
 
 
 def shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:

@@ -2,6 +2,7 @@
 
     python -m dedit_nb.offline.train --minutes 60            # trains, resumes from runs/offline-train
     python -m dedit_nb.offline.train --export-only           # writes the EMA weights into the package
+    python -m dedit_nb.offline.train --export-only --mid-leg --export-to DIR   # a checkpoint, to validate it
 
 A pixel-space UNet2DConditionModel with cross-attention conditioned on the frozen MiniLM encoder
 (384-dim token states), v-prediction with a cosine schedule, AdamW along ``SCHEDULE``'s learning-rate legs,
@@ -9,8 +10,11 @@ EMA, 10% empty captions. Part of every batch is trained the way D-Edit samples: 
 own phrase ("a red circle"), the background on its own ("a yellow background"), through the engine's grouped
 cross-attention, so the model is fluent in grouped prompts. Legs of the schedule may add a grounding loss on
 the caption samples' cross-attention (each item's words and pixels attend to each other), for the binding of
-colours to shapes in captions that name several objects. Scenes and noise of step ``s`` come from
-``(seed, s)``, so a resumed run equals an uninterrupted one.
+colours to shapes in captions that name several objects. Later legs word the scenes from a vocabulary of
+synonyms and templates (``scenes.reword``), with noise on the text states and token dropout, so the model reads
+the words a user types rather than one fixed phrasing. Scenes and noise of step ``s`` come from ``(seed, s)``,
+so a resumed run equals an uninterrupted one. A run may also start at a leg's end from exported weights
+(``--init-from``: the EMA weights, a fresh optimizer), when the run's own checkpoints are gone.
 """
 from __future__ import annotations
 
@@ -30,10 +34,11 @@ from ..attention import GroupedAttnProcessor, ItemLayout, item_coverage
 from ..finetune import flatten_optimizer_state, restore_optimizer_state
 from ..models import MINILM_SOURCE, OFFLINE_MODEL_DIR, TextConditioner, _minilm_slot
 from ..session import atomic_write_bytes
-from .scenes import random_scene
+from .scenes import PLAIN, TRAINED, random_scene, reword
 
 TEXT_LENGTH = 24          # every prompt is padded to this many MiniLM tokens, in training and in use
 RESOLUTION = 32
+PLAIN_SHARE = 0.25        # in legs with a vocabulary, this share of scenes keeps the plain words
 
 
 def unet_config(resolution: int = RESOLUTION) -> dict:
@@ -67,6 +72,10 @@ class PhraseCache:
             self.cache.clear()
         return [self.cache[p] for p in prompts]
 
+    def fits(self, prompt: str) -> bool:
+        """Whether ``prompt`` encodes to at most TEXT_LENGTH tokens (nothing truncated)."""
+        return len(self.tokenizer(prompt)["input_ids"]) <= TEXT_LENGTH
+
 
 def caption_token_items(parts: list[tuple[str, int | None]], tokenizer, length: int = TEXT_LENGTH
                         ) -> torch.Tensor:
@@ -93,14 +102,20 @@ class TrainingBatch:
     token_items: torch.Tensor     # (B, TEXT_LENGTH) item named by each caption token, -1 elsewhere
 
 
-def make_batch(step: int, seed: int, size: int, batch: int, grouped_share: float, phrases: PhraseCache
-               ) -> TrainingBatch:
+def make_batch(step: int, seed: int, size: int, batch: int, grouped_share: float, phrases: PhraseCache,
+               leg: Leg | None = None) -> TrainingBatch:
+    """The batch of ``step``; ``leg`` (default: a plain one) says how the scenes are worded and how much noise
+    and token dropout the text states get. A plain leg draws exactly what the first legs drew."""
     rng = np.random.default_rng([seed, step])
     scenes = [random_scene(rng, size) for _ in range(batch)]
+    if leg is not None and leg.vocabulary != PLAIN:
+        scenes = [s if rng.random() < PLAIN_SHARE else reword(s, rng, leg.vocabulary, fits=phrases.fits)
+                  for s in scenes]
     images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    states, spans, labels, token_items = [], [], [], []
+    states, spans, labels, token_items, worded = [], [], [], [], []
     for s in scenes:
         no_words = torch.full((TEXT_LENGTH,), -1)
+        worded.append(True)
         if rng.random() < grouped_share:
             pieces = phrases(s.item_phrases)
             states.append(torch.cat(pieces))
@@ -109,14 +124,31 @@ def make_batch(step: int, seed: int, size: int, batch: int, grouped_share: float
             token_items.append(no_words)
         else:
             empty = rng.random() < 0.1
+            worded[-1] = not empty
             states.append(phrases(["" if empty else s.caption])[0])
             spans.append([(0, TEXT_LENGTH)])
             labels.append(torch.zeros(size, size, dtype=torch.long))
             token_items.append(no_words if empty else caption_token_items(s.caption_parts, phrases.tokenizer))
     longest = max(x.shape[0] for x in states)
     states = torch.stack([F.pad(x, (0, 0, 0, longest - x.shape[0])) for x in states])
+    if leg is not None and (leg.text_noise > 0 or leg.token_dropout > 0):
+        states = perturb_text_states(states, torch.tensor(worded), leg.text_noise, leg.token_dropout,
+                                     torch.Generator().manual_seed(int(rng.integers(2 ** 62))))
     return TrainingBatch(images, states, ItemLayout(torch.stack(labels), spans),
                          torch.from_numpy(np.stack([s.labels for s in scenes])).long(), torch.stack(token_items))
+
+
+def perturb_text_states(states: torch.Tensor, worded: torch.Tensor, noise: float, dropout: float,
+                        generator: torch.Generator) -> torch.Tensor:
+    """Text states of the ``worded`` elements (not the empty captions that stand for "no prompt") with Gaussian
+    noise of ``noise`` times each token's RMS added, and each token zeroed with probability ``dropout``. The
+    frozen encoder puts synonyms far apart (cosine 0.1-0.4 between a colour's words, see the benchmark's word
+    table), so the UNet must read a colour or shape from a few directions of the states, not from one word's
+    exact state; noise and dropped words keep its cross-attention from keying on exact states."""
+    rms = states.pow(2).mean(-1, keepdim=True).sqrt()
+    noisy = states + noise * rms * torch.randn(states.shape, generator=generator)
+    kept = torch.rand(states.shape[:2], generator=generator) >= dropout
+    return torch.where(worded[:, None, None], noisy * kept[..., None], states)
 
 
 class GroundingRecorder(GroupedAttnProcessor):
@@ -177,24 +209,33 @@ def grounding_loss(weights: list[torch.Tensor], scene_labels: torch.Tensor, toke
 class Leg:
     """One leg of the run, ending at step ``end`` (exclusive). The learning rate warms up linearly from
     ``FINAL_SHARE * peak`` to ``peak`` over ``warmup_steps``, stays there, then decays (cosine) back to it over the
-    leg's last ``decay_steps``. ``grounding`` weighs :func:`grounding_loss` against the denoising loss (0: off)."""
+    leg's last ``decay_steps``. ``grounding`` weighs :func:`grounding_loss` against the denoising loss (0: off).
+    ``vocabulary`` words the scenes (``scenes.PLAIN``: the plain captions; ``scenes.TRAINED``: synonyms and
+    templates); ``text_noise`` and ``token_dropout`` perturb the text states (:func:`perturb_text_states`)."""
 
     end: int
     peak: float
     decay_steps: int
     warmup_steps: int = 0
     grounding: float = 0.0
+    vocabulary: str = PLAIN
+    text_noise: float = 0.0
+    token_dropout: float = 0.0
 
 
 FINAL_SHARE = 0.02
 # The committed run. Its first leg sharpened the shapes with one decay; the next two restart warm at lower
 # rates for more steps and decay again. The fourth adds the grounding loss: two-object captions mostly failed
 # by binding each colour to the other object's shape. The fifth restarts once more with half the grounding
-# weight (the fourth had cost some colour accuracy). Legs only ever get appended, so the steps already taken
-# (and the committed weights) stay a prefix of the run.
+# weight (the fourth had cost some colour accuracy). The sixth words the scenes with synonyms and templates
+# (the model had learnt one phrasing only), with noise and token dropout on the text states; it started from
+# the fifth leg's exported EMA weights with a fresh optimizer (the run's checkpoints were gone). Legs only ever
+# get appended, so the steps already taken (and the committed weights) stay a prefix of the run.
 SCHEDULE = (Leg(10_500, 1e-3, 5_000), Leg(15_500, 5e-4, 4_700, warmup_steps=300),
             Leg(19_000, 3e-4, 3_300, warmup_steps=200), Leg(24_000, 3e-4, 4_500, warmup_steps=200, grounding=0.1),
-            Leg(28_000, 3e-4, 3_800, warmup_steps=200, grounding=0.05))
+            Leg(28_000, 3e-4, 3_800, warmup_steps=200, grounding=0.05),
+            Leg(34_000, 3e-4, 3_000, warmup_steps=200, grounding=0.05, vocabulary=TRAINED, text_noise=0.3,
+                token_dropout=0.1))
 
 
 def leg_at(step: int, schedule: tuple[Leg, ...] = SCHEDULE) -> tuple[int, Leg]:
@@ -246,8 +287,11 @@ def load_checkpoint(folder: Path, unet, ema, opt) -> tuple[int, list[float]]:
     return meta["step"], meta["loss"]
 
 
-def export(folder: Path, target: Path = OFFLINE_MODEL_DIR, resolution: int = RESOLUTION) -> Path:
-    """Write the EMA weights as a diffusers model folder that ``load_model("offline")`` reads."""
+def export(folder: Path, target: Path = OFFLINE_MODEL_DIR, resolution: int = RESOLUTION,
+           schedule: tuple[Leg, ...] = SCHEDULE, mid_leg: bool = False) -> Path:
+    """Write the EMA weights as a diffusers model folder that ``load_model("offline")`` reads; the run must
+    stand at the end of one of ``schedule``'s legs (unless ``mid_leg``, for validating a checkpoint). The model
+    index records the step and how many legs were finished."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from safetensors.torch import load_file
     tensors = load_file(str(folder / "state.safetensors"))
@@ -256,20 +300,39 @@ def export(folder: Path, target: Path = OFFLINE_MODEL_DIR, resolution: int = RES
     unet.save_pretrained(target / "unet", safe_serialization=True)
     DDIMScheduler(**scheduler_config()).save_pretrained(target / "scheduler")
     meta = json.loads((folder / "state.json").read_text())
+    ends = [leg.end for leg in schedule]
+    if meta["step"] not in ends and not mid_leg:
+        raise ValueError(f"step {meta['step']} is not the end of a leg of the schedule ({ends}); train on to one")
     index = {"_class_name": "DEditOfflinePipeline", "_diffusers_version": "0.30.0", "_dedit_family": "offline",
              "_dedit_text_encoder": MINILM_SOURCE, "_dedit_text_length": TEXT_LENGTH,
              "_dedit_resolution": resolution, "_dedit_training_steps": meta["step"],
+             "_dedit_schedule_legs": sum(end <= meta["step"] for end in ends),
              "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDIMScheduler"]}
     atomic_write_bytes(target / "model_index.json", json.dumps(index, indent=2).encode())
     return target
 
 
+def load_exported(model: Path, unet, ema, schedule: tuple[Leg, ...]) -> int:
+    """Load an exported model's EMA weights into ``unet`` and ``ema``; return the step it was exported at, which
+    must be the end of a leg of ``schedule`` (a run continues from there with the next leg)."""
+    from safetensors.torch import load_file
+    step = json.loads((model / "model_index.json").read_text())["_dedit_training_steps"]
+    if step not in [leg.end for leg in schedule[:-1]]:
+        raise ValueError(f"{model} was exported at step {step}, not at the end of a leg before the schedule's last")
+    weights = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
+    unet.load_state_dict(weights)
+    ema.load_state_dict(weights)
+    return step
+
+
 def train(folder: Path, minutes: float, schedule: tuple[Leg, ...] = SCHEDULE, batch: int = 32, seed: int = 0,
           grouped_share: float = 0.5, ema_decay: float = 0.999, checkpoint_every: int = 100,
-          resolution: int = RESOLUTION, stop_at: int | None = None) -> int:
+          resolution: int = RESOLUTION, stop_at: int | None = None, init: Path | None = None) -> int:
     """Train along ``schedule`` from the last checkpoint in ``folder``; return the step reached.
 
     The run stops early, with a checkpoint, after ``minutes`` or at step ``stop_at``; calling again resumes.
+    With no checkpoint in ``folder``, ``init`` (an exported model folder) starts the run at the step it was
+    exported at, from its EMA weights and with a fresh optimizer.
     """
     from diffusers import DDPMScheduler, UNet2DConditionModel
     max_steps = schedule[-1].end
@@ -286,6 +349,8 @@ def train(folder: Path, minutes: float, schedule: tuple[Leg, ...] = SCHEDULE, ba
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=learning_rate(0, schedule), weight_decay=1e-4)
     start, losses = load_checkpoint(folder, unet, ema, opt)
+    if start == 0 and init is not None:
+        start = load_exported(init, unet, ema, schedule)
     text = TextConditioner([_minilm_slot(torch.float32)])
     text.slots[0].encoder.eval()
     phrases = PhraseCache(text)
@@ -298,10 +363,14 @@ def train(folder: Path, minutes: float, schedule: tuple[Leg, ...] = SCHEDULE, ba
     # the next batch is made on a worker thread while the UNet trains on this one; a batch depends only on
     # (seed, step), so the run is the same as making them in line
     pool = ThreadPoolExecutor(max_workers=1)
-    upcoming = pool.submit(make_batch, start, seed, resolution, batch, grouped_share, phrases)
+    def prepare(step: int):
+        leg = leg_at(min(step, max_steps - 1), schedule)[1]
+        return pool.submit(make_batch, step, seed, resolution, batch, grouped_share, phrases, leg)
+
+    upcoming = prepare(start)
     for step in bar:
         data = upcoming.result()
-        upcoming = pool.submit(make_batch, step + 1, seed, resolution, batch, grouped_share, phrases)
+        upcoming = prepare(step + 1)
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, schedule)
         grounding = leg_at(step, schedule)[1].grounding
@@ -350,16 +419,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--init-from", type=Path, help="with no checkpoint in --folder, start from this exported "
+                        "model (e.g. dedit_nb/assets/offline-model) at the leg end it was exported at")
+    parser.add_argument("--export-to", type=Path, default=OFFLINE_MODEL_DIR)
     parser.add_argument("--export-only", action="store_true")
+    parser.add_argument("--mid-leg", action="store_true", help="export a checkpoint inside a leg (to validate it)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.export_only:
         if not 0 < args.steps <= SCHEDULE[-1].end:
             parser.error(f"--steps must be between 1 and {SCHEDULE[-1].end}, the end of the committed schedule")
-        steps = train(args.folder, args.minutes, batch=args.batch, seed=args.seed, stop_at=args.steps)
+        steps = train(args.folder, args.minutes, batch=args.batch, seed=args.seed, stop_at=args.steps,
+                      init=args.init_from)
         print(f"trained to step {steps}", flush=True)
-    print(f"exported to {export(args.folder)}", flush=True)
+        if steps not in [leg.end for leg in SCHEDULE]:
+            return      # mid-leg: call again to go on
+    print(f"exported to {export(args.folder, args.export_to, mid_leg=args.mid_leg)}", flush=True)
 
 
 if __name__ == "__main__":
