@@ -319,10 +319,6 @@ class DEditModel:
         from diffusers import DDPMScheduler
         return DDPMScheduler.from_config(self.scheduler_config)
 
-    def sampling_scheduler(self):
-        from diffusers import DDIMScheduler
-        return DDIMScheduler.from_config(self.scheduler_config)
-
     def to(self, device=None, dtype=None) -> "DEditModel":
         self.device = torch.device(device) if device is not None else self.device
         self.dtype = dtype or self.dtype
