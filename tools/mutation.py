@@ -6,7 +6,7 @@
 
 The repository's files (tracked plus untracked, not ignored) are copied to a temporary folder once per worker;
 each mutant replaces its ``original`` snippet (which must occur exactly once) by its ``replacement``, the fast
-tests run there with ``-x`` (the first failure kills the mutant), and the file is restored. The unmutated copy
+tests (the mutant's own ``tests`` list when it has one) run there with ``-x`` (the first failure kills the mutant), and the file is restored. The unmutated copy
 must pass first. A mutant is *killed* when the tests fail (or time out, or no longer import), *survived* when
 they pass, and *not found* when its snippet no longer occurs (the code was changed: update the list). The
 score is killed / (killed + survived).
@@ -87,7 +87,7 @@ def run_mutant(copy: Path, mutant: dict, tests: list[str], timeout: float) -> di
     start = time.perf_counter()
     original = apply(copy, mutant)
     try:
-        rc, detail = run_tests(copy, tests, timeout)
+        rc, detail = run_tests(copy, mutant.get("tests") or tests, timeout)
     finally:
         path.write_text(original)
     status = "survived" if rc == 0 else "killed"
