@@ -2,7 +2,7 @@
 
     python tools/mutation.py                       # every mutant of tools/mutants.yaml, core fast tests
     python tools/mutation.py --only sampler-zero-item-map attention-mask-inverted
-    python tools/mutation.py --tests tests/test_sampler.py --jobs 2 --json runs/mutation.json
+    python tools/mutation.py --tests tests/test_sampler.py -k "not before_the_rewrite" --json runs/mutation.json
 
 The repository's files (tracked plus untracked, not ignored) are copied to a temporary folder once per worker;
 each mutant replaces its ``original`` snippet (which must occur exactly once) by its ``replacement``, the fast
@@ -27,8 +27,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE_TESTS = ["tests/test_masks.py", "tests/test_attention.py", "tests/test_sampler.py", "tests/test_finetune.py",
-              "tests/test_edits.py", "tests/test_offline.py"]
+CORE_TESTS = ["tests/test_masks.py", "tests/test_attention.py", "tests/test_sampler.py", "tests/test_wiring.py",
+              "tests/test_finetune.py", "tests/test_edits.py", "tests/test_offline.py"]
 
 
 def load_mutants(path: Path) -> list[dict]:
@@ -53,9 +53,11 @@ def copy_repository(dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
-def run_tests(copy: Path, tests: list[str], timeout: float) -> tuple[int | None, str]:
+def run_tests(copy: Path, tests: list[str], timeout: float, keyword: str | None = None) -> tuple[int | None, str]:
     env = {**os.environ, "PYTHONPATH": str(copy), "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider", *tests]
+    if keyword:
+        cmd += ["-k", keyword]
     try:
         done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -77,7 +79,7 @@ def apply(copy: Path, mutant: dict) -> str | None:
     return text
 
 
-def run_mutant(copy: Path, mutant: dict, tests: list[str], timeout: float) -> dict:
+def run_mutant(copy: Path, mutant: dict, tests: list[str], timeout: float, keyword: str | None = None) -> dict:
     path = copy / mutant["file"]
     text = path.read_text() if path.exists() else ""
     count = text.count(mutant["original"])
@@ -87,7 +89,7 @@ def run_mutant(copy: Path, mutant: dict, tests: list[str], timeout: float) -> di
     start = time.perf_counter()
     original = apply(copy, mutant)
     try:
-        rc, detail = run_tests(copy, mutant.get("tests") or tests, timeout)
+        rc, detail = run_tests(copy, mutant.get("tests") or tests, timeout, keyword)
     finally:
         path.write_text(original)
     status = "survived" if rc == 0 else "killed"
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mutants", type=Path, default=ROOT / "tools" / "mutants.yaml")
     parser.add_argument("--only", nargs="*", help="mutant ids to run (default: all)")
     parser.add_argument("--tests", nargs="*", help=f"test files (default: those of {CORE_TESTS} that exist)")
+    parser.add_argument("-k", dest="keyword", help="pytest -k expression (e.g. to see which other test kills)")
     parser.add_argument("--jobs", type=int, default=1, help="mutants run in parallel, each in its own copy")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per test run (a timeout kills)")
     parser.add_argument("--json", type=Path, help="write the results here as well")
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
         for copy in copies:
             copy.mkdir()
             copy_repository(copy)
-        rc, detail = run_tests(copies[0], tests, args.timeout)
+        rc, detail = run_tests(copies[0], tests, args.timeout, args.keyword)
         if rc != 0:
             raise SystemExit(f"the unmutated tests do not pass ({detail}); fix them before mutation testing")
         print(f"{len(mutants)} mutants, tests: {' '.join(tests)}", flush=True)
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
         def work(mutant):
             copy = free.pop()
             try:
-                result = run_mutant(copy, mutant, tests, args.timeout)
+                result = run_mutant(copy, mutant, tests, args.timeout, args.keyword)
             finally:
                 free.append(copy)
             print(f"{result['status']:>9}  {result['id']:<40} {result['seconds']:>6}s  {result['detail']}", flush=True)
