@@ -174,3 +174,31 @@ def test_item_from_a_jointly_finetuned_session(tmp_path, photo, tiny_model_dirs)
     assert np.array_equal(result.images[0][result.regions.hard], a.images[0].working[result.regions.hard])
     with pytest.raises(SessionError, match="not finetuned jointly"):
         editor.image(0, "top", 0, 0, source_session=c, **SAMPLING)
+
+
+def test_text_edit_regenerates_the_item_from_the_prompt_reaching_the_encoder(finetuned):
+    model, s = finetuned
+    editor = Editor(model, s, progress=False, record=False)
+    entry = s.images[0]
+    replaced = editor.text(0, "left", "a red bag", **SAMPLING)
+    assert np.array_equal(replaced.regions.active, entry.labels == 0)
+    refined = editor.text(0, "right", "a photo of * in gold", **SAMPLING)
+    assert np.array_equal(refined.regions.active, entry.labels == 1)
+    tokens = entry.items[1].prompt()
+    assert refined.manifest["prompts"]["right"] == f"a photo of {tokens} in gold"
+    assert replaced.manifest["prompts"] == {"left": "a red bag", "right": tokens, "top": entry.items[2].prompt()}
+
+
+def test_sampling_runs_with_the_sessions_learned_weights_in_place(finetuned):
+    model, s = finetuned
+    learned = s.load_weights("unet")
+    assert learned
+    editor = Editor(model, s, progress=False, record=False)
+    in_place = []
+
+    def check(step):
+        params = dict(model.unet.named_parameters())
+        in_place.append(all(torch.equal(params[n], v.to(params[n])) for n, v in learned.items()))
+
+    editor.reconstruct(0, callback_on_step_end=check, **SAMPLING)
+    assert in_place == [True] * SAMPLING["steps"]

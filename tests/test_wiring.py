@@ -8,6 +8,7 @@ from dedit_nb import conditioning as C
 from dedit_nb.attention import GroupedAttnProcessor
 from dedit_nb.edits import Editor
 from dedit_nb.finetune import FinetuneConfig, finetune
+from dedit_nb.images import rgb_to_tensor
 from dedit_nb.models import load_model
 from dedit_nb.session import Session
 from conftest import three_item_labels
@@ -89,3 +90,34 @@ def test_sampling_gives_the_processors_the_edited_item_map_and_the_unconditional
     assert len(recorder.layouts) == 2 * cross_attention_layers(sd) and [len(sp) for sp in recorder.layouts[0].spans] == [3]
     assert torch.equal(recorder.layouts[0].labels[0], C.latent_labels(sd, s.images[0].labels, 3))
     assert np.array_equal(s.images[0].labels, Session.open(s.folder).images[0].labels)
+
+
+def test_finetune_loss_is_the_distance_to_the_noise_each_step_drew(tmp_path, photo, sd):
+    """With the UNet's prediction zeroed, each step's loss is the mean square of the noise added to the
+    image's latents at the step's timestep: the epsilon target, recovered from the noisy latents."""
+    s = session_with_items(tmp_path, photo, sd)
+    clean = sd.encode_images(rgb_to_tensor(s.images[0].working))
+    alphas = sd.training_scheduler().alphas_cumprod
+    predict, calls = sd.predict, []
+
+    def zero_predict(latents, t, states, layout, pooled=None):
+        calls.append((latents.detach().clone(), int(torch.as_tensor(t).reshape(-1)[0])))
+        return predict(latents, t, states, layout, pooled) * 0.0
+
+    sd.predict = zero_predict
+    result = finetune(sd, s, FinetuneConfig(num_tokens=1, stage1_steps=2, stage2_steps=2), progress=False)
+    losses = result.loss["stage1"] + result.loss["stage2"]
+    assert len(calls) == len(losses) == 4
+    for (noisy, t), loss in zip(calls, losses):
+        noise = (noisy - alphas[t].sqrt() * clean) / (1 - alphas[t]).sqrt()
+        assert loss == pytest.approx(float((noise ** 2).mean()), rel=1e-3)
+
+
+def test_latent_item_map_takes_each_blocks_majority():
+    from types import SimpleNamespace
+    labels = np.array([[1, 1, 0, 2],
+                       [1, 0, 2, 2],
+                       [0, 0, 2, 2],
+                       [0, 1, 1, 2]])
+    small = C.latent_labels(SimpleNamespace(vae_scale=2), labels, 3)
+    assert small.tolist() == [[1, 2], [0, 2]]
