@@ -134,7 +134,7 @@ class SamplingStep:
         """The current x0 estimate as uint8 RGB images at latent resolution, through a linear map from latent
         channels to RGB fitted on the original image (cheap); ``decode=True`` runs the VAE instead
         (full resolution, one decoder pass). Pixel-space models need neither."""
-        if self.model.vae is None or decode:
+        if self.model.vae is None or decode or self.preview_map is None:
             return list(tensor_to_rgb(self.model.decode_latents(self.denoised)))
         return self.preview_map(self.denoised)
 

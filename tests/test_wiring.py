@@ -87,7 +87,8 @@ def test_sampling_gives_the_processors_the_edited_item_map_and_the_unconditional
         assert [len(spans) for spans in layout.spans] == [3, 3, 1, 1]
     recorder.layouts.clear()
     editor.reconstruct(0, steps=2, guidance=1.0)
-    assert len(recorder.layouts) == 2 * cross_attention_layers(sd) and [len(sp) for sp in recorder.layouts[0].spans] == [3]
+    assert len(recorder.layouts) == 2 * cross_attention_layers(sd)
+    assert [len(spans) for spans in recorder.layouts[0].spans] == [3]
     assert torch.equal(recorder.layouts[0].labels[0], C.latent_labels(sd, s.images[0].labels, 3))
     assert np.array_equal(s.images[0].labels, Session.open(s.folder).images[0].labels)
 

@@ -6,8 +6,8 @@
 
 The repository's files (tracked plus untracked, not ignored) are copied to a temporary folder once per worker;
 each mutant replaces its ``original`` snippet (which must occur exactly once) by its ``replacement``, the fast
-tests (the mutant's own ``tests`` list when it has one) run there with ``-x`` (the first failure kills the mutant), and the file is restored. The unmutated copy
-must pass first. A mutant is *killed* when the tests fail (or time out, or no longer import), *survived* when
+tests (the mutant's own ``tests`` list when it has one) run there with ``-x`` (the first failure kills the
+mutant), and the file is restored. The unmutated copy must pass first. A mutant is *killed* when the tests fail (or time out, or no longer import), *survived* when
 they pass, and *not found* when its snippet no longer occurs (the code was changed: update the list). The
 score is killed / (killed + survived).
 """
