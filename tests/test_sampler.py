@@ -114,10 +114,13 @@ def test_guidance_wrapper_moves_from_the_unconditional_towards_the_conditional_p
 
 def exact_denoiser(model, target, conditional_only=False):
     """Make ``model.predict`` return the exact noise of ``model_in`` towards ``target`` (pixel space); with
-    ``conditional_only`` the unconditional branch (one prompt span) predicts towards ``-target`` instead."""
+    ``conditional_only`` the unconditional branch (one prompt span) predicts towards ``-target`` instead.
+    Returns the list the inputs' standard deviations are appended to."""
     alphas = make_scheduler(model).alphas_cumprod
+    input_std = []
 
     def predict(latents, t, states, layout, pooled=None):
+        input_std.append(float(latents.std()))
         a = alphas[int(t)]
         goal = target.expand_as(latents).clone()
         if conditional_only:
@@ -127,19 +130,24 @@ def exact_denoiser(model, target, conditional_only=False):
         return (latents - a.sqrt() * goal) / (1 - a).sqrt()
 
     model.predict = predict
+    return input_std
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler", "EulerAncestralDiscreteScheduler"])
 def test_every_scheduler_lands_on_the_image_an_exact_denoiser_points_to(pixel_model, scheduler):
     target_image = gradient_image(32, 48)
     target = rgb_to_tensor(target_image)
-    exact_denoiser(pixel_model, target)
+    input_std = exact_denoiser(pixel_model, target)
     cond, labels, original, _, _ = reference_case(pixel_model)
     everything = M.edit_regions(np.ones(labels.shape, bool), 0)
+    estimates = []
     image = masked_sample(pixel_model, cond, labels, np.zeros_like(original), everything,
-                          SamplingConfig(steps=8, guidance=1.0, scheduler=scheduler, seed=1), progress=False)[0]
+                          SamplingConfig(steps=8, guidance=1.0, scheduler=scheduler, seed=1), progress=False,
+                          callback_on_step_end=lambda step: estimates.append(step.denoised))[0]
     error = np.abs(image.astype(int) - target_image)
     assert error.mean() <= 4 and error.max() <= 24      # DDIM ends at alpha_cumprod[0] < 1: a trace of noise
+    assert len(estimates) == 8 and all(torch.allclose(x0, target, atol=1e-3) for x0 in estimates)   # x0 each step
+    assert all(0.3 < std < 1.5 for std in input_std), input_std    # the UNet sees variance-preserving inputs
 
 
 def test_guidance_pushes_towards_the_conditional_branch(pixel_model):
