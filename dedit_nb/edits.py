@@ -91,7 +91,10 @@ class Editor:
 
     Every run puts the session's learned weights into ``model`` (undoing any other session's), so one
     loaded model can serve several editors. Every edit method takes the sampling settings of
-    :class:`SamplingConfig` as keywords (steps, guidance, strength, edge_thickness, seed, num_images, eta).
+    :class:`SamplingConfig` as keywords (steps, guidance, strength, edge_thickness, seed, num_images, eta,
+    scheduler), and ``callback_on_step_end``: a function called after every sampling step with a
+    :class:`sampler.SamplingStep` (step index, number of steps, timestep, latents, and ``preview()`` for
+    RGB images of the current estimate), e.g. for live previews.
     """
 
     def __init__(self, model, session: Session, progress: bool = True, record: bool = True):
@@ -188,6 +191,8 @@ class Editor:
             raise M.PartitionError(f"item {entry.items[k].label!r} has no pixels in image {entry.name!r}")
 
     def _run(self, kind, image, prompts, lengths, labels, active, sampling: dict, params: dict) -> EditResult:
+        sampling = dict(sampling)
+        callback_on_step_end = sampling.pop("callback_on_step_end", None)
         config = SamplingConfig(**sampling)
         entry = self.session.image(image)
         if kind == "recon":
@@ -199,7 +204,7 @@ class Editor:
         self.model.use_session(self.session)
         cond = C.encode_items(self.model, prompts, lengths, areas, [it.label for it in entry.items])
         images = masked_sample(self.model, cond, C.latent_labels(self.model, labels, n), entry.working,
-                               regions, config, progress=self.progress)
+                               regions, config, progress=self.progress, callback_on_step_end=callback_on_step_end)
         manifest = {"kind": kind, "session": str(self.session.folder), "session_id": self.session.id,
                     "image": entry.name, "fit": entry.fit, "model_id": self.model.model_id, "params": params,
                     "sampling": asdict(config), "seeds": [config.seed + j for j in range(config.num_images)],
@@ -213,7 +218,8 @@ class Editor:
 
 def run_edit(editor: Editor, kind: str, image=0, item=None, prompt=None, dx=0.0, dy=0.0, scale=1.0,
              source_image=None, source_item=None, source_session=None, **sampling) -> EditResult:
-    """One edit by name, with flat parameters (what papermill and batch runs pass)."""
+    """One edit by name, with flat parameters (what papermill and batch runs pass); ``sampling`` holds
+    :class:`SamplingConfig` settings and, optionally, ``callback_on_step_end`` (see :class:`Editor`)."""
     if kind not in EDIT_KINDS:
         raise ValueError(f"unknown edit {kind!r}; choose one of {EDIT_KINDS}")
     if kind != "recon" and item is None:

@@ -404,10 +404,6 @@ class DEditModel:
         from diffusers import DDPMScheduler
         return DDPMScheduler.from_config(self.scheduler_config)
 
-    def sampling_scheduler(self):
-        from diffusers import DDIMScheduler
-        return DDIMScheduler.from_config(self.scheduler_config)
-
     def enable_vae_tiling(self) -> None:
         """Encode/decode large images in overlapping tiles (diffusers' VAE tiling): bounded memory for
         images above the VAE's sample size, with blended tile seams there; smaller images are unchanged."""

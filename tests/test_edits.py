@@ -1,13 +1,16 @@
-"""Every edit keeps hard-region pixels identical to the original, and edits are reproducible."""
+"""Every edit holds the hard region while sampling and keeps its pixels identical; edits are reproducible."""
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from dedit_nb import masks as M
 from dedit_nb.edits import Editor, run_edit
+from dedit_nb.images import rgb_to_tensor
 from dedit_nb.finetune import FinetuneConfig, finetune
 from dedit_nb.models import load_model
+from dedit_nb.sampler import latent_regions
 from dedit_nb.session import Session, SessionError
 from conftest import three_item_labels
 
@@ -26,33 +29,53 @@ def finetuned(tmp_path, photo, tiny_model):
 
 
 EDITS = {
-    "text": lambda ed: ed.text(0, "left", "a red bag", **SAMPLING),
-    "refine": lambda ed: ed.text(0, "right", "a photo of * in gold", **SAMPLING),
-    "image": lambda ed: ed.image(0, "top", "flipped", 0, **SAMPLING),
-    "image+text": lambda ed: ed.image(0, "top", "flipped", 0, template="a shiny *", **SAMPLING),
-    "move": lambda ed: ed.move(0, {"top": (4, 6)}, **SAMPLING),
-    "resize": lambda ed: ed.move(0, {"right": M.ItemMove(scale=0.5)}, **SAMPLING),
-    "move-two": lambda ed: ed.move(0, {"top": (0, 3), "left": (2, 0)}, priority=["left", "top"], **SAMPLING),
-    "remove": lambda ed: ed.remove(0, "top", **SAMPLING),
+    "text": lambda ed, **kw: ed.text(0, "left", "a red bag", **SAMPLING, **kw),
+    "refine": lambda ed, **kw: ed.text(0, "right", "a photo of * in gold", **SAMPLING, **kw),
+    "image": lambda ed, **kw: ed.image(0, "top", "flipped", 0, **SAMPLING, **kw),
+    "image+text": lambda ed, **kw: ed.image(0, "top", "flipped", 0, template="a shiny *", **SAMPLING, **kw),
+    "move": lambda ed, **kw: ed.move(0, {"top": (4, 6)}, **SAMPLING, **kw),
+    "resize": lambda ed, **kw: ed.move(0, {"right": M.ItemMove(scale=0.5)}, **SAMPLING, **kw),
+    "move-two": lambda ed, **kw: ed.move(0, {"top": (0, 3), "left": (2, 0)}, priority=["left", "top"], **SAMPLING,
+                                         **kw),
+    "remove": lambda ed, **kw: ed.remove(0, "top", **SAMPLING, **kw),
 }
 
 
-def test_every_edit_keeps_hard_pixels_exactly(finetuned):
+def test_every_edit_holds_the_hard_region_in_latents_and_keeps_its_pixels_exactly(finetuned):
     model, s = finetuned
     editor = Editor(model, s, progress=False)
     original = s.images[0].working
+    clean = model.encode_images(rgb_to_tensor(original))[0]
     for name, run in EDITS.items():
-        result = run(editor)
+        seen = []
+        result = run(editor, callback_on_step_end=lambda step: seen.append((step.step, step.latents.clone())))
         r = result.regions
         assert ((r.hard.astype(int) + r.soft + r.active) == 1).all(), name
         assert r.hard.any() and r.active.any(), name
+        assert [i for i, _ in seen] == list(range(SAMPLING["steps"])), name
+        hard, soft = latent_regions(model, r)
+        final = seen[-1][1][0]
+        assert torch.equal(final[:, hard], clean[:, hard]), name    # held while sampling, not only pasted back
+        assert not (final[:, ~(hard | soft)] == clean[:, ~(hard | soft)]).any(), name
         for img in result.images:
             assert img.shape == original.shape and img.dtype == np.uint8
             assert np.array_equal(img[r.hard], original[r.hard]), name
-            assert not np.array_equal(img[r.active], original[r.active]), name   # something was generated
         assert M.check_labels(result.labels, 3) is not None
     assert [h["kind"] for h in Session.open(s.folder).history] == \
         ["text", "text", "image", "image", "move", "move", "move", "remove"]
+
+
+def test_run_edit_passes_the_step_hook_and_scheduler_through(finetuned):
+    model, s = finetuned
+    editor = Editor(model, s, progress=False, record=False)
+    for kind, extra in [("recon", {}), ("text", {"item": 0, "prompt": "a red bag"}), ("move", {"item": 2, "dx": 3}),
+                        ("remove", {"item": 2}), ("image", {"item": 2, "source_image": 1, "source_item": 0})]:
+        seen = []
+        result = run_edit(editor, kind, **extra, steps=3, guidance=2.0, scheduler="euler",
+                          callback_on_step_end=lambda step: seen.append((step.step, step.num_steps)))
+        assert seen == [(0, 3), (1, 3), (2, 3)], kind
+        assert result.manifest["sampling"]["scheduler"] == "euler" and "callback_on_step_end" not in \
+            result.manifest["sampling"]
 
 
 def test_recon_and_num_images(finetuned):
@@ -151,3 +174,31 @@ def test_item_from_a_jointly_finetuned_session(tmp_path, photo, tiny_model_dirs)
     assert np.array_equal(result.images[0][result.regions.hard], a.images[0].working[result.regions.hard])
     with pytest.raises(SessionError, match="not finetuned jointly"):
         editor.image(0, "top", 0, 0, source_session=c, **SAMPLING)
+
+
+def test_text_edit_regenerates_the_item_from_the_prompt_reaching_the_encoder(finetuned):
+    model, s = finetuned
+    editor = Editor(model, s, progress=False, record=False)
+    entry = s.images[0]
+    replaced = editor.text(0, "left", "a red bag", **SAMPLING)
+    assert np.array_equal(replaced.regions.active, entry.labels == 0)
+    refined = editor.text(0, "right", "a photo of * in gold", **SAMPLING)
+    assert np.array_equal(refined.regions.active, entry.labels == 1)
+    tokens = entry.items[1].prompt()
+    assert refined.manifest["prompts"]["right"] == f"a photo of {tokens} in gold"
+    assert replaced.manifest["prompts"] == {"left": "a red bag", "right": tokens, "top": entry.items[2].prompt()}
+
+
+def test_sampling_runs_with_the_sessions_learned_weights_in_place(finetuned):
+    model, s = finetuned
+    learned = s.load_weights("unet")
+    assert learned
+    editor = Editor(model, s, progress=False, record=False)
+    in_place = []
+
+    def check(step):
+        params = dict(model.unet.named_parameters())
+        in_place.append(all(torch.equal(params[n], v.to(params[n])) for n, v in learned.items()))
+
+    editor.reconstruct(0, callback_on_step_end=check, **SAMPLING)
+    assert in_place == [True] * SAMPLING["steps"]

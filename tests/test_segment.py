@@ -138,14 +138,96 @@ def test_sam_automatic_partition(tiny_sam_path):
     assert np.array_equal(p.labels, p2.labels)
 
 
-def test_sam_click_and_box_prompts(tiny_sam_path):
-    img = resize_rgb(data.coffee(), (64, 48))
-    prompter = SamPrompter(load_sam(tiny_sam_path, "tiny"), img)
-    m = prompter.predict(points=[(30, 20), (5, 5)], point_labels=[1, 0])
-    assert m.shape == (48, 64) and m.dtype == bool
+class PredictorSpy:
+    """Records what SamPrompter asks of SamPredictor (and what it got back)."""
+
+    def __init__(self, prompter):
+        self.calls, self.batched = [], []
+        predict, predict_torch = prompter.predictor.predict, prompter.predictor.predict_torch
+
+        def recording_predict(**kwargs):
+            out = predict(**kwargs)
+            self.calls.append((kwargs, out))
+            return out
+
+        def recording_predict_torch(*args, **kwargs):     # SamPredictor.predict calls it too, positionally
+            boxes = kwargs.get("boxes", args[2] if len(args) > 2 else None)
+            self.batched.append(0 if boxes is None else boxes.shape[0])
+            return predict_torch(*args, **kwargs)
+
+        prompter.predictor.predict = recording_predict
+        prompter.predictor.predict_torch = recording_predict_torch
+
+
+@pytest.fixture
+def prompter(tiny_sam_path):
+    return SamPrompter(load_sam(tiny_sam_path, "tiny"), resize_rgb(data.coffee(), (64, 48)))
+
+
+def test_sam_asks_for_candidate_masks_only_for_a_single_click(prompter):
+    spy = PredictorSpy(prompter)
+    one = prompter.predict(points=[(30, 20)])
+    kwargs, (masks, scores, _) = spy.calls[-1]
+    assert kwargs["multimask_output"] and len(masks) == 3
+    assert one.shape == (48, 64) and one.dtype == bool and np.array_equal(one, masks[int(np.argmax(scores))])
+    prompter.reset()
+    prompter.predict(points=[(30, 20), (5, 5)], point_labels=[1, 0])
+    assert not spy.calls[-1][0]["multimask_output"] and len(spy.calls[-1][1][0]) == 1
     assert prompter.predict(box=(10, 10, 40, 30)).shape == (48, 64)
+    assert not spy.calls[-1][0]["multimask_output"]
     with pytest.raises(ValueError, match="at least one click"):
         prompter.predict()
+    with pytest.raises(ValueError, match="one label per click"):
+        prompter.predict(points=[(1, 1), (2, 2)], point_labels=[1])
+
+
+def test_added_clicks_refine_the_previous_mask_through_its_logits(prompter):
+    spy = PredictorSpy(prompter)
+    prompter.predict(points=[(30, 20)])
+    (_, (_, scores, logits)) = spy.calls[-1]
+    assert spy.calls[-1][0]["mask_input"] is None
+    prompter.predict(points=[(30, 20), (50, 40)], point_labels=[1, 0])
+    fed = spy.calls[-1][0]["mask_input"]
+    assert fed is not None and np.array_equal(fed, logits[int(np.argmax(scores))][None])
+    prompter.predict(points=[(30, 20), (50, 40), (10, 5)], point_labels=[1, 0, 1])
+    assert np.array_equal(spy.calls[-1][0]["mask_input"], spy.calls[-2][1][2])    # one mask: its logits
+    prompter.predict(points=[(5, 5)])                         # a new first click: a new mask
+    assert spy.calls[-1][0]["mask_input"] is None
+    prompter.predict(points=[(5, 5), (6, 6)], box=(0, 0, 20, 20))             # the box changed: a new mask
+    assert spy.calls[-1][0]["mask_input"] is None
+    again = prompter.predict(points=[(5, 5), (6, 6)], box=(0, 0, 20, 20))      # the same clicks: recomputed
+    assert spy.calls[-1][0]["mask_input"] is None
+    prompter.reset()
+    prompter.predict(points=[(5, 5), (6, 6), (7, 7)], box=(0, 0, 20, 20))
+    assert spy.calls[-1][0]["mask_input"] is None and again.shape == (48, 64)
+
+
+def test_many_boxes_take_one_batched_call_and_match_single_box_prompts(prompter):
+    spy = PredictorSpy(prompter)
+    boxes = [(10, 10, 40, 30), (0, 0, 20, 47), (30, 5, 63, 45)]
+    masks = prompter.boxes(boxes)
+    assert spy.batched == [3] and not spy.calls
+    for box_, mask in zip(boxes, masks):
+        single = prompter.predict(box=box_)
+        assert mask.shape == (48, 64) and (mask == single).mean() > 0.999
+    assert prompter.boxes([]) == []
+
+
+def test_real_sam_types_are_built_by_segment_anythings_registry_without_its_loader(tiny_sam_path, monkeypatch):
+    import segment_anything
+    seen = []
+
+    def builder(checkpoint=None):
+        seen.append(checkpoint)
+        return build_sam("tiny")
+
+    monkeypatch.setitem(segment_anything.sam_model_registry, "vit_l", builder)
+    sam = load_sam(tiny_sam_path, "vit_l")          # the tiny weights fit the tiny model the builder returned
+    assert seen == [None]                           # the file is read by load_sam with weights_only=True only
+    expected = torch.load(tiny_sam_path, weights_only=True)
+    assert all(torch.equal(p, expected[n]) for n, p in sam.state_dict().items())
+    with pytest.raises(SamLoadError, match="unknown SAM model type 'vit_x'"):
+        build_sam("vit_x")
 
 
 # --- transformers paths on tiny random configs -----------------------------------------------------------

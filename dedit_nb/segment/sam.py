@@ -15,13 +15,7 @@ import torch
 
 from .partition import Partition, partition_from_masks
 
-# (embed dim, depth, heads, global attention blocks, image size, window, prompt dim, mlp dim of decoder)
-SAM_SPECS = {
-    "vit_b": (768, 12, 12, (2, 5, 8, 11), 1024, 14, 256, 2048),
-    "vit_l": (1024, 24, 16, (5, 11, 17, 23), 1024, 14, 256, 2048),
-    "vit_h": (1280, 32, 16, (7, 15, 23, 31), 1024, 14, 256, 2048),
-    "tiny": (32, 2, 2, (1,), 64, 2, 32, 64),   # random-weight tests only
-}
+SAM_TYPES = ("vit_b", "vit_l", "vit_h")
 
 
 class SamLoadError(RuntimeError):
@@ -29,25 +23,32 @@ class SamLoadError(RuntimeError):
 
 
 def build_sam(model_type: str = "vit_b"):
-    """An untrained SAM of a given type, assembled from segment-anything's modules."""
+    """An untrained SAM of a given type: segment-anything's ``sam_model_registry`` builder, given no checkpoint
+    (the weights are loaded by :func:`load_sam`, tensors only). ``"tiny"`` is a small random-weight SAM for
+    tests."""
+    from segment_anything import sam_model_registry
+    if model_type == "tiny":
+        return _build_tiny_sam()
+    if model_type not in SAM_TYPES:
+        raise SamLoadError(f"unknown SAM model type {model_type!r}; use one of {SAM_TYPES} (or 'tiny' for tests)")
+    return sam_model_registry[model_type](checkpoint=None).eval()
+
+
+def _build_tiny_sam():
+    """SAM's modules at toy sizes (64 px input, 32-dim embeddings): what the tests run in seconds."""
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-    if model_type not in SAM_SPECS:
-        raise SamLoadError(f"unknown SAM model type {model_type!r}; use one of {sorted(SAM_SPECS)}")
-    dim, depth, heads, global_idx, size, window, prompt_dim, mlp = SAM_SPECS[model_type]
-    patch = 16
-    sam = Sam(
-        image_encoder=ImageEncoderViT(depth=depth, embed_dim=dim, img_size=size, mlp_ratio=4,
-                                      norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=heads,
-                                      patch_size=patch, qkv_bias=True, use_rel_pos=True,
-                                      global_attn_indexes=global_idx, window_size=window, out_chans=prompt_dim),
-        prompt_encoder=PromptEncoder(embed_dim=prompt_dim, image_embedding_size=(size // patch, size // patch),
+    dim, size, patch = 32, 64, 16
+    return Sam(
+        image_encoder=ImageEncoderViT(depth=2, embed_dim=dim, img_size=size, mlp_ratio=4,
+                                      norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2,
+                                      patch_size=patch, qkv_bias=True, use_rel_pos=True, global_attn_indexes=(1,),
+                                      window_size=2, out_chans=dim),
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(size // patch, size // patch),
                                      input_image_size=(size, size), mask_in_chans=16),
         mask_decoder=MaskDecoder(num_multimask_outputs=3,
-                                 transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=mlp,
-                                                               num_heads=8 if prompt_dim >= 64 else 2),
-                                 transformer_dim=prompt_dim, iou_head_depth=3, iou_head_hidden_dim=prompt_dim),
-        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
-    return sam.eval()
+                                 transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
+                                 transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dim),
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375]).eval()
 
 
 def load_sam(checkpoint: str | Path, model_type: str | None = None, device: str | None = None):
@@ -58,7 +59,7 @@ def load_sam(checkpoint: str | Path, model_type: str | None = None, device: str 
             f"SAM checkpoint {path} does not exist; download sam_vit_b_01ec64.pth (or vit_l / vit_h) from the "
             f"segment-anything README and pass its path, or use segmenter='offline'")
     if model_type is None:
-        model_type = next((t for t in ("vit_b", "vit_l", "vit_h") if t in path.name), None)
+        model_type = next((t for t in SAM_TYPES if t in path.name), None)
         if model_type is None:
             raise SamLoadError(f"cannot tell the SAM type from {path.name!r}; pass model_type='vit_b'/'vit_l'/'vit_h'")
     try:
@@ -107,10 +108,13 @@ def segment_sam(image: np.ndarray, sam=None, checkpoint: str | Path | None = Non
 
 
 class SamPrompter:
-    """Click and box prompts on one image (the image is embedded once, then each prompt is fast).
+    """Click and box prompts on one image, used the way ``SamPredictor`` is meant to be: the image is embedded
+    once; a single click asks for SAM's three candidate masks and keeps the best scored one (one click is
+    ambiguous), several clicks or a box ask for one mask; when clicks are added to the previous call's clicks,
+    that call's low-resolution logits go back in as ``mask_input`` so the mask is refined rather than redone.
 
-    ``predict(points=[(x, y), ...], point_labels=[1, 0, ...], box=(x0, y0, x1, y1))`` returns the best mask.
-    Coordinates are pixels of the image given at construction.
+    ``predict(points=[(x, y), ...], point_labels=[1, 0, ...], box=(x0, y0, x1, y1))`` returns a boolean mask;
+    ``boxes([...])`` returns one mask per box from a single batched call. Coordinates are pixels of the image.
     """
 
     def __init__(self, sam, image: np.ndarray):
@@ -118,19 +122,45 @@ class SamPrompter:
         self.predictor = SamPredictor(_sam(sam))  # a loaded model or a checkpoint path
         self.predictor.set_image(np.ascontiguousarray(image))
         self.shape = image.shape[:2]
+        self._previous: tuple[list, list, tuple | None] | None = None   # the last call's clicks, labels, box
+        self._logits: np.ndarray | None = None                          # and its chosen mask's logits
+
+    def reset(self) -> None:
+        """Forget the previous clicks (the next call starts a new mask)."""
+        self._previous, self._logits = None, None
 
     def predict(self, points: Sequence[tuple[float, float]] | None = None, point_labels: Sequence[int] | None = None,
                 box: Sequence[float] | None = None) -> np.ndarray:
         if not points and box is None:
             raise ValueError("give at least one click (points) or a box")
-        coords = np.asarray(points, dtype=np.float32) if points else None
-        labels = np.asarray(point_labels if point_labels is not None else [1] * len(points), dtype=np.int32) \
-            if points else None
-        masks, scores, _ = self.predictor.predict(point_coords=coords, point_labels=labels,
-                                                  box=None if box is None else np.asarray(box, np.float32),
-                                                  multimask_output=box is None)
-        return masks[int(np.argmax(scores))].astype(bool)
+        points = [tuple(map(float, p)) for p in points or []]
+        labels = [int(v) for v in (point_labels if point_labels is not None else [1] * len(points))]
+        if len(labels) != len(points):
+            raise ValueError(f"{len(points)} clicks but {len(labels)} point_labels; give one label per click")
+        box_key = None if box is None else tuple(map(float, box))
+        mask_input = self._logits if self._adds_clicks(points, labels, box_key) else None
+        masks, scores, logits = self.predictor.predict(
+            point_coords=np.asarray(points, np.float32) if points else None,
+            point_labels=np.asarray(labels, np.int32) if points else None,
+            box=None if box is None else np.asarray(box, np.float32),
+            mask_input=mask_input, multimask_output=box is None and len(points) == 1)
+        best = int(np.argmax(scores))
+        self._previous, self._logits = (points, labels, box_key), logits[best][None]
+        return masks[best].astype(bool)
+
+    def _adds_clicks(self, points: list, labels: list, box) -> bool:
+        if self._previous is None:
+            return False
+        old_points, old_labels, old_box = self._previous
+        n = len(old_points)
+        return box == old_box and len(points) > n and points[:n] == old_points and labels[:n] == old_labels
 
     def boxes(self, boxes: Sequence[Sequence[float]]) -> list[np.ndarray]:
-        """One mask per box (used by text-prompted segmentation)."""
-        return [self.predict(box=b) for b in boxes]
+        """One mask per box, all boxes in one ``predict_torch`` call (used by text-prompted segmentation)."""
+        if len(boxes) == 0:
+            return []
+        device = self.predictor.device
+        scaled = self.predictor.transform.apply_boxes_torch(torch.as_tensor(np.asarray(boxes, np.float32),
+                                                                            device=device), self.shape)
+        masks, _, _ = self.predictor.predict_torch(None, None, boxes=scaled, multimask_output=False)
+        return [m[0].cpu().numpy().astype(bool) for m in masks]
