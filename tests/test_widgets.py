@@ -204,8 +204,17 @@ def test_edit_panel_generates_into_the_gallery(tmp_path, tiny_model_dirs):
     panel = EditPanel(model, s)
     panel.steps.value, panel.edge.value = 5, 1
     panel.kind.value, panel.item.value, panel.prompt.value = "text", 1, "a red bag"
+    live = []     # (progress, preview picture) as the sampler's step hook shows them while the edit runs
+    panel.preview.observe(lambda ch: live.append((panel.progress.value, ch["new"])), "value")
     result = panel.run()
     assert result.kind == "text" and len(panel.gallery.cards) == 1
+    assert [p for p, _ in live] == [1, 2, 3, 4, 5]                          # every step, in order
+    from PIL import Image
+    import io
+    last = np.asarray(Image.open(io.BytesIO(live[-1][1])).convert("RGB"))
+    assert panel.preview_width // 2 < last.shape[1] <= panel.preview_width    # enlarged to the preview's width
+    assert len({png for _, png in live}) > 1                                # the estimate changes as it samples
+    assert panel.preview.layout.display == "none"                           # hidden again when done
     assert result.manifest["prompts"]["right"] == "a red bag"
     panel.kind.value = "move"
     assert panel.run() is None and len(panel.gallery.cards) == 1          # no move dragged yet: refused

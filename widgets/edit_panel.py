@@ -10,7 +10,7 @@ from dedit_nb.display import EDIT_DEFAULTS, tidy_number
 from dedit_nb.edits import EDIT_KINDS, Editor, run_edit
 from dedit_nb.session import png_bytes
 
-from .gallery import ResultGallery
+from .gallery import ResultGallery, upscale
 from .mask_editor import MaskEditor
 from .state import ItemState
 
@@ -73,7 +73,8 @@ class EditPanel(W.VBox):
         self.error = W.HTML()
         self.progress = W.IntProgress(value=0, min=0, max=1, description="sampling",
                                       layout=W.Layout(display="none"))
-        self.preview = W.Image(format="png", layout=W.Layout(width=f"{display_width // 2}px", display="none"))
+        self.preview_width = display_width // 2
+        self.preview = W.Image(format="png", layout=W.Layout(width=f"{self.preview_width}px", display="none"))
         self.gallery = ResultGallery(session)
         self.generate.on_click(lambda _: self.run())
         self.kind.observe(lambda _: self._kind_changed(), names="value")
@@ -113,6 +114,10 @@ class EditPanel(W.VBox):
             self.preview.value = png_bytes(np.asarray(image, np.uint8))
             self.preview.layout.display = None
 
+    def show_step(self, step) -> None:
+        """The sampler's ``callback_on_step_end``: the progress bar and the first image's current estimate."""
+        self.show_progress(step.step + 1, step.num_steps, upscale(step.preview()[0], self.preview_width))
+
     def run(self):
         ed, kind, item = self.editor_backend, self.kind.value, self.item.value
         self.error.value = ""
@@ -122,11 +127,12 @@ class EditPanel(W.VBox):
             if kind == "move":  # every item dragged in the editor moves at once
                 if not self.state.moves:
                     raise ValueError("drag an item with the move tool (or set its scale) first")
-                result = ed.move(self.image, dict(self.state.moves), **self.sampling())
+                result = ed.move(self.image, dict(self.state.moves), callback_on_step_end=self.show_step, **self.sampling())
             else:
                 source_image, source_item = self.source.value
                 result = run_edit(ed, kind, self.image, item, self.prompt.value or None,
-                                  source_image=source_image, source_item=source_item, **self.sampling())
+                                  source_image=source_image, source_item=source_item,
+                                  callback_on_step_end=self.show_step, **self.sampling())
         except Exception as exc:  # noqa: BLE001 - shown in the panel
             self.show_error(exc)
             return None
