@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .edits import EDIT_KINDS, Editor, EditResult, run_edit
-from .sampler import SamplingConfig
+from .sampler import SCHEDULERS, SamplingConfig
 from .segment import METHODS, Partition, segment_session
 from .session import Session, SessionError
 
@@ -100,10 +100,10 @@ NOTEBOOK_PARAMETERS: dict[str, dict[str, Check]] = {
         "dx": number(), "dy": number(), "scale": number(0, low_open=True), "source_session": text(optional=True),
         "source_image": IMAGE, "source_item": ITEM, "strength": number(0, 1), "guidance": number(0),
         "steps": integer(1), "edge_thickness": integer(0), "seed": integer(0), "num_images": integer(1),
-        "output_dir": text(), "overwrite": FLAG, "device": text(optional=True), "interactive": FLAG,
+        "scheduler": text(choices=tuple(SCHEDULERS)), "output_dir": text(), "overwrite": FLAG, "device": text(optional=True), "interactive": FLAG,
         "batch_grid": text(optional=True)},
 }
-SAMPLING = ("strength", "guidance", "steps", "edge_thickness", "seed", "num_images")
+SAMPLING = ("strength", "guidance", "steps", "edge_thickness", "seed", "num_images", "scheduler")
 PAPERMILL_MARK = "# Parameters"        # the comment papermill's Python translator opens its injected cell with
 
 

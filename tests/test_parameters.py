@@ -44,6 +44,7 @@ def test_every_parameter_of_every_notebook_is_checked_and_its_default_passes(nam
     ("edit = 'recolour'", "edit", "is not one of"),
     ("strenght = 0.8", "strenght", "03_edit has no such parameter; did you mean 'strength'?"),
     ("item = 1.0", "item", "an item index or label"),
+    ("scheduler = 'dpm'", "scheduler", "is not one of"),
 ])
 def test_edit_parameters_fail_by_name(injected, name, message):
     with pytest.raises(ParameterError) as err:
