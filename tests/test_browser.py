@@ -92,6 +92,19 @@ def run_cell(page, index: int) -> None:
 XSS = "<img src=x onerror=\"window.__dedit_xss = 1\">"
 
 
+def open_in_lab(playwright, url: str, token: str, name: str):
+    """Chromium on ``name.ipynb`` in JupyterLab, the kernel idle and the first cell run."""
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"])
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.goto(f"{url}/lab/tree/{name}.ipynb?token={token}")
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+    run_cell(page, 0)
+    return browser, page
+
+
 def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
     """One editor session in a real browser: a hostile label stays text, shortcuts work on hover without a
     painting click, buttons fit, the cursor is the brush outline, the swatch is the canvas colour, a brush
@@ -121,14 +134,7 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
     inner[:, :2] = inner[:, -2:] = inner[:2] = inner[-2:] = False
     border_y, border_x = (int(v[0]) for v in np.nonzero(inner))            # a pixel of item 1's outline
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1100})
-        page.goto(f"{url}/lab/tree/editor.ipynb?token={token}")
-        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
-        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
-        run_cell(page, 0)
+        browser, page = open_in_lab(p, url, token, "editor")
         canvas = page.locator(".jp-OutputArea canvas").first
         try:
             canvas.wait_for(state="visible", timeout=90_000)
@@ -232,14 +238,7 @@ def test_edit_panel_in_jupyterlab(jupyter, tmp_path, tiny_model_dirs):
         "panel",
     ])))
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1100})
-        page.goto(f"{url}/lab/tree/panel.ipynb?token={token}")
-        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
-        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
-        run_cell(page, 0)
+        browser, page = open_in_lab(p, url, token, "panel")
         output = page.locator(".jp-OutputArea")             # the panel, below any loading messages
         generate = output.locator("button:has-text('Generate')")
         generate.wait_for(state="visible", timeout=90_000)

@@ -192,15 +192,21 @@ def test_gallery_before_after_and_saving(tmp_path):
     assert Session.open(tmp_path / "s").history[-1]["kind"] == "saved-result"
 
 
-def test_edit_panel_generates_into_the_gallery(tmp_path, tiny_model_dirs):
+def finetuned_halves(tmp_path, model_dir, names):
+    """A session of the coffee photo split into a left and a right item, finetuned for one step a stage."""
     from dedit_nb import FinetuneConfig, finetune, load_model
-    from widgets import EditPanel
-    model = load_model(str(tiny_model_dirs["sd"]))
+    model = load_model(str(model_dir))
     s = Session.create(tmp_path / "s", data.coffee(), resolution=32, multiple=8)
     labels = np.zeros(s.images[0].labels.shape, np.int32)
     labels[:, 16:] = 1
-    s.set_items(0, labels, ["left", "right"])
+    s.set_items(0, labels, names)
     finetune(model, s, FinetuneConfig(num_tokens=1, stage1_steps=1, stage2_steps=1), progress=False)
+    return model, s, labels
+
+
+def test_edit_panel_generates_into_the_gallery(tmp_path, tiny_model_dirs):
+    from widgets import EditPanel
+    model, s, labels = finetuned_halves(tmp_path, tiny_model_dirs["sd"], ["left", "right"])
     panel = EditPanel(model, s)
     panel.steps.value, panel.edge.value = 5, 1
     panel.kind.value, panel.item.value, panel.prompt.value = "text", 1, "a red bag"
@@ -443,15 +449,9 @@ def test_gallery_cards_are_readable_in_a_grid(tmp_path):
 
 
 def test_edit_panel_shares_the_selection_and_hides_what_does_not_apply(tmp_path, tiny_model_dirs):
-    from dedit_nb import FinetuneConfig, finetune, load_model
     from dedit_nb.display import EDIT_DEFAULTS
     from widgets import EditPanel
-    model = load_model(str(tiny_model_dirs["sd"]))
-    s = Session.create(tmp_path / "s", data.coffee(), resolution=32, multiple=8)
-    labels = np.zeros(s.images[0].labels.shape, np.int32)
-    labels[:, 16:] = 1
-    s.set_items(0, labels, ["left", "<b>right</b>"])
-    finetune(model, s, FinetuneConfig(num_tokens=1, stage1_steps=1, stage2_steps=1), progress=False)
+    model, s, _ = finetuned_halves(tmp_path, tiny_model_dirs["sd"], ["left", "<b>right</b>"])
     panel = EditPanel(model, s)
     assert panel.sampling() == EDIT_DEFAULTS
     panel.strength.value = 0.1 + 0.2                                         # 0.30000000000000004
