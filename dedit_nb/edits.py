@@ -201,12 +201,14 @@ class Editor:
             regions = M.edit_regions(active, config.edge_thickness)
         n = len(entry.items)
         areas = M.item_areas(labels, n).astype(float).tolist()
+        self.session.check_weights_current()
         self.model.use_session(self.session)
         cond = C.encode_items(self.model, prompts, lengths, areas, [it.label for it in entry.items])
         images = masked_sample(self.model, cond, C.latent_labels(self.model, labels, n), entry.working,
                                regions, config, progress=self.progress, callback_on_step_end=callback_on_step_end)
         manifest = {"kind": kind, "session": str(self.session.folder), "session_id": self.session.id,
-                    "image": entry.name, "fit": entry.fit, "model_id": self.model.model_id, "params": params,
+                    "image": entry.name, "fit": entry.fit, "model_id": self.model.model_id,
+                    "weights_generation": self.session.weights_generation, "params": params,
                     "sampling": asdict(config), "seeds": [config.seed + j for j in range(config.num_images)],
                     "prompts": {it.label: p for it, p in zip(entry.items, cond.encoded)},
                     "dropped": {it.label: d for it, d in zip(entry.items, cond.dropped) if d},

@@ -244,6 +244,12 @@ class Session:
         return copy.deepcopy(self._data["finetune"])
 
     @property
+    def weights_generation(self) -> str | None:
+        """The id of the finetune checkpoint whose weights this session holds (the same in every member of a
+        joint finetune)."""
+        return _generation(self._data)
+
+    @property
     def has_weights(self) -> bool:
         return self._data["weights"] is not None
 
@@ -418,10 +424,27 @@ class Session:
         return {j["id"] for j in self.weights_meta.get("joint", [{"id": self.id}])}
 
     def check_joint(self, other: "Session") -> None:
-        """Raise unless ``other`` is this session or was finetuned jointly with it (so its items can come in)."""
-        if other.id != self.id and other.id not in self.joint_session_ids:
-            raise SessionError(f"session {other.folder} was not finetuned jointly with {self.folder}; finetune "
-                               "them together (finetune(..., extra_sessions=[...]), or extra_sessions in 02_finetune)")
+        """Raise unless ``other`` is this session or holds the same joint finetune as it (so its items can come
+        in: a member finetuned again on its own since has tokens this session's weights never saw)."""
+        if other.id == self.id:
+            return
+        fix = "finetune them together (finetune(..., extra_sessions=[...]), or extra_sessions in 02_finetune)"
+        if other.id not in self.joint_session_ids:
+            raise SessionError(f"session {other.folder} was not finetuned jointly with {self.folder}; {fix}")
+        if self.weights_generation != other.weights_generation:
+            raise SessionError(f"session {other.folder} was finetuned again since its joint finetune with "
+                               f"{self.folder} (their checkpoints differ); {fix}")
+
+    def check_weights_current(self) -> None:
+        """Raise when another process replaced (or discarded) the learned weights since this session was read:
+        an editor must not go on with the old ones and record its edits into the new finetune's history."""
+        if self._base is None:
+            return
+        with session_lock(self.folder):
+            disk = _read_json(self.folder)
+        if (disk or {}).get("weights") != self._data["weights"]:
+            raise SessionError(f"the learned weights of {self.folder} were replaced (by a finetune in another "
+                               "process) since it was opened; open the session again (Session.open)")
 
     def discard_weights(self, save: bool = True) -> None:
         """Forget learned weights and tokens (items stay), e.g. before re-segmenting."""

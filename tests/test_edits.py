@@ -174,6 +174,27 @@ def test_item_from_a_jointly_finetuned_session(tmp_path, photo, tiny_model_dirs)
     assert np.array_equal(result.images[0][result.regions.hard], a.images[0].working[result.regions.hard])
     with pytest.raises(SessionError, match="not finetuned jointly"):
         editor.image(0, "top", 0, 0, source_session=c, **SAMPLING)
+    b_alone = Session.open(tmp_path / "b")          # b finetuned again on its own: new tokens a never saw
+    finetune(model, b_alone, FinetuneConfig(num_tokens=1, stage1_steps=1, stage2_steps=1, seed=1), resume=False,
+             progress=False)
+    with pytest.raises(SessionError, match="finetuned again since its joint finetune"):
+        Editor(model, a, progress=False).image(0, "top", 0, "left", source_session=Session.open(tmp_path / "b"),
+                                               **SAMPLING)
+
+
+def test_an_editor_refuses_weights_that_another_finetune_replaced(finetuned):
+    model, s = finetuned
+    editor = Editor(model, Session.open(s.folder), progress=False)
+    first = editor.reconstruct(0, **SAMPLING)
+    assert first.manifest["weights_generation"] == s.weights_generation is not None
+    rerun = Session.open(s.folder)                   # 02 run again (another kernel) while the editor is open
+    finetune(model, rerun, FinetuneConfig(num_tokens=2, stage1_steps=1, stage2_steps=1, seed=1), resume=False,
+             progress=False)
+    with pytest.raises(SessionError, match="were replaced"):
+        editor.reconstruct(0, **SAMPLING)           # not an edit with the old weights, recorded as the new ones'
+    assert [r["weights_generation"] for r in Session.open(s.folder).history] == [s.weights_generation]
+    fresh = Editor(model, Session.open(s.folder), progress=False).reconstruct(0, **SAMPLING)
+    assert fresh.manifest["weights_generation"] == rerun.weights_generation != s.weights_generation
 
 
 def test_text_edit_regenerates_the_item_from_the_prompt_reaching_the_encoder(finetuned):
