@@ -7,7 +7,7 @@ A grid file::
     notebook: notebooks/03_edit.ipynb      # relative to the grid file
     output: runs/batch                     # relative to the grid file
     workers: 1                             # local runs at a time (default: one per GPU, else 1)
-    scheduler: null                        # a dask.distributed scheduler address sends runs there instead
+    dask_scheduler: null                   # a dask.distributed scheduler address sends runs there instead
     parameters: {session_dir: runs/session_a, edit: text, item: 1}   # shared by every run
     grid: {prompt: [a green circle, a white circle], seed: [0, 1]}    # every combination
     runs: [{edit: remove}]                 # extra parameter sets, each merged over `parameters`
@@ -34,6 +34,7 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
+from .notebook import NOTEBOOK_PARAMETERS
 from .session import atomic_write_bytes, png_bytes
 
 
@@ -78,7 +79,7 @@ def run_one(notebook: str, folder: str, parameters: dict, kernel_name: str | Non
     import papermill as pm
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    params = {**parameters, "output_dir": str(out), "interactive": False, "overwrite": True}  # the run's own folder
+    params = {**parameters, **_run_settings(notebook, out)}
     start = time.time()
     result = RunResult(out.name, parameters, True, str(out))
     try:
@@ -89,9 +90,25 @@ def run_one(notebook: str, folder: str, parameters: dict, kernel_name: str | Non
         result.error = _short_error(exc)
         result.failed_cell = getattr(exc, "exec_count", None)
     result.seconds = round(time.time() - start, 1)
-    result.images = sorted(p.name for p in out.glob("image_*.png"))
+    result.images = _written_images(out) if result.ok else []
     atomic_write_bytes(out / "run.json", json.dumps(asdict(result), indent=2, default=str).encode())
     return result
+
+
+def _run_settings(notebook: str, out: Path) -> dict:
+    """What every run of the batch sets: its own folder (replaced on a rerun of the grid), headless. Only the
+    names the notebook has, so 01 and 02 pass their check cells too (they have no ``output_dir``)."""
+    settings = {"output_dir": str(out), "interactive": False, "overwrite": True}
+    known = NOTEBOOK_PARAMETERS.get(Path(notebook).stem)
+    return settings if known is None else {k: v for k, v in settings.items() if k in known}
+
+
+def _written_images(out: Path) -> list[str]:
+    """The images this run's edit wrote (its manifest lists them; a rerun's leftovers do not count)."""
+    try:
+        return list(json.loads((out / "manifest.json").read_text())["files"]["images"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def _short_error(exc: Exception) -> str:
@@ -109,6 +126,9 @@ def output_folder(spec: dict, base_dir: Path = Path(".")) -> Path:
 def run_batch(spec: dict, base_dir: Path = Path("."), workers: int | None = None, scheduler: str | None = None,
               kernel_name: str | None = None) -> list[RunResult]:
     """Run every parameter set of a grid spec; returns the results (also written as the report)."""
+    if "scheduler" in spec:
+        raise ValueError("a grid file's top-level 'scheduler' is ambiguous: write the Dask cluster's address as "
+                         "'dask_scheduler', and a sampler (ddim, dpm++, euler...) under 'parameters' or 'grid'")
     notebook = (base_dir / spec["notebook"]).resolve()
     if not notebook.exists():
         raise FileNotFoundError(f"notebook {notebook} does not exist (paths in a grid file are relative to it)")
@@ -117,7 +137,7 @@ def run_batch(spec: dict, base_dir: Path = Path("."), workers: int | None = None
     sets = expand(spec)
     jobs = [(str(notebook), str(output / f"run-{i:03d}"), params) for i, params in enumerate(sets)]
     cwd = str(notebook.parent)
-    scheduler = scheduler or spec.get("scheduler")
+    scheduler = scheduler or spec.get("dask_scheduler")
     if scheduler:
         from dask.distributed import Client
         with Client(scheduler) as client:

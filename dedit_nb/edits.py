@@ -50,6 +50,8 @@ class EditResult:
         files["labels"] = "labels.npy"
         manifest = {**self.manifest, "files": files}
         atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+        for stale in set(out.glob("image_*.png")) - {out / name for name in files["images"]}:
+            stale.unlink()          # an earlier edit's extra images (overwrite=True) would read as this one's
         return out
 
     def figure(self, max_images: int = 4):

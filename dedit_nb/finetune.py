@@ -276,7 +276,8 @@ def _resumable_state(session: Session, sessions: list[Session], config: Finetune
     """The saved finetune state to continue from (None to start over) and the members in their first run's
     order, brought to the newest checkpoint every member holds; refuses a mismatched resume."""
     if len({s.id for s in sessions}) != len(sessions):
-        raise SessionError("the same session was given twice (or two sessions share an id: copy_to gives a new one)")
+        raise SessionError("the same session was given twice (or two sessions share an id, as a session and "
+                           "its copy_to copy do: finetune the copy on its own)")
     if not resume:
         return None, sessions
     sessions = settle_joint(sessions)

@@ -41,3 +41,19 @@ def test_index_md_and_html_escape_parameters_and_errors(tmp_path):
     check_page(rendered, 5)                             # run, prompt, seed, status, images
     assert "&lt;img src=x onerror=alert(1)&gt;" in rendered and "*bold*" in rendered
     check_page((tmp_path / "index.html").read_text(), 5)
+
+
+def test_a_rerun_into_the_same_folder_lists_only_its_own_images(tmp_path):
+    import numpy as np
+    from dedit_nb import masks as M
+    from dedit_nb.batch import _written_images
+    from dedit_nb.edits import EditResult
+    image = np.zeros((8, 8, 3), np.uint8)
+    regions = M.edit_regions(np.eye(8, dtype=bool), 1)
+    labels = np.zeros((8, 8), np.int32)
+    EditResult("recon", [image] * 3, image, labels, regions).save(tmp_path)
+    EditResult("recon", [image + 1], image, labels, regions).save(tmp_path)     # overwrite=True, fewer images
+    assert sorted(p.name for p in tmp_path.glob("image_*.png")) == ["image_0.png"]
+    assert _written_images(tmp_path) == ["image_0.png"]
+    (tmp_path / "manifest.json").unlink()
+    assert _written_images(tmp_path) == []                                  # a failed run wrote none

@@ -88,3 +88,20 @@ def test_sampling_keywords_from_python_are_checked_by_name(tmp_path):
         check_edit_params(s, "recon", step=3)
     with pytest.raises(ParameterError, match="parameter 'steps': should be an integer >= 1, got '10'"):
         check_edit_params(s, "recon", steps="10")
+
+
+@pytest.mark.parametrize("name", list(NOTEBOOK_PARAMETERS))
+def test_a_batch_run_of_any_notebook_passes_its_check_cell(name, tmp_path):
+    from dedit_nb.batch import _run_settings
+    settings = _run_settings(str(NB / f"{name}.ipynb"), tmp_path / "run-000")
+    assert set(settings) <= set(NOTEBOOK_PARAMETERS[name])
+    check_parameters(name, namespace(name, "".join(f"{k} = {v!r}\n" for k, v in settings.items())))
+
+
+def test_a_grid_refuses_a_top_level_scheduler_before_running(tmp_path):
+    from dedit_nb.batch import run_batch
+    spec = {"notebook": str(NB / "03_edit.ipynb"), "output": str(tmp_path / "out"), "scheduler": "euler",
+            "parameters": {}}
+    with pytest.raises(ValueError, match="dask_scheduler"):
+        run_batch(spec, tmp_path)
+    assert not (tmp_path / "out").exists()

@@ -96,6 +96,13 @@ def test_rerun_folders_are_numbered_never_overwritten(tmp_path):
     assert choose_folder(tmp_path / "s", overwrite=True) == (tmp_path / "s", None)
     assert choose_folder(tmp_path / "new") == (tmp_path / "new", None)
     assert Session.open(first.folder).images[0].name == "scene_a"       # the first session is untouched
+    import os
+    here = os.getcwd()
+    try:
+        os.chdir(tmp_path / "s")
+        assert choose_folder(".")[0] == tmp_path / "s-3"                   # '.' is numbered like its name
+    finally:
+        os.chdir(here)
     (tmp_path / "edit").mkdir()
     assert choose_folder(tmp_path / "edit", marker=EDIT_MARKER)[0] == tmp_path / "edit"   # empty: used
     (tmp_path / "edit" / EDIT_MARKER).write_text("{}")
