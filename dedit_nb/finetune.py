@@ -17,6 +17,7 @@ weights of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Sequence
 
@@ -291,6 +292,18 @@ def _resumable_state(session: Session, sessions: list[Session], config: Finetune
     if session.joint_session_ids != {s.id for s in sessions}:
         raise SessionError("this session's finetune was started with other sessions; pass the same "
                            "extra_sessions, or resume=False to start over")
+    stage, step = state["stage"], state["step"]
+    if stage == 2 and config.stage1_steps != previous.stage1_steps:
+        raise SessionError(f"stage 1 of this session's finetune is over ({previous.stage1_steps} steps); pass "
+                           f"stage1_steps={previous.stage1_steps}, or resume=False to start over")
+    asked = config.stage1_steps if stage == 1 else config.stage2_steps
+    if asked < step:
+        raise SessionError(f"this session's finetune has done {step} steps of stage {stage}, more than the "
+                           f"{asked} asked for; pass at least {step}, or resume=False to start over")
+    if state.get("done") and asked > step:
+        warnings.warn(f"extending a finished finetune ({step} -> {asked} stage-2 steps): its optimizer state was "
+                      "dropped when it finished, so AdamW starts afresh (not the weights of one longer run)",
+                      stacklevel=3)
     return state, sessions
 
 

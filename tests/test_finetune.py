@@ -129,6 +129,17 @@ def test_resume_with_other_settings_is_refused(tmp_path, photo, tiny_model_dirs)
              callback=lambda *a: False)
     with pytest.raises(SessionError, match="other settings"):
         finetune(model, s, FinetuneConfig(stage1_steps=4, stage2_steps=0, **{**FAST, "num_tokens": 3}), progress=False)
+    with pytest.raises(SessionError, match="done 1 steps of stage 1, more than the 0 asked for"):
+        finetune(model, s, FinetuneConfig(stage1_steps=0, stage2_steps=0, **FAST), progress=False)
+    finetune(model, s, FinetuneConfig(stage1_steps=4, stage2_steps=2, **FAST), progress=False,
+             callback=lambda stage, *a: stage != "stage2")          # stop after stage 2's first step
+    assert (s.finetune_state["stage"], s.finetune_state["step"]) == (2, 1)
+    with pytest.raises(SessionError, match="stage 1 of this session's finetune is over"):
+        finetune(model, s, FinetuneConfig(stage1_steps=6, stage2_steps=2, **FAST), progress=False)
+    finetune(model, s, FinetuneConfig(stage1_steps=4, stage2_steps=2, **FAST), progress=False)
+    with pytest.warns(UserWarning, match="AdamW starts afresh"):
+        result = finetune(model, s, FinetuneConfig(stage1_steps=4, stage2_steps=3, **FAST), progress=False)
+    assert result.completed and len(result.loss["stage2"]) == 3
 
 
 def test_joint_finetune_of_several_images(tmp_path, photo, tiny_model_dirs):
