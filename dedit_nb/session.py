@@ -398,10 +398,7 @@ class Session:
             return {}
         with session_lock(self.folder):
             if not path.exists():
-                disk = _read_json(self.folder)
-                if (disk or {}).get("weights") != self._data["weights"]:
-                    raise SessionError(f"the learned weights of {self.folder} were replaced (by a finetune in "
-                                       "another process) since it was opened; open the session again")
+                self._refuse_replaced_weights(_read_json(self.folder))
                 raise SessionError(f"learned weights file {path} is missing; restore it or finetune the session "
                                    "again (resume=False)")
             try:
@@ -442,6 +439,9 @@ class Session:
             return
         with session_lock(self.folder):
             disk = _read_json(self.folder)
+        self._refuse_replaced_weights(disk)
+
+    def _refuse_replaced_weights(self, disk: dict | None) -> None:
         if (disk or {}).get("weights") != self._data["weights"]:
             raise SessionError(f"the learned weights of {self.folder} were replaced (by a finetune in another "
                                "process) since it was opened; open the session again (Session.open)")
