@@ -82,6 +82,19 @@ class EncoderSlot:
         return self.encoder.get_input_embeddings()
 
 
+def _pooled_at_end_of_text(slot: EncoderSlot, last_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The pooled text embedding, read at each prompt's first end-of-text token and projected.
+
+    Real SD/SDXL text-encoder configs carry the legacy ``eos_token_id: 2``, for which transformers pools at the
+    *highest token id* of a prompt; added item tokens have the highest ids, so it would pool at an item token
+    instead of the end of the prompt (transformers#24650, diffusers#10754). The tokenizer knows the true id."""
+    eos = slot.tokenizer.eos_token_id
+    position = (input_ids == eos).int().argmax(-1)
+    pooled = last_hidden[torch.arange(last_hidden.shape[0], device=last_hidden.device), position]
+    projection = getattr(slot.encoder, "text_projection", None)
+    return pooled if projection is None else projection(pooled)
+
+
 class TextConditioner:
     """Turns prompts into the UNet's text conditioning, and owns the learned item tokens."""
 
@@ -219,7 +232,7 @@ class TextConditioner:
             hidden = out.last_hidden_state if slot.hidden_layer == -1 else out.hidden_states[slot.hidden_layer]
             states.append(hidden)
             if slot.gives_pooled:
-                pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
+                pooled = _pooled_at_end_of_text(slot, out.last_hidden_state, batch.input_ids.to(device))
         return torch.cat(states, dim=-1), pooled
 
     def added_cond_kwargs(self, pooled: torch.Tensor | None, height: int, width: int) -> dict | None:
@@ -616,7 +629,9 @@ def build_tiny_model(family: str, folder: str | os.PathLike, seed: int = 0, samp
     AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                   norm_num_groups=8, sample_size=sample_size * 2).save_pretrained(folder / "vae")
-    clip_kwargs = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, intermediate_size=37,
+    # bos/eos/pad ids as in the real SD and SDXL text-encoder configs (eos 2 is their legacy value; the
+    # tokenizer's end-of-text is another id), so tiny models take the same pooling path
+    clip_kwargs = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, intermediate_size=37,
                        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,
                        max_position_embeddings=77)
     if family == "sd":

@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -87,16 +88,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def session_lock(folder: Path):
-    """The folder's write lock (shared by every process and thread; re-entrant within one thread)."""
+def session_lock(folder: Path, reading: bool = False):
+    """The folder's write lock (shared by every process and thread; re-entrant within one thread); yields
+    whether it is held. A folder the lock file cannot be made in (read-only: a shared course folder, a
+    mounted drive) cannot be written; ``reading`` then goes on without the lock, since session.json and the
+    data files are each replaced atomically and :func:`_check_session` refuses a view that misses a file."""
     lock = FileLock(str(Path(folder) / LOCK_FILE), timeout=LOCK_TIMEOUT, is_singleton=True)
     try:
         lock.acquire()
     except Timeout as exc:
         raise SessionError(f"{folder} stayed locked by another process for {LOCK_TIMEOUT:.0f} s (a finetune "
                            "saving a large checkpoint?); try again once it is done") from exc
+    except OSError as exc:
+        if reading:
+            yield False
+            return
+        raise SessionError(f"{folder} cannot be written ({exc.strerror or exc}); work on a copy in a folder you "
+                           f"can write: Session.open({str(folder)!r}).copy_to('my-session')") from exc
     try:
-        yield
+        yield True
     finally:
         lock.release()
 
@@ -210,9 +220,10 @@ class Session:
             raise SessionError(f"{folder} is not a session (no {SESSION_FILE}); create one with Session.create")
         if not (folder / LOCK_FILE).exists():  # made before sessions had locks: add none to a broken one
             _check_session(folder)
-        with session_lock(folder):
+        with session_lock(folder, reading=True) as locked:
             data, images = _check_session(folder)
-            _remove_stale_temporaries(folder)
+            if locked:
+                _remove_stale_temporaries(folder)
         return cls(folder, data, images, base=copy.deepcopy(data))
 
     def _reload(self) -> None:
@@ -528,12 +539,15 @@ class Session:
         return merged
 
     def copy_to(self, folder: str | os.PathLike) -> "Session":
-        """A copy of the session folder, e.g. to branch an experiment."""
+        """A copy of the session folder, e.g. to branch an experiment, or to edit a session in a folder you
+        cannot write (the copy is yours to write, whatever the source's permissions)."""
         folder = Path(folder)
         if folder.exists():
             raise SessionError(f"{folder} exists; copy into a new folder")
-        with session_lock(self.folder):
+        with session_lock(self.folder, reading=True):
             shutil.copytree(self.folder, folder, ignore=shutil.ignore_patterns(LOCK_FILE, ".*.tmp"))
+        for path in (folder, *folder.rglob("*")):
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
         return Session.open(folder)
 
     def __repr__(self) -> str:

@@ -1,5 +1,6 @@
 """Nothing is cut from a prompt silently: learned item tokens never, other words with a warning and a record."""
 import pytest
+import torch
 
 from dedit_nb.conditioning import PromptTooLongError
 from dedit_nb.edits import Editor
@@ -45,3 +46,25 @@ def test_an_overlong_edit_prompt_warns_with_the_dropped_words_and_records_what_w
     assert set(result.manifest["dropped"]) == {"left"}
     with pytest.raises(PromptTooLongError, match="item 'left'"):
         editor.text(0, "left", "x" * 80 + " in the style of *", **SAMPLING)   # its own tokens would be cut
+
+
+def test_sdxl_pooled_embedding_is_read_at_the_end_of_text_even_with_the_legacy_config_id(tiny_model_dirs):
+    """Real SD/SDXL text-encoder configs say ``eos_token_id: 2``, for which transformers pools at the highest token
+    id: an added item token. The pooled embedding SDXL conditions on must come from the end-of-text token."""
+    model = load_model(str(tiny_model_dirs["sdxl"]))
+    slot = model.text.slots[1]
+    assert slot.gives_pooled and slot.encoder.config.eos_token_id == 2      # the legacy value, as in SDXL's
+    token = model.text.add_tokens(["<item-7>"], generator=torch.Generator().manual_seed(0))[0]
+    prompt = f"a {token} cat"
+    _, pooled = model.text.encode([prompt], 16)
+    ids = slot.tokenizer([prompt], padding="max_length", max_length=16, truncation=True,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = slot.encoder(ids)
+    end = int((ids[0] == slot.tokenizer.eos_token_id).int().argmax())
+    at_item = int(ids[0].argmax())
+    assert ids[0, at_item] == slot.tokenizer.convert_tokens_to_ids(token) and at_item < end
+    expected = slot.encoder.text_projection(out.last_hidden_state[0, end])
+    torch.testing.assert_close(pooled[0], expected)
+    # transformers' own text_embeds with this config read the item token: what the engine must not use
+    assert not torch.allclose(out.text_embeds[0], expected)

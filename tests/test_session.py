@@ -239,3 +239,45 @@ def test_unet_weights_of_another_model_are_named_not_a_key_error(tmp_path, photo
     with pytest.raises(SessionError, match=f"{unet_file.name}.*lacks.*finetune the session again"):
         Editor(model, Session.open(tmp_path / "s"))
     assert folder_digest(tmp_path / "s") == before
+
+
+@pytest.mark.parametrize("lock_file", [True, False], ids=["with-lock-file", "no-lock-file"])
+def test_a_read_only_session_opens_refuses_writes_by_name_and_copies_out(tmp_path, photo, monkeypatch, lock_file):
+    """A session in a folder the user cannot write (a shared course folder, a read-only mount) opens and reads;
+    a write is refused with the way out (copy_to) and changes nothing; the copy is an ordinary session."""
+    import errno
+    import os
+    import stat
+
+    import filelock
+    folder = tmp_path / "shared"
+    s = Session.create(folder, photo, resolution=64, multiple=16)
+    h, w = s.images[0].labels.shape
+    s.set_items(0, three_item_labels(h, w), ["left", "right", "top"])
+    if not lock_file:
+        (folder / ".session.lock").unlink()
+    tree = [folder, *folder.rglob("*")]
+    for path in tree:
+        path.chmod(path.stat().st_mode & ~0o222)
+    if os.geteuid() == 0:  # root writes anywhere: the lock fails as filelock fails for a user without write access
+        class Unwritable(filelock.FileLock):
+            def acquire(self, *args, **kwargs):
+                if os.path.dirname(self.lock_file) == str(folder):
+                    raise PermissionError(errno.EACCES, "Permission denied", self.lock_file)
+                return super().acquire(*args, **kwargs)
+        monkeypatch.setattr("dedit_nb.session.FileLock", Unwritable)
+    try:
+        before = folder_digest(folder)
+        opened = Session.open(folder)
+        assert np.array_equal(opened.images[0].labels, s.images[0].labels)
+        assert [i.label for i in opened.images[0].items] == ["left", "right", "top"]
+        with pytest.raises(SessionError, match=r"cannot be written .*copy_to"):
+            opened.set_items(0, three_item_labels(h, w), ["a", "b", "c"])
+        assert folder_digest(folder) == before
+        copy = opened.copy_to(tmp_path / "mine")
+        copy.set_items(0, three_item_labels(h, w), ["a", "b", "c"])
+        assert [i.label for i in Session.open(tmp_path / "mine").images[0].items] == ["a", "b", "c"]
+        assert folder_digest(folder) == before
+    finally:
+        for path in tree:
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
