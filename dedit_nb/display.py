@@ -30,7 +30,8 @@ REGION_MEANINGS = {
 
 # The interactive edit panel and 03_edit's parameters cell start from these values (a test checks that the
 # notebook's cell repeats them). A soft band of 2 px suits the offline model's 32 px images.
-EDIT_DEFAULTS = {"strength": 0.5, "guidance": 3.0, "steps": 25, "edge_thickness": 2, "seed": 0, "num_images": 2}
+EDIT_DEFAULTS = {"strength": 0.5, "guidance": 3.0, "steps": 25, "edge_thickness": 2, "seed": 0, "num_images": 2,
+                 "scheduler": "ddim"}
 
 
 def item_colour(k: int) -> tuple[int, int, int]:

@@ -234,6 +234,12 @@ def test_edit_panel_generates_into_the_gallery(tmp_path, tiny_model_dirs):
     assert transplanted.kind == "image" and transplanted.manifest["params"]["source_item"] == "left"
     assert transplanted.manifest["prompts"]["right"] == s.images[0].items[0].prompt()
     assert len(panel.gallery.cards) == 3
+    panel.kind.value, panel.scheduler.value = "recon", "euler-ancestral"      # the sampler picked in the panel
+    ancestral = panel.run()
+    assert ancestral.manifest["sampling"]["scheduler"] == "euler-ancestral"
+    assert transplanted.manifest["sampling"]["scheduler"] == "ddim"
+    panel.scheduler.value = "ddim"
+    assert not np.array_equal(panel.run().images[0], ancestral.images[0])   # same seed, another sampler
 
 
 # --- the view, keys, status -------------------------------------------------------------------------------

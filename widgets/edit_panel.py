@@ -8,6 +8,7 @@ import numpy as np
 
 from dedit_nb.display import EDIT_DEFAULTS, tidy_number
 from dedit_nb.edits import EDIT_KINDS, Editor, run_edit
+from dedit_nb.sampler import SCHEDULERS
 from dedit_nb.session import png_bytes
 
 from .gallery import ResultGallery, upscale
@@ -68,6 +69,9 @@ class EditPanel(W.VBox):
                                 tooltip="width in pixels of the band around the edit that is blended")
         self.seed = W.IntText(value=d["seed"], description="seed")
         self.num_images = W.IntSlider(value=d["num_images"], min=1, max=8, description="images")
+        self.scheduler = W.Dropdown(options=list(SCHEDULERS), value=d["scheduler"], description="sampler",
+                                    tooltip="the diffusers scheduler that samples (ddim: deterministic; "
+                                            "dpm++ / unipc: good in fewer steps; *-ancestral, ddpm: add noise)")
         self.generate = W.Button(description="Generate", icon="magic", button_style="primary",
                                  layout=W.Layout(width="auto"))
         self.error = W.HTML()
@@ -81,8 +85,9 @@ class EditPanel(W.VBox):
         self.controls = {"item": self.item, "prompt": self.prompt, "source": self.source, "moves": self.moves_hint}
         super().__init__([
             W.HBox([self.canvas, W.VBox([self.kind, self.item, self.prompt, self.source, self.moves_hint,
-                                         self.strength, self.guidance, self.steps, self.edge, self.seed,
-                                         self.num_images, self.generate, self.progress, self.preview])]),
+                                         self.strength, self.guidance, self.steps, self.scheduler, self.edge,
+                                         self.seed, self.num_images, self.generate, self.progress,
+                                         self.preview])]),
             self.error, self.gallery])
         self._kind_changed()
 
@@ -100,7 +105,7 @@ class EditPanel(W.VBox):
         # sliders step in binary fractions of 0.05: 5.000000000000001 would reach the manifest
         return dict(steps=self.steps.value, guidance=tidy_number(self.guidance.value),
                     strength=tidy_number(self.strength.value), edge_thickness=self.edge.value,
-                    seed=self.seed.value, num_images=self.num_images.value)
+                    seed=self.seed.value, num_images=self.num_images.value, scheduler=self.scheduler.value)
 
     def show_error(self, text: str) -> None:
         self.error.value = (f"<div class='dedit-error' style='color:#b00020;background:#fdecea;border-left:4px "
