@@ -89,6 +89,32 @@ def item_overlay(image: np.ndarray, labels: np.ndarray, mode: str = "outline",
     return out
 
 
+def item_thumbnails(image: np.ndarray, labels: np.ndarray, num_items: int | None = None, size: int = 24,
+                    fade: float = 0.75) -> list[np.ndarray]:
+    """Each item as it looks in the photo: its bounding box cut from ``image``, the other items' pixels faded
+    toward white by ``fade``, scaled (nearest neighbour, aspect kept) to fit ``size`` x ``size``. Items are
+    named by their colour in the photo ("red, centre"), which the canvas colour of their swatch is not; the
+    thumbnail sits beside the name so the two agree. Items with no pixels (up to ``num_items``, default: the
+    highest label's) get a white square."""
+    from PIL import Image
+    from scipy import ndimage as ndi
+    labels = np.asarray(labels)
+    boxes = ndi.find_objects(labels + 1, max_label=num_items or int(labels.max()) + 1)
+    thumbs = []
+    for k, box in enumerate(boxes):
+        if box is None:
+            thumbs.append(np.full((size, size, 3), 255, np.uint8))
+            continue
+        crop = image[box].astype(np.float32)
+        other = labels[box] != k
+        crop[other] = crop[other] * (1 - fade) + 255 * fade
+        h, w = crop.shape[:2]
+        scale = size / max(h, w)
+        shape = (max(1, round(w * scale)), max(1, round(h * scale)))
+        thumbs.append(np.asarray(Image.fromarray(crop.round().astype(np.uint8)).resize(shape, Image.NEAREST)))
+    return thumbs
+
+
 def region_picture(regions) -> np.ndarray:
     """A ``masks.Regions`` as an RGB picture in the region colours (hard, soft, active)."""
     return REGION_COLOURS[regions.as_uint8()]

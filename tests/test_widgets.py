@@ -120,8 +120,8 @@ def test_palette_and_editor_stay_in_sync(state):
     editor, palette = MaskEditor(state), ItemPalette(state)
     palette.rows.children[1].children[1].click()                  # swatch of item 1
     assert state.selected == 1 and "right" in editor.status.value
-    palette.rows.children[1].children[2].value = "bag"            # rename
-    palette.rows.children[1].children[3].value = "a photo of *"
+    palette.rows.children[1].children[3].value = "bag"            # rename
+    palette.rows.children[1].children[4].value = "a photo of *"
     assert state.names[1] == "bag" and state.templates[1] == "a photo of *"
     palette._checks[0].value = palette._checks[2].value = True
     palette.merge_button.click()
@@ -135,7 +135,7 @@ def test_palette_and_editor_stay_in_sync(state):
     state.undo()
     assert state.num_items == 2 and len(palette.rows.children) == 2
     palette.add_button.click()
-    assert state.selected == 2 and palette.rows.children[2].children[2].value == "item2"
+    assert state.selected == 2 and palette.rows.children[2].children[3].value == "item2"
     with pytest.raises(M.PartitionError, match="no pixels"):
         state.check()
 
@@ -372,7 +372,7 @@ def test_every_tool_has_a_path_by_typed_coordinates(state):
 def test_palette_has_headers_tooltips_and_merge_clears_the_ticks(state):
     palette = ItemPalette(state)
     header = palette.children[0]
-    assert "prompt template" in header.children[3].value and "* stands for the item" in header.children[3].value
+    assert "prompt template" in header.children[4].value and "* stands for the item" in header.children[4].value
     swatch = palette.rows.children[1].children[1]
     from dedit_nb.display import item_colour
     assert swatch.style.button_color == "rgb({},{},{})".format(*item_colour(1))   # the canvas colour, exactly
@@ -622,3 +622,34 @@ class EditorMachine(RuleBasedStateMachine):
 
 TestEditorMachine = EditorMachine.TestCase
 TestEditorMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+
+
+def test_the_palette_shows_each_item_as_it_looks_in_the_photo_beside_its_name():
+    """Segmented items are named by their colour in the photo ("red, middle left"); the swatch shows the canvas
+    colour, so each row also shows the item's photo pixels, and those read as the colour the name says."""
+    import io
+
+    from PIL import Image
+
+    from dedit_nb.offline.scenes import SceneObject, render
+    from dedit_nb.segment.offline import colour_name, segment_offline
+    scene = render("white", [SceneObject("red", "circle", 20, 22, 10), SceneObject("blue", "square", 46, 40, 9)], 64)
+    part = segment_offline(scene.image, num_items=3)
+    state = ItemState(scene.image, part.labels, part.item_labels)
+    palette = ItemPalette(state)
+    assert "photo" in palette.children[0].children[2].value
+
+    def thumbnail(k):
+        return np.asarray(Image.open(io.BytesIO(palette.rows.children[k].children[2].value)).convert("RGB"))
+
+    assert sorted(name.split(",")[0] for name in state.names) == ["blue", "red", "white"]
+    for k, name in enumerate(state.names):
+        assert max(thumbnail(k).shape[:2]) == 28
+        assert colour_name(np.median(thumbnail(k).reshape(-1, 3), 0)) == name.split(",")[0]
+    red = int(state.labels[22, 20])
+    before = thumbnail(red)
+    state.selected = red
+    editor = MaskEditor(state)
+    editor.tool.value = "fill"
+    editor.apply_coordinates("46,40")            # the blue square joins the red item
+    assert thumbnail(red).shape != before.shape or not np.array_equal(thumbnail(red), before)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from dedit_nb import masks as M
 from dedit_nb.display import (EDIT_DEFAULTS, ITEM_COLOURS, REGION_COLOURS, edit_summary, item_borders, item_overlay,
-                              region_picture, tidy_numbers)
+                              item_thumbnails, region_picture, tidy_numbers)
 from dedit_nb.domain import (MIN_RECON_PSNR, RECOMMENDED_MODEL, domain_notes, psnr, reconstruction_note,
                              scene_likeness)
 from dedit_nb.offline.scenes import random_scene
@@ -107,3 +107,23 @@ def test_rerun_folders_are_numbered_never_overwritten(tmp_path):
     assert choose_folder(tmp_path / "edit", marker=EDIT_MARKER)[0] == tmp_path / "edit"   # empty: used
     (tmp_path / "edit" / EDIT_MARKER).write_text("{}")
     assert choose_folder(tmp_path / "edit", marker=EDIT_MARKER, what="an edit")[0] == tmp_path / "edit-2"
+
+
+def test_item_thumbnails_show_each_item_as_it_is_in_the_photo():
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    labels = np.zeros((40, 60), np.int32)
+    labels[5:25, 10:30] = 1                  # a 20x20 item
+    labels[30:34, 2:50] = 3                  # a thin 4x48 one; item 2 has no pixels
+    thumbs = item_thumbnails(image, labels, size=20)
+    assert len(thumbs) == 4
+    assert np.array_equal(thumbs[1], image[5:25, 10:30])                       # its own pixels, unscaled
+    assert (thumbs[2] == 255).all()                                            # empty: a white square
+    assert len(item_thumbnails(image, labels, num_items=5)) == 5 and (item_thumbnails(image, labels, 5)[4] == 255).all()
+    assert thumbs[3].shape[:2] == (2, 20)                                      # aspect kept inside 20x20
+    assert thumbs[0].shape[:2] == (13, 20)                                     # item 0's box is the whole image
+    small = item_thumbnails(image, labels, size=60)[0]                         # unscaled: compare pixel by pixel
+    own, other = labels == 0, labels != 0
+    assert np.array_equal(small[own], image[own])
+    assert (small[other].astype(int) >= image[other]).all() and (small[other] > image[other]).any()
+    assert np.abs(small[other].astype(int) - (image[other] * 0.25 + 255 * 0.75).round()).max() <= 1

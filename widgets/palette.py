@@ -1,25 +1,30 @@
-"""The item palette: one row per item (swatch, label, prompt template, area, visibility), with add, merge,
-split and delete. It edits the same :class:`ItemState` as the mask editor, so both stay in sync. The swatch
-is the item's colour on the canvas, exactly (``dedit_nb.display``)."""
+"""The item palette: one row per item (swatch, how it looks in the photo, label, prompt template, area,
+visibility), with add, merge, split and delete. It edits the same :class:`ItemState` as the mask editor, so
+both stay in sync. The swatch is the item's colour on the canvas, exactly (``dedit_nb.display``); the photo
+thumbnail is what the item's name describes ("red, centre" names the photo's colour, not the swatch's)."""
 from __future__ import annotations
 
 import html
 
 import ipywidgets as W
 
-from dedit_nb.display import item_colour, text_colour_on
+from dedit_nb.display import item_colour, item_thumbnails, text_colour_on
+from dedit_nb.session import png_bytes
 
 from .state import ItemState
 
 COLUMNS = (  # (header, width, tooltip)
     ("", "28px", "tick items to merge them"),
     ("item", "46px", "the item's colour on the canvas; click to select it"),
+    ("photo", "34px", "the item as it looks in the photo (what a name like 'red, centre' describes)"),
     ("label", "170px", "the item's name (used in edits and manifests)"),
     ("prompt template", "170px", "text around the item's learned tokens: * stands for the item, "
                                  "e.g. 'a photo of *'; plain * uses the tokens alone"),
     ("area", "56px", "share of the image"),
     ("show", "50px", "show the item's colour on the canvas"),
 )
+
+THUMB_SIZE = 28
 
 
 def _header() -> W.HBox:
@@ -88,6 +93,7 @@ class ItemPalette(W.VBox):
         old_checked = set(self.checked()) if len(self._checks) == self.state.num_items else set()
         rows, self._checks = [], []
         widths = [width for _, width, _ in COLUMNS]
+        thumbs = item_thumbnails(self.state.image, self.state.labels, self.state.num_items, size=THUMB_SIZE)
         for k, name in enumerate(self.state.names):
             rgb = item_colour(k)
             selected = k == self.state.selected
@@ -97,18 +103,21 @@ class ItemPalette(W.VBox):
                               tooltip=f"select item {k}")
             swatch.add_class("dedit-swatch")
             swatch.on_click(lambda _, k=k: setattr(self.state, "selected", k))
-            label = W.Text(value=name, continuous_update=False, layout=W.Layout(width=widths[2]))
+            photo = W.Image(value=png_bytes(thumbs[k]), format="png",
+                            layout=W.Layout(width=widths[2], object_fit="contain"))
+            photo.add_class("dedit-item-photo")
+            label = W.Text(value=name, continuous_update=False, layout=W.Layout(width=widths[3]))
             label.add_class("dedit-item-label")
             label.observe(lambda ch, k=k: self.state.rename(k, ch["new"]), names="value")
             template = W.Text(value=self.state.templates[k], continuous_update=False, placeholder="a photo of *",
-                              layout=W.Layout(width=widths[3]))
+                              layout=W.Layout(width=widths[4]))
             template.observe(lambda ch, k=k: self.state.set_template(k, ch["new"]), names="value")
-            area = W.Label(f"{areas[k] / total:.1%}", layout=W.Layout(width=widths[4]))
-            visible = W.Checkbox(value=self.state.visible[k], indent=False, layout=W.Layout(width=widths[5]))
+            area = W.Label(f"{areas[k] / total:.1%}", layout=W.Layout(width=widths[5]))
+            visible = W.Checkbox(value=self.state.visible[k], indent=False, layout=W.Layout(width=widths[6]))
             visible.observe(lambda ch, k=k: self.state.set_visible(k, ch["new"]), names="value")
             check = W.Checkbox(value=k in old_checked, indent=False, layout=W.Layout(width=widths[0]))
             self._checks.append(check)
-            row = W.HBox([check, swatch, label, template, area, visible])
+            row = W.HBox([check, swatch, photo, label, template, area, visible])
             if selected:
                 row.layout.border = "1px solid #2196f3"
             rows.append(row)
