@@ -16,8 +16,8 @@ from .state import ItemState
 COLUMNS = (  # (header, width, tooltip)
     ("", "28px", "tick items to merge them"),
     ("item", "46px", "the item's colour on the canvas; click to select it"),
-    ("photo", "34px", "the item as it looks in the photo (what a name like 'red, centre' describes)"),
-    ("label", "170px", "the item's name (used in edits and manifests)"),
+    ("photo", "40px", "the item as it looks in the photo (what a name like 'red, centre' describes)"),
+    ("label", "160px", "the item's name (used in edits and manifests)"),
     ("prompt template", "170px", "text around the item's learned tokens: * stands for the item, "
                                  "e.g. 'a photo of *'; plain * uses the tokens alone"),
     ("area", "56px", "share of the image"),
@@ -104,7 +104,8 @@ class ItemPalette(W.VBox):
             swatch.add_class("dedit-swatch")
             swatch.on_click(lambda _, k=k: setattr(self.state, "selected", k))
             photo = W.Image(value=png_bytes(thumbs[k]), format="png",
-                            layout=W.Layout(width=widths[2], object_fit="contain"))
+                            layout=W.Layout(width=widths[2], height=f"{THUMB_SIZE}px", object_fit="contain",
+                                            flex="0 0 auto"))
             photo.add_class("dedit-item-photo")
             label = W.Text(value=name, continuous_update=False, layout=W.Layout(width=widths[3]))
             label.add_class("dedit-item-label")
