@@ -111,6 +111,14 @@ def test_a_worded_leg_draws_the_same_scenes_in_trained_words_only():
         assert all(phrases.fits(p) for p in phrases.seen)
         c = T.make_batch(step, 0, 32, 16, 0.5, phrases, None)     # no leg: the first legs' plain batches
         assert torch.equal(a.states, c.states) and torch.equal(a.token_items, c.token_items)
+        # a leg's plain share: 1 keeps every caption in the plain words, 0 none
+        drawn = np.random.default_rng([0, step])                  # the batch's scenes, as make_batch draws them
+        plain_captions = {random_scene(drawn, 32).caption for _ in range(16)}
+        for share in (1.0, 0.0):
+            phrases.seen.clear()
+            T.make_batch(step, 0, 32, 16, 0.0, phrases, T.Leg(10, 1e-3, 1, vocabulary=W.TRAINED, plain_share=share))
+            captions = phrases.seen - {""}
+            assert len(captions) >= 12 and (captions <= plain_captions if share else not captions & plain_captions)
 
 
 def test_text_state_noise_and_dropout_spare_the_empty_captions():
