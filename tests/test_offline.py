@@ -264,8 +264,12 @@ def test_shipped_offline_model_draws_the_captioned_background():
     assert hits >= 3
 
 
-def test_shipped_weights_are_the_end_of_the_committed_schedule():
+@pytest.mark.parametrize("folder", [OFFLINE_MODEL_DIR, OFFLINE_MODEL_DIR.parent / "offline-model-candidate"],
+                         ids=["shipped", "candidate"])
+def test_shipped_weights_are_the_end_of_the_committed_schedule(folder):
     # appending a leg to SCHEDULE without training it and exporting would leave README and weights apart
-    # (a leg may be appended and trained before its weights are chosen: the index says which leg they end)
-    index = json.loads((OFFLINE_MODEL_DIR / "model_index.json").read_text())
+    # (a leg may be appended and trained before its weights are chosen: the index says which leg they end).
+    # The candidate (trained on, not shipped: see the README) must be a leg end too, so a run can start from it.
+    index = json.loads((folder / "model_index.json").read_text())
     assert index["_dedit_training_steps"] == T.SCHEDULE[index["_dedit_schedule_legs"] - 1].end
+    assert sum(f.stat().st_size for f in folder.rglob("*")) < 20 * 2 ** 20
