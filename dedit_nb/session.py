@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
+import errno
 import hashlib
 import io
 import json
@@ -47,6 +48,8 @@ from .images import fit_working_size, to_rgb_array
 FORMAT = 1
 SESSION_FILE = "session.json"
 LOCK_FILE = ".session.lock"
+# what making or opening the lock file fails with in a folder the user may read but not write
+UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 LOCK_TIMEOUT = 600.0            # seconds a writer waits for another (a large weights save takes seconds)
 DEFAULT_TEMPLATE = "*"
 DATA_FOLDERS = ("images", "items", "weights")
@@ -100,15 +103,19 @@ def session_lock(folder: Path, reading: bool = False):
         raise SessionError(f"{folder} stayed locked by another process for {LOCK_TIMEOUT:.0f} s (a finetune "
                            "saving a large checkpoint?); try again once it is done") from exc
     except OSError as exc:
-        if reading:
-            yield False
-            return
-        raise SessionError(f"{folder} cannot be written ({exc.strerror or exc}); work on a copy in a folder you "
-                           f"can write: Session.open({str(folder)!r}).copy_to('my-session')") from exc
-    try:
-        yield True
-    finally:
-        lock.release()
+        if exc.errno not in UNWRITABLE:     # a full disk, no flock on the file system, ...: not read-only
+            raise
+        if not reading:
+            raise SessionError(f"{folder} cannot be written ({exc.strerror or exc}); work on a copy in a folder "
+                               f"you can write: Session.open({str(folder)!r}).copy_to('my-session') (changes not "
+                               "saved here are not in the copy: make them again there)") from exc
+    else:
+        try:
+            yield True
+        finally:
+            lock.release()
+        return
+    yield False     # outside the except block, so an error of the caller's is not chained to the lock's
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -407,7 +414,7 @@ class Session:
         path = self.weights_file(kind)
         if path is None:
             return {}
-        with session_lock(self.folder):
+        with session_lock(self.folder, reading=True):
             if not path.exists():
                 self._refuse_replaced_weights(_read_json(self.folder))
                 raise SessionError(f"learned weights file {path} is missing; restore it or finetune the session "
@@ -448,7 +455,7 @@ class Session:
         an editor must not go on with the old ones and record its edits into the new finetune's history."""
         if self._base is None:
             return
-        with session_lock(self.folder):
+        with session_lock(self.folder, reading=True):
             disk = _read_json(self.folder)
         self._refuse_replaced_weights(disk)
 

@@ -241,43 +241,73 @@ def test_unet_weights_of_another_model_are_named_not_a_key_error(tmp_path, photo
     assert folder_digest(tmp_path / "s") == before
 
 
+def _refuse_lock(monkeypatch, folder, error):
+    """The session lock of ``folder`` fails with ``error``, as filelock's does for a user who cannot write there
+    (root writes anywhere, so a chmod alone does not stop it)."""
+    import os
+
+    import filelock
+
+    class Refused(filelock.FileLock):
+        def acquire(self, *args, **kwargs):
+            if os.path.dirname(self.lock_file) == str(folder):
+                raise error
+            return super().acquire(*args, **kwargs)
+    monkeypatch.setattr("dedit_nb.session.FileLock", Refused)
+
+
 @pytest.mark.parametrize("lock_file", [True, False], ids=["with-lock-file", "no-lock-file"])
-def test_a_read_only_session_opens_refuses_writes_by_name_and_copies_out(tmp_path, photo, monkeypatch, lock_file):
-    """A session in a folder the user cannot write (a shared course folder, a read-only mount) opens and reads;
-    a write is refused with the way out (copy_to) and changes nothing; the copy is an ordinary session."""
+def test_a_read_only_session_opens_edits_unrecorded_refuses_writes_and_copies_out(tmp_path, photo, monkeypatch,
+                                                                                  lock_file, tiny_model_dirs):
+    """A finetuned session in a folder the user cannot write (a shared course folder, a read-only mount) opens,
+    and edits that record nothing run on it; a write is refused with the way out (copy_to) and changes
+    nothing; the copy is an ordinary, writable session."""
     import errno
     import os
     import stat
 
-    import filelock
+    from dedit_nb.edits import Editor
+    from dedit_nb.finetune import FinetuneConfig, finetune
+    from dedit_nb.models import load_model
+    model = load_model(str(tiny_model_dirs["sd"]))
     folder = tmp_path / "shared"
-    s = Session.create(folder, photo, resolution=64, multiple=16)
+    s = Session.create(folder, photo, resolution=32, multiple=model.latent_factor)
     h, w = s.images[0].labels.shape
     s.set_items(0, three_item_labels(h, w), ["left", "right", "top"])
+    finetune(model, s, FinetuneConfig(num_tokens=1, stage1_steps=1, stage2_steps=1), progress=False)
     if not lock_file:
         (folder / ".session.lock").unlink()
     tree = [folder, *folder.rglob("*")]
     for path in tree:
         path.chmod(path.stat().st_mode & ~0o222)
-    if os.geteuid() == 0:  # root writes anywhere: the lock fails as filelock fails for a user without write access
-        class Unwritable(filelock.FileLock):
-            def acquire(self, *args, **kwargs):
-                if os.path.dirname(self.lock_file) == str(folder):
-                    raise PermissionError(errno.EACCES, "Permission denied", self.lock_file)
-                return super().acquire(*args, **kwargs)
-        monkeypatch.setattr("dedit_nb.session.FileLock", Unwritable)
+    if os.geteuid() == 0:
+        _refuse_lock(monkeypatch, folder, PermissionError(errno.EACCES, "Permission denied", str(folder)))
     try:
         before = folder_digest(folder)
         opened = Session.open(folder)
         assert np.array_equal(opened.images[0].labels, s.images[0].labels)
         assert [i.label for i in opened.images[0].items] == ["left", "right", "top"]
+        result = Editor(model, opened, progress=False, record=False).reconstruct(0, steps=2, guidance=1.0)
+        assert result.images[0].shape == (h, w, 3)
         with pytest.raises(SessionError, match=r"cannot be written .*copy_to"):
-            opened.set_items(0, three_item_labels(h, w), ["a", "b", "c"])
+            Editor(model, opened, progress=False).reconstruct(0, steps=2, guidance=1.0)
+        with pytest.raises(SessionError, match=r"cannot be written .*copy_to"):
+            opened.record_edit({"kind": "note"})
         assert folder_digest(folder) == before
         copy = opened.copy_to(tmp_path / "mine")
-        copy.set_items(0, three_item_labels(h, w), ["a", "b", "c"])
-        assert [i.label for i in Session.open(tmp_path / "mine").images[0].items] == ["a", "b", "c"]
+        assert all(p.stat().st_mode & stat.S_IWUSR for p in (tmp_path / "mine", *(tmp_path / "mine").rglob("*")))
+        edited = Editor(model, copy, progress=False).reconstruct(0, steps=2, guidance=1.0)
+        assert np.array_equal(edited.images[0], result.images[0])
+        assert [r["kind"] for r in Session.open(tmp_path / "mine").history] == ["recon"]
         assert folder_digest(folder) == before
     finally:
         for path in tree:
             path.chmod(path.stat().st_mode | stat.S_IWUSR)
+
+
+def test_a_lock_failure_that_is_not_a_permission_is_not_taken_for_a_read_only_folder(tmp_path, photo, monkeypatch):
+    import errno
+    Session.create(tmp_path / "s", photo, resolution=64, multiple=16)
+    _refuse_lock(monkeypatch, tmp_path / "s", OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(OSError, match="No space left"):
+        Session.open(tmp_path / "s")
