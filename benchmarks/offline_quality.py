@@ -297,7 +297,9 @@ def word_table(model) -> None:
     states (mean over its tokens, in a fixed sentence) to its own trained synonyms (mean, best) and to the best
     word of another colour / shape; and what a ridge probe fitted on the trained words' states (four sentences
     each) reads the held-out word as. The UNet's cross-attention is linear in the states, so the probe is a
-    fair guess of what it can carry to an unseen word."""
+    fair guess of what it can carry to an unseen word. The same ridge probe on MiniLM's sentence embeddings
+    (mean of the token states, normalised: what the encoder was trained to make similar for synonyms), at
+    three regularisations, says whether the encoder carries the word's meaning at all."""
     tokenizer = model.text.slots[0].tokenizer
 
     def state(sentence: str, word: str) -> np.ndarray:
@@ -307,8 +309,23 @@ def word_table(model) -> None:
         states, _ = model.text.encode([sentence], model.text.max_length)
         return states[0, idx].float().mean(0).cpu().numpy()
 
+    def sentence_embedding(sentence: str) -> np.ndarray:
+        """MiniLM's own use: the mean of its token states over the sentence, normalised."""
+        n = len(tokenizer(sentence)["input_ids"])
+        states, _ = model.text.encode([sentence], model.text.max_length)
+        mean = states[0, :n].float().mean(0).cpu().numpy()
+        return mean / np.linalg.norm(mean)
+
+    def ridge_reads(x, y, held, classes, lam):
+        mean = x[~held].mean(0)
+        targets = np.eye(len(classes))[y[~held]]
+        a = x[~held] - mean
+        probe = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ (targets - targets.mean(0)))
+        return ((x - mean) @ probe).argmax(1)
+
     print("\nMiniLM token states: held-out words against their trained synonyms")
-    print(f"{'word':<9}{'means':>9}{'cos own (mean/best)':>21}{'best other':>22}{'probe reads':>14}")
+    print(f"{'word':<9}{'means':>9}{'cos own (mean/best)':>21}{'best other':>22}{'probe reads':>14}"
+          f"{'sentence probe, lambda 0.1 / 1 / 10':>40}")
     for table_words, sentences in (
             (W.COLOUR_WORDS, ("a {} circle on a gray background", "a square in {} on a black background",
                               "a photo of a {} cross", "a {} background")),
@@ -322,21 +339,22 @@ def word_table(model) -> None:
         x = np.stack([state(t.format(w), w) for _, w in entries for t in sentences])
         y = np.repeat([classes.index(c) for c, _ in entries], len(sentences))
         held = np.repeat([w in W.HELD_OUT_WORDS for _, w in entries], len(sentences))
-        mean = x[~held].mean(0)
-        targets = np.eye(len(classes))[y[~held]]
-        a = x[~held] - mean
-        probe = np.linalg.solve(a.T @ a + 10 * np.eye(a.shape[1]), a.T @ (targets - targets.mean(0)))
-        reads = ((x - mean) @ probe).argmax(1)
+        reads = ridge_reads(x, y, held, classes, 10)
+        pooled = np.stack([sentence_embedding(t.format(w)) for _, w in entries for t in sentences])
+        pooled_reads = {lam: ridge_reads(pooled, y, held, classes, lam) for lam in (0.1, 1, 10)}
         for i, (c, w) in enumerate(entries):
             if w not in W.HELD_OUT_WORDS:
                 continue
             own = [j for j, (c2, w2) in enumerate(entries) if c2 == c and w2 not in W.HELD_OUT_WORDS]
             other = [j for j, (c2, w2) in enumerate(entries) if c2 != c and w2 not in W.HELD_OUT_WORDS]
             best = other[int(np.argmax(cos[i, other]))]
-            votes = np.bincount(reads[i * len(sentences):(i + 1) * len(sentences)], minlength=len(classes))
+            rows = slice(i * len(sentences), (i + 1) * len(sentences))
+            votes = np.bincount(reads[rows], minlength=len(classes))
+            sentence_votes = [np.bincount(r[rows], minlength=len(classes)) for r in pooled_reads.values()]
+            sentence_cells = " / ".join(f"{classes[int(v.argmax())]} {v.max()}" for v in sentence_votes)
             print(f"{w:<9}{c:>9}{cos[i, own].mean():>14.2f} / {cos[i, own].max():.2f}"
                   f"{cos[i, best]:>11.2f} {entries[best][1]:<11}{classes[int(votes.argmax())]:>9} "
-                  f"{votes.max()}/{len(sentences)}")
+                  f"{votes.max()}/{len(sentences)}{sentence_cells:>40}")
 
 
 def main() -> None:
