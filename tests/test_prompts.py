@@ -68,3 +68,13 @@ def test_sdxl_pooled_embedding_is_read_at_the_end_of_text_even_with_the_legacy_c
     torch.testing.assert_close(pooled[0], expected)
     # transformers' own text_embeds with this config read the item token: what the engine must not use
     assert not torch.allclose(out.text_embeds[0], expected)
+    # each prompt of a batch at its own end of text
+    prompts = [prompt, f"{token} on a long table by the window"]
+    _, pooled = model.text.encode(prompts, 40)
+    ids = slot.tokenizer(prompts, padding="max_length", max_length=40, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = slot.encoder(ids).last_hidden_state
+    ends = [int((row == slot.tokenizer.eos_token_id).int().argmax()) for row in ids]
+    assert ends[0] != ends[1]
+    for j, end in enumerate(ends):
+        torch.testing.assert_close(pooled[j], slot.encoder.text_projection(states[j, end]))
