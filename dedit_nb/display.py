@@ -105,13 +105,15 @@ def item_thumbnails(image: np.ndarray, labels: np.ndarray, num_items: int | None
         if box is None:
             thumbs.append(np.full((size, size, 3), 255, np.uint8))
             continue
-        crop = image[box].astype(np.float32)
-        other = labels[box] != k
-        crop[other] = crop[other] * (1 - fade) + 255 * fade
-        h, w = crop.shape[:2]
+        h, w = labels[box].shape
         scale = size / max(h, w)
         shape = (max(1, round(w * scale)), max(1, round(h * scale)))
-        thumbs.append(np.asarray(Image.fromarray(crop.round().astype(np.uint8)).resize(shape, Image.NEAREST)))
+        # shrink first (nearest neighbour picks the same pixels of the image and of the item mask), then fade:
+        # the fade touches size x size pixels, not the item's whole box
+        crop = np.asarray(Image.fromarray(image[box]).resize(shape, Image.NEAREST)).astype(np.float32)
+        other = np.asarray(Image.fromarray(labels[box] != k).resize(shape, Image.NEAREST))
+        crop[other] = crop[other] * (1 - fade) + 255 * fade
+        thumbs.append(crop.round().astype(np.uint8))
     return thumbs
 
 
