@@ -34,6 +34,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Sequence
@@ -547,14 +548,27 @@ class Session:
 
     def copy_to(self, folder: str | os.PathLike) -> "Session":
         """A copy of the session folder, e.g. to branch an experiment, or to edit a session in a folder you
-        cannot write (the copy is yours to write, whatever the source's permissions)."""
+        cannot write (the copy is yours to write, whatever the source's permissions).
+
+        The copy is made in a hidden folder beside ``folder`` and renamed into place once it is complete and
+        checked, so a copy that fails (a link to nothing among the session's files, a full disk) leaves
+        nothing behind. Links are copied as the files they point to; links to nothing are skipped."""
         folder = Path(folder)
-        if folder.exists():
+        if folder.exists() or folder.is_symlink():
             raise SessionError(f"{folder} exists; copy into a new folder")
-        with session_lock(self.folder, reading=True):
-            shutil.copytree(self.folder, folder, ignore=shutil.ignore_patterns(LOCK_FILE, ".*.tmp"))
-        for path in (folder, *folder.rglob("*")):
-            path.chmod(path.stat().st_mode | stat.S_IWUSR)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".copy"))
+        try:
+            with session_lock(self.folder, reading=True):
+                shutil.copytree(self.folder, staging, ignore=shutil.ignore_patterns(LOCK_FILE, ".*.tmp"),
+                                ignore_dangling_symlinks=True, dirs_exist_ok=True)
+            for path in (staging, *staging.rglob("*")):
+                path.chmod(path.stat().st_mode | stat.S_IWUSR)
+            _check_session(staging)
+            os.rename(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return Session.open(folder)
 
     def __repr__(self) -> str:
@@ -798,12 +812,51 @@ def _check_weight_files(folder: Path, data: dict) -> None:
                                    f"({exc}); {fix}") from exc
 
 
+# the names this session gives its data files (``Session._stage``) and their temporaries (atomic_write_bytes):
+# only those are ever deleted; anything else in a data folder is the user's
+OWN_FILE = {"images": re.compile(r"\d+-(original|working)-[0-9a-f]{16}(\.[^./]+)?"),
+            "items": re.compile(r"\d+-[0-9a-f]{16}\.npy"),
+            "weights": re.compile(r"[a-z]+-[0-9a-f]{16}\.safetensors")}
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp")
+_told_left_alone: set[Path] = set()
+
+
+def _own_files(folder: Path, sub: str) -> list[Path]:
+    """The regular files of data folder ``sub`` that this project names (data files and temporaries of its
+    writes). A data folder that is a symlink is not searched: it may lead to a folder of the user's."""
+    path = folder / sub
+    if path.is_symlink():
+        _tell_once(path, f"{path} is a link (to {os.path.realpath(path)}); files there are never deleted, so data "
+                         "files this session no longer uses stay there")
+        return []
+    if not path.is_dir():
+        return []
+    own, others = [], []
+    for f in path.iterdir():
+        temporary = TEMPORARY.fullmatch(f.name)
+        name = temporary["name"] if temporary else f.name
+        ours = OWN_FILE[sub].fullmatch(name) is not None
+        (own if ours and stat.S_ISREG(f.lstat().st_mode) else others).append(f)
+    if others:
+        names = sorted(f.name for f in others)
+        _tell_once(path, f"{path} holds {len(others)} entries this session did not write ({', '.join(names[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}); they are left alone")
+    return own
+
+
+def _tell_once(path: Path, message: str) -> None:
+    if path not in _told_left_alone:
+        _told_left_alone.add(path)
+        warnings.warn(message, stacklevel=4)
+
+
 def _remove_stale_temporaries(folder: Path) -> None:
-    """Hidden ``.tmp`` files are written under the lock, so while it is held any left are from killed saves."""
-    for sub in (folder, *(folder / d for d in DATA_FOLDERS)):
-        if sub.is_dir():
-            for f in sub.glob(".*.tmp"):
-                f.unlink()
+    """Hidden ``.tmp`` files are written under the lock, so while it is held any left are from killed saves
+    (of ``session.json`` in the root, of data files in the data folders)."""
+    root = [f for f in folder.glob(f".{SESSION_FILE}.*.tmp") if TEMPORARY.fullmatch(f.name)]
+    for f in root + [f for sub in DATA_FOLDERS for f in _own_files(folder, sub) if TEMPORARY.fullmatch(f.name)]:
+        if stat.S_ISREG(f.lstat().st_mode):
+            f.unlink()
 
 
 def _state(data: dict) -> dict:
@@ -819,11 +872,10 @@ def _referenced(data: dict) -> set[str]:
 
 
 def _collect_garbage(folder: Path, data: dict) -> None:
-    """Delete data files that ``data`` (session.json as just written, under the lock) does not refer to."""
+    """Delete the data files this session wrote that ``data`` (session.json as just written, under the lock)
+    no longer refers to; nothing else (see :func:`_own_files`)."""
     referenced = _referenced(data)
     for sub in DATA_FOLDERS:
-        path = folder / sub
-        if path.exists():
-            for f in path.iterdir():
-                if f"{sub}/{f.name}" not in referenced and not f.name.startswith("."):
-                    f.unlink()
+        for f in _own_files(folder, sub):
+            if f"{sub}/{f.name}" not in referenced and not TEMPORARY.fullmatch(f.name):
+                f.unlink()
