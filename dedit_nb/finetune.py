@@ -17,6 +17,7 @@ weights of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Sequence
@@ -31,6 +32,7 @@ from .images import rgb_to_tensor
 from .session import Session, SessionError, save_joint_weights, settle_joint
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+MAX_FINETUNE_SEED = 2**32 - 1    # each step's noise is seeded from (seed, stage, step), which must stay below 2**64
 
 
 @dataclass
@@ -59,6 +61,11 @@ class FinetuneConfig:
         for name in ("stage1_steps", "stage2_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"FinetuneConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("stage1_lr", "stage2_lr", "lora_lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"FinetuneConfig.{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_FINETUNE_SEED:
+            raise ValueError(f"FinetuneConfig.seed must be between 0 and {MAX_FINETUNE_SEED}, got {self.seed}")
 
     def resumable_with(self, other: "FinetuneConfig") -> bool:
         """Whether a finetune started with ``other`` can continue under these settings (only the step
@@ -87,6 +94,16 @@ class FinetuneResult:
 
 
 Callback = Callable[[str, int, float], "bool | None"]
+
+
+class NonFiniteError(FloatingPointError):
+    """A finetune step that made the loss or the learned weights NaN or infinite; nothing of it is saved."""
+
+    def __init__(self, stage: int, step: int, what: str):
+        lr = "stage1_lr" if stage == 1 else "stage2_lr (lora_lr with LoRA)"
+        super().__init__(f"{what} became NaN or infinite at stage {stage}, step {step}; the finetune stopped "
+                         f"before saving it, so the session keeps the weights it had: lower {lr} and finetune "
+                         "again")
 
 
 def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
@@ -202,6 +219,10 @@ class _Run:
         return F.mse_loss(pred.float(), target.float())
 
     def save(self, stage: int, next_step: int, tensors: dict[str, dict], scaler, done: bool) -> None:
+        broken = sorted(kind for kind in ("tokens", "unet") for t in tensors.get(kind, {}).values()
+                        if not torch.isfinite(t).all())
+        if broken:
+            raise NonFiniteError(stage, next_step - 1, f"the learned {' and '.join(sorted(set(broken)))} weights")
         fstate = {"config": asdict(self.config), "model_id": self.model.model_id, "stage": stage, "step": next_step,
                   "done": done, "loss": self.result.loss, "scaler": {} if done else scaler.state_dict()}
         if done:
@@ -228,7 +249,9 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
     ``extra_sessions`` are finetuned jointly with it (their images' losses add up in every step, and the
     same weights are saved into each), so an item of one can be put into an image of another.
     ``callback(stage, step, loss)`` is called after every step; returning ``False`` stops after saving a
-    checkpoint (resume later by calling again). With ``resume=False`` earlier weights are discarded.
+    checkpoint (resume later by calling again). With ``resume=False`` earlier weights are discarded, on disk
+    only when this run's first checkpoint replaces them. A step whose loss or weights are NaN or infinite
+    raises :class:`NonFiniteError` before anything of it is saved.
     """
     config = config or FinetuneConfig()
     sessions = [session, *extra_sessions]
@@ -236,10 +259,30 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
     for s in sessions:  # every session is checked before any of them is changed
         s.check_model(model)
     if state is None:
-        for s in sessions:
+        for s in sessions:  # on disk the earlier weights stay until this run's first checkpoint replaces them
             if s.has_weights:
-                s.discard_weights()
+                s.discard_weights(save=False)
+    try:
+        return _finetune(model, session, sessions, config, state, callback, progress)
+    except BaseException:
+        for s in sessions:  # the unsaved discard and token names must not reach a later save
+            if s._base is not None:
+                with contextlib.suppress(Exception):
+                    s._reload()
+        raise
+    finally:
+        _clear_gradients(model)     # an interrupted backward pass must not reach the next finetune on this model
+
+
+def _clear_gradients(model) -> None:
+    for module in (model.unet, *(slot.encoder for slot in model.text.slots)):
+        module.zero_grad(set_to_none=True)
+
+
+def _finetune(model, session: Session, sessions: list[Session], config: FinetuneConfig, state: dict | None,
+              callback: Callback | None, progress: bool) -> FinetuneResult:
     model.reset_unet()
+    _clear_gradients(model)
     tokens = [t for s in sessions for t in s.assign_tokens(config.num_tokens)]
     model.text.add_tokens(tokens, generator=torch.Generator().manual_seed(config.seed), restart=state is None)
     saved_loss = (state or {}).get("loss", {"stage1": [], "stage2": []})
@@ -417,6 +460,8 @@ def _train(run: _Run, stage: _Stage, start: int) -> bool:
             if stage.masters is not None:
                 stage.masters.masters_to_params()
             value = total / len(run.images)
+            if not math.isfinite(value):
+                raise NonFiniteError(stage.number, step, "the loss")
             run.result.loss[key].append(value)
             bar.set_postfix(loss=f"{value:.4f}")
             stop = run.callback is not None and run.callback(key, step, value) is False

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import ast
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from .edits import EDIT_KINDS, Editor, EditResult, run_edit
-from .sampler import SCHEDULERS, SamplingConfig
+from .finetune import MAX_FINETUNE_SEED
+from .sampler import MAX_SEED, SCHEDULERS, SamplingConfig
 from .segment import METHODS, Partition, segment_session
 from .session import Session, SessionError
 
@@ -53,6 +55,8 @@ class Check:
                 hint = (f" (a string: papermill's -r passes values as text; pass it with -p {name} {value}, "
                         "which reads numbers)")
             raise ParameterError(name, f"should be {self.what}, got {value!r}{hint}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ParameterError(name, f"should be {self.what}, got {value!r} (not a finite number)")
         if self.choices and value not in self.choices:
             raise ParameterError(name, f"{value!r} is not one of {self.choices}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -93,13 +97,13 @@ NOTEBOOK_PARAMETERS: dict[str, dict[str, Check]] = {
         "stage2_steps": integer(0), "stage1_lr": number(0, low_open=True), "stage2_lr": number(0, low_open=True),
         "lora": FLAG, "batch_size": integer(1),
         "extra_sessions": Check((list,), "a list of session folders, e.g. ['../runs/session_b']"),
-        "seed": integer(0), "recon_steps": integer(1), "recon_guidance": number(0),
+        "seed": integer(0, MAX_FINETUNE_SEED), "recon_steps": integer(1), "recon_guidance": number(0),
         "device": text(optional=True), "resume": FLAG},
     "03_edit": {
         "session_dir": text(), "model": text(), "edit": text(choices=EDIT_KINDS), "item": ITEM, "prompt": text(),
         "dx": number(), "dy": number(), "scale": number(0, low_open=True), "source_session": text(optional=True),
         "source_image": IMAGE, "source_item": ITEM, "strength": number(0, 1), "guidance": number(0),
-        "steps": integer(1), "edge_thickness": integer(0), "seed": integer(0), "num_images": integer(1),
+        "steps": integer(1), "edge_thickness": integer(0), "seed": integer(0, MAX_SEED), "num_images": integer(1),
         "scheduler": text(choices=tuple(SCHEDULERS)), "output_dir": text(), "overwrite": FLAG, "device": text(optional=True), "interactive": FLAG,
         "batch_grid": text(optional=True)},
 }

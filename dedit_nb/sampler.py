@@ -17,6 +17,7 @@ After decoding, hard-region pixels are copied from the original image, so they a
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -39,6 +40,9 @@ SCHEDULERS = {
 }
 
 
+MAX_SEED = 2**64 - 1        # the largest seed torch.Generator takes
+
+
 @dataclass
 class SamplingConfig:
     """steps: scheduler steps; guidance: classifier-free guidance scale (<= 1 disables the unconditional pass);
@@ -56,6 +60,9 @@ class SamplingConfig:
     scheduler: str = "ddim"
 
     def __post_init__(self):
+        for name in ("steps", "guidance", "strength", "edge_thickness", "seed", "num_images", "eta"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not 0.0 <= self.strength <= 1.0:
@@ -66,6 +73,9 @@ class SamplingConfig:
             raise ValueError(f"edge_thickness must be >= 0 pixels, got {self.edge_thickness}")
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if not 0 <= self.seed <= MAX_SEED - (self.num_images - 1):
+            raise ValueError(f"seed must be between 0 and {MAX_SEED - (self.num_images - 1)} (image j uses seed + j, "
+                             f"and torch seeds are below 2**64), got {self.seed}")
         scheduler_class(self.scheduler)
 
 
@@ -265,6 +275,11 @@ def masked_sample(model, cond: C.Conditioning, labels: torch.Tensor, original: n
     n = config.num_images
     scheduler = make_scheduler(model, config.scheduler)
     scheduler.set_timesteps(config.steps, device=model.device)
+    trained = scheduler.config.num_train_timesteps
+    if float(scheduler.timesteps.max()) >= trained:
+        raise ValueError(f"steps={config.steps} is more than the {config.scheduler} scheduler of this model takes (its "
+                         f"timesteps would reach {float(scheduler.timesteps.max()):g}; the model was trained on 0.."
+                         f"{trained - 1}): use steps <= {trained - scheduler.config.get('steps_offset', 0)}")
     h, w = labels.shape
     generators = [torch.Generator().manual_seed(config.seed + j) for j in range(n)]
     noise = torch.cat([torch.randn((1, model.latent_channels, h, w), generator=g) for g in generators])

@@ -426,6 +426,12 @@ class Session:
                 raise SessionError(f"{path} (the learned {kind} weights) is not a readable safetensors file "
                                    f"({exc}); restore it from a backup, or finetune the session again "
                                    "(resume=False)") from exc
+        import torch
+        broken = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+        if broken:
+            raise SessionError(f"{path} (the learned {kind} weights) holds NaN or infinite values ({broken[0]}"
+                               f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}); edits would come out "
+                               "flat: restore it from a backup, or finetune the session again (resume=False)")
         self._weights_cache[kind] = tensors
         return tensors
 
@@ -508,10 +514,15 @@ class Session:
         self.folder.mkdir(parents=True, exist_ok=True)
         with session_lock(self.folder):
             merged = self._merge(_read_json(self.folder), ours)
+            try:
+                text = json.dumps(merged, indent=2, allow_nan=False)
+            except ValueError as exc:
+                raise SessionError(f"this change of {self.folder} holds a NaN or infinite number ({exc}); it was "
+                                   "not saved") from exc
             for rel in _referenced(merged):
                 if rel in self._staged and not (self.folder / rel).exists():
                     atomic_write_bytes(self.folder / rel, self._staged[rel])
-            atomic_write_bytes(self.folder / SESSION_FILE, json.dumps(merged, indent=2).encode())
+            atomic_write_bytes(self.folder / SESSION_FILE, text.encode())
             _collect_garbage(self.folder, merged)
             others_state = _state(merged) != _state(ours)
             self._data, self._base, self._overwrite = merged, copy.deepcopy(merged), False
