@@ -14,7 +14,14 @@ A grid file::
 
 Each run gets its own folder ``run-NNN`` with the executed notebook and its outputs (``output_dir`` is set
 to that folder). A failing run is recorded with the failing cell and error, and the batch goes on. At the
-end: ``report.json``, ``index.md``, ``index.html`` and ``contact_sheet.png``.
+end: ``report.json``, ``index.md``, ``index.html`` and ``contact_sheet.png``. An ``output`` folder that holds
+files but no report of ours is never written into: the batch goes to the next numbered folder.
+
+A grid file is data, never code: it is read with ``yaml.safe_load`` and refused when aliases expand it past
+:data:`MAX_GRID_VALUES` values; every parameter name must be one of the notebook's parameters and every value
+plain data (text, numbers, booleans, null, lists and mappings of them), all checked before any run starts (papermill
+writes parameters into the notebook as Python). More than :data:`CONFIRM_RUNS` runs need ``--yes``; more than
+:data:`MAX_RUNS` are refused.
 """
 from __future__ import annotations
 
@@ -22,9 +29,12 @@ import argparse
 import html
 import itertools
 import json
+import keyword
+import math
 import re
 import time
 import traceback
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,8 +44,18 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
-from .notebook import NOTEBOOK_PARAMETERS
+from .notebook import NOTEBOOK_PARAMETERS, ParameterError, check_values
+from .reruns import BATCH_MARKER, choose_folder
 from .session import atomic_write_bytes, png_bytes
+
+CONFIRM_RUNS = 100           # a grid of more runs than this starts only when confirmed (--yes)
+MAX_RUNS = 100_000           # and one of more is refused
+MAX_GRID_VALUES = 100_000    # values in a grid file once its aliases are expanded ("billion laughs")
+CONTACT_SHEET_TILES = 400    # runs shown on the contact sheet (the index lists every run)
+
+
+class GridError(ValueError):
+    """A grid file that cannot run, with the fix."""
 
 
 @dataclass
@@ -50,19 +70,99 @@ class RunResult:
     seconds: float = 0.0
 
 
-def expand(spec: dict) -> list[dict]:
-    """The parameter sets of a grid spec: `parameters` merged with each grid combination, then `runs`."""
-    base = dict(spec.get("parameters") or {})
+def load_grid(path: str | Path) -> dict:
+    """A grid file, read as data and checked for its shape (see the module's notes)."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise GridError(f"{path} is not valid YAML ({exc})") from exc
+    try:
+        values = _expanded_size(spec, {}, set())
+    except RecursionError:
+        values = MAX_GRID_VALUES + 1
+    if values > MAX_GRID_VALUES:
+        raise GridError(f"{path} holds more than {MAX_GRID_VALUES} values once its aliases (*name) are expanded; "
+                        "write the values out, or split the grid")
+    if not isinstance(spec, dict) or not isinstance(spec.get("notebook"), str):
+        raise GridError(f"{path} must be a mapping with at least 'notebook' (the notebook's path)")
+    return spec
+
+
+def _expanded_size(value, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many values ``value`` holds with every alias written out (computed once per shared object)."""
+    if not isinstance(value, (list, dict)):
+        return 1
+    key = id(value)
+    if key in open_:
+        raise GridError("the grid file holds a list or mapping that contains itself (through an alias)")
+    if key not in sizes:
+        open_.add(key)
+        total = 1
+        for child in (value.values() if isinstance(value, dict) else value):
+            total += _expanded_size(child, sizes, open_)
+            if total > MAX_GRID_VALUES:
+                break
+        open_.discard(key)
+        sizes[key] = total
+    return sizes[key]
+
+
+def expand(spec: dict, notebook: str | None = None) -> list[dict]:
+    """The parameter sets of a grid spec: `parameters` merged with each grid combination, then `runs`; each
+    checked (:func:`check_run`) against ``notebook``'s parameters (by its stem, e.g. ``03_edit``)."""
+    base = spec.get("parameters") or {}
     grid = spec.get("grid") or {}
+    runs = spec.get("runs") or []
+    if not isinstance(base, dict):
+        raise GridError(f"'parameters' maps a parameter name to one value, got {base!r}")
     if not isinstance(grid, dict):
-        raise ValueError("'grid' maps a parameter name to a list of values")
+        raise GridError("'grid' maps a parameter name to a list of values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise GridError(f"grid: {key} should be a list of values, e.g. {key}: [{values!r}] (a value every run "
+                            f"shares goes under 'parameters'), got {values!r}")
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        raise GridError(f"'runs' is a list of parameter mappings, e.g. runs: [{{edit: remove}}], got {runs!r}")
+    count = (math.prod(len(v) for v in grid.values()) if grid else 0) + len(runs)
+    if count > MAX_RUNS:
+        raise GridError(f"the grid makes {count} runs, more than {MAX_RUNS}; split it")
     keys = list(grid)
     sets = [{**base, **dict(zip(keys, combo))} for combo in itertools.product(*(grid[k] for k in keys))] if keys else []
-    for extra in spec.get("runs") or []:
-        sets.append({**base, **extra})
-    if not sets:
-        sets = [base]
+    sets += [{**base, **extra} for extra in runs]
+    sets = sets or [dict(base)]
+    for i, params in enumerate(sets):
+        check_run(notebook, params, f"run {i}")
     return sets
+
+
+def check_run(notebook: str | None, parameters: dict, where: str = "the run") -> None:
+    """Refuse a parameter set papermill must not inject: a name that is not one of the notebook's parameters
+    (papermill writes ``name = value`` lines), a value that is not plain data, a value of the wrong type, or
+    a grid run that would start a grid itself."""
+    known = NOTEBOOK_PARAMETERS.get(notebook) if notebook else None
+    for name, value in parameters.items():
+        if not (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)):
+            raise GridError(f"{where}: {name!r} is not a parameter name")
+        if not _plain_data(value):
+            raise GridError(f"{where}: parameter {name!r} is {value!r}, not text, a number, true/false, null or a "
+                            "list or mapping of them")
+    if parameters.get("batch_grid") is not None:
+        raise GridError(f"{where} sets batch_grid: a run of a grid cannot run a grid itself; remove batch_grid from "
+                        "the grid file")
+    if known is not None:
+        try:
+            check_values(known, parameters)
+        except ParameterError as exc:
+            raise GridError(f"{where}: {exc} ({notebook})") from exc
+
+
+def _plain_data(value) -> bool:
+    if isinstance(value, list):
+        return all(_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_data(v) for k, v in value.items())
+    return value is None or isinstance(value, (str, bool, int, float))
 
 
 def default_workers() -> int:
@@ -77,6 +177,7 @@ def run_one(notebook: str, folder: str, parameters: dict, kernel_name: str | Non
             ) -> RunResult:
     """Execute one parameter set (papermill) into ``folder``; never raises for a failing notebook."""
     import papermill as pm
+    check_run(Path(notebook).stem, parameters)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     params = {**parameters, **_run_settings(notebook, out)}
@@ -98,7 +199,7 @@ def run_one(notebook: str, folder: str, parameters: dict, kernel_name: str | Non
 def _run_settings(notebook: str, out: Path) -> dict:
     """What every run of the batch sets: its own folder (replaced on a rerun of the grid), headless. Only the
     names the notebook has, so 01 and 02 pass their check cells too (they have no ``output_dir``)."""
-    settings = {"output_dir": str(out), "interactive": False, "overwrite": True}
+    settings = {"output_dir": str(out), "interactive": False, "overwrite": True, "batch_grid": None}
     known = NOTEBOOK_PARAMETERS.get(Path(notebook).stem)
     return settings if known is None else {k: v for k, v in settings.items() if k in known}
 
@@ -123,18 +224,32 @@ def output_folder(spec: dict, base_dir: Path = Path(".")) -> Path:
     return (Path(base_dir) / spec.get("output", "runs/batch")).resolve()
 
 
+def batch_output(spec: dict, base_dir: Path = Path(".")) -> tuple[Path, str | None]:
+    """Where a batch writes: its ``output`` folder when that is new, empty or an earlier batch's (replaced);
+    else the next numbered folder, with a one-line note saying so."""
+    return choose_folder(output_folder(spec, base_dir), overwrite=True, marker=BATCH_MARKER, what="a batch")
+
+
 def run_batch(spec: dict, base_dir: Path = Path("."), workers: int | None = None, scheduler: str | None = None,
-              kernel_name: str | None = None) -> list[RunResult]:
-    """Run every parameter set of a grid spec; returns the results (also written as the report)."""
+              kernel_name: str | None = None, yes: bool = False, output: Path | None = None) -> list[RunResult]:
+    """Run every parameter set of a grid spec into ``output`` (default: :func:`batch_output`, its note given as
+    a warning); returns the results (also written as the report). More than :data:`CONFIRM_RUNS` runs need
+    ``yes=True``."""
     if "scheduler" in spec:
         raise ValueError("a grid file's top-level 'scheduler' is ambiguous: write the Dask cluster's address as "
                          "'dask_scheduler', and a sampler (ddim, dpm++, euler...) under 'parameters' or 'grid'")
     notebook = (base_dir / spec["notebook"]).resolve()
     if not notebook.exists():
         raise FileNotFoundError(f"notebook {notebook} does not exist (paths in a grid file are relative to it)")
-    output = output_folder(spec, base_dir)
+    sets = expand(spec, notebook.stem)
+    if len(sets) > CONFIRM_RUNS and not yes:
+        raise GridError(f"the grid makes {len(sets)} runs (more than {CONFIRM_RUNS}); pass --yes "
+                        "(run_batch(..., yes=True)) to run them all")
+    if output is None:
+        output, note = batch_output(spec, base_dir)
+        if note:
+            warnings.warn(note, stacklevel=2)
     output.mkdir(parents=True, exist_ok=True)
-    sets = expand(spec)
     jobs = [(str(notebook), str(output / f"run-{i:03d}"), params) for i, params in enumerate(sets)]
     cwd = str(notebook.parent)
     scheduler = scheduler or spec.get("dask_scheduler")
@@ -158,10 +273,13 @@ def write_report(results: list[RunResult], output: Path) -> None:
     ok = sum(r.ok for r in results)
     atomic_write_bytes(output / "report.json", json.dumps(
         {"runs": [asdict(r) for r in results], "ok": ok, "failed": len(results) - ok}, indent=2, default=str).encode())
-    varying = sorted({k for r in results for k in r.parameters
-                      if len({json.dumps(x.parameters.get(k), default=str) for x in results}) > 1})
+    keys = sorted({k for r in results for k in r.parameters})
+    varying = [k for k in keys if len({json.dumps(r.parameters.get(k), default=str) for r in results}) > 1]
     lines = [f"# Batch: {ok} of {len(results)} runs succeeded", "",
-             "![contact sheet](contact_sheet.png)", "",
+             "![contact sheet](contact_sheet.png)", ""]
+    if len(results) > CONTACT_SHEET_TILES:
+        lines += [f"The contact sheet shows the first {CONTACT_SHEET_TILES} runs; the table lists all.", ""]
+    lines += [
              "| run | " + " | ".join(md_escape(k) for k in varying) + " | status | images |",
              "|---|" + "---|" * len(varying) + "---|---|"]
     rows_html = []
@@ -183,7 +301,7 @@ def write_report(results: list[RunResult], output: Path) -> None:
         f"<html><body><h1>Batch: {ok} of {len(results)} runs succeeded</h1><img src='contact_sheet.png'>"
         f"<table border='1' cellpadding='4'><tr><th>run</th>{head}<th>status</th><th>images</th></tr>"
         + "".join(rows_html) + "</table></body></html>").encode())
-    contact_sheet(results, varying, output / "contact_sheet.png")
+    contact_sheet(results[:CONTACT_SHEET_TILES], varying, output / "contact_sheet.png")
 
 
 def md_escape(value) -> str:
@@ -230,12 +348,19 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="local runs at a time")
     parser.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
+    parser.add_argument("--yes", action="store_true", help=f"run a grid of more than {CONFIRM_RUNS} runs")
     args = parser.parse_args(argv)
-    spec = yaml.safe_load(args.grid.read_text())
-    if not isinstance(spec, dict) or "notebook" not in spec:
-        parser.error(f"{args.grid} must be a mapping with at least 'notebook'")
-    results = run_batch(spec, args.grid.parent, args.workers, args.scheduler, args.kernel)
-    return print_summary(results, f"report: {output_folder(spec, args.grid.parent) / 'index.md'}")
+    try:
+        spec = load_grid(args.grid)
+        count = len(expand(spec, Path(spec["notebook"]).stem))
+        if count > CONFIRM_RUNS and not args.yes:
+            raise GridError(f"{args.grid} makes {count} runs (more than {CONFIRM_RUNS}); pass --yes to run them all")
+    except (GridError, OSError) as exc:
+        parser.error(str(exc))
+    output, note = batch_output(spec, args.grid.parent)
+    print(f"{count} runs" + (f"; {note}" if note else ""))
+    results = run_batch(spec, args.grid.parent, args.workers, args.scheduler, args.kernel, yes=True, output=output)
+    return print_summary(results, f"report: {output / 'index.md'}")
 
 
 def print_summary(results: list[RunResult], where: str) -> int:

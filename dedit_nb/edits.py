@@ -7,6 +7,8 @@ parameter). Edits never change the session's items; each is recorded in the sess
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -16,6 +18,7 @@ import numpy as np
 from . import conditioning as C
 from . import masks as M
 from .display import region_legend_handles, region_picture
+from .reruns import EDIT_MARKER, choose_folder
 from .sampler import SamplingConfig, masked_sample
 from .session import Session, SessionError, atomic_write_bytes, npy_bytes, png_bytes
 
@@ -35,8 +38,13 @@ class EditResult:
 
     def save(self, output_dir: str | Path) -> Path:
         """Write ``image_<j>.png``, ``hard.png``/``soft.png``/``active.png``, ``labels.npy`` and
-        ``manifest.json`` (each file written atomically)."""
-        out = Path(output_dir)
+        ``manifest.json`` (each file written atomically) into ``output_dir``, replacing an earlier edit there;
+        a folder holding other files (the user's) is left alone and the edit goes to the next numbered folder
+        (with a warning). Returns the folder written."""
+        out, note = choose_folder(output_dir, overwrite=True, marker=EDIT_MARKER, what="an edit")
+        if note:
+            warnings.warn(note, stacklevel=2)
+        earlier = _manifest_images(out)
         out.mkdir(parents=True, exist_ok=True)
         files = {"images": []}
         for j, img in enumerate(self.images):
@@ -48,10 +56,10 @@ class EditResult:
             files[region] = f"{region}.png"
         atomic_write_bytes(out / "labels.npy", npy_bytes(self.labels.astype(np.int32)))
         files["labels"] = "labels.npy"
-        manifest = {**self.manifest, "files": files}
-        atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
-        for stale in set(out.glob("image_*.png")) - {out / name for name in files["images"]}:
-            stale.unlink()          # an earlier edit's extra images (overwrite=True) would read as this one's
+        manifest = {"kind": self.kind, **self.manifest, "files": files}
+        atomic_write_bytes(out / EDIT_MARKER, json.dumps(manifest, indent=2).encode())
+        for stale in earlier - set(files["images"]):
+            (out / stale).unlink(missing_ok=True)   # an earlier edit's extra images would read as this one's
         return out
 
     def figure(self, max_images: int = 4):
@@ -71,6 +79,15 @@ class EditResult:
             ax.axis("off")
         fig.tight_layout(rect=(0, 0.1, 1, 1))
         return fig
+
+
+def _manifest_images(folder: Path) -> set[str]:
+    """The image files an earlier edit's manifest in ``folder`` lists (plain names only)."""
+    try:
+        names = json.loads((folder / EDIT_MARKER).read_text())["files"]["images"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and re.fullmatch(r"image_\d+\.png", n)}
 
 
 def _save_png(path: Path, arr: np.ndarray) -> None:

@@ -201,3 +201,148 @@ def test_an_interrupted_finetune_leaves_no_gradients_for_the_next_one_on_the_mod
     for kind in ("tokens", "unet"):
         mine, fresh = other.load_weights(kind), reference.load_weights(kind)
         assert set(mine) == set(fresh) and all(torch.allclose(mine[n], fresh[n], atol=1e-6) for n in mine)
+
+
+# --- 2 and 28.9: output folders that are not ours, numbered reruns ---------------------------------------
+def _edit_result(images=1, value=0):
+    from dedit_nb import masks as M
+    from dedit_nb.edits import EditResult
+    image = np.full((8, 8, 3), value, np.uint8)
+    return EditResult("recon", [image] * images, image, np.zeros((8, 8), np.int32),
+                      M.edit_regions(np.eye(8, dtype=bool), 1), {"kind": "recon"})
+
+
+def _users_folder(folder, names):
+    folder.mkdir()
+    for name in names:
+        (folder / name).write_bytes(f"the user's {name}".encode())
+    return _digest(folder)
+
+
+def test_an_edit_never_writes_into_a_folder_of_the_users(tmp_path):
+    from dedit_nb.reruns import EDIT_MARKER, choose_folder
+    mine = _users_folder(tmp_path / "out", ["image_0.png", "image_1.png", "image_2.png", "image_7.png",
+                                            "labels.npy", "notes.md"])
+    folder, note = choose_folder(tmp_path / "out", overwrite=True, marker=EDIT_MARKER, what="an edit")
+    assert folder == tmp_path / "out-2" and "did not write" in note
+    with pytest.warns(UserWarning, match="out-2"):
+        written = _edit_result(images=2).save(tmp_path / "out")
+    assert written == tmp_path / "out-2" and (written / "image_1.png").exists()
+    assert _digest(tmp_path / "out") == mine
+    (written / "image_7.png").write_bytes(b"the user's")               # dropped into a folder of ours
+    _edit_result(images=1).save(written)
+    assert sorted(p.name for p in written.glob("image_*")) == ["image_0.png", "image_7.png"]
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / EDIT_MARKER).write_text('{"mine": true}')      # a manifest that is not ours
+    assert choose_folder(tmp_path / "fake", overwrite=True, marker=EDIT_MARKER)[0] == tmp_path / "fake-2"
+
+
+def test_a_batch_never_writes_its_report_into_a_folder_of_the_users(tmp_path, monkeypatch):
+    from dedit_nb import batch
+    mine = _users_folder(tmp_path / "out", ["index.md", "index.html", "report.json"])
+    monkeypatch.setattr(batch, "run_one", lambda nb, folder, params, *a: batch.RunResult(
+        os.path.basename(folder), params, False, folder, error="not run"))
+    spec = {"notebook": "nb.ipynb", "output": "out", "grid": {"seed": [0, 1]}}
+    (tmp_path / "nb.ipynb").write_text("{}")
+    with pytest.warns(UserWarning, match="out-2"):
+        batch.run_batch(spec, tmp_path)
+    assert _digest(tmp_path / "out") == mine
+    assert json.loads((tmp_path / "out-2" / "report.json").read_text())["failed"] == 2
+    assert batch.batch_output({**spec, "output": "out-2"}, tmp_path) == (tmp_path / "out-2", None)  # ours: reused
+
+
+def test_numbered_rerun_folders_skip_every_taken_number_and_never_overwrite_an_edit(tmp_path):
+    from dedit_nb.reruns import EDIT_MARKER, choose_folder
+    for name in ("edit", "edit-2", "edit-3"):
+        _edit_result(value=len(name)).save(tmp_path / name)
+    (tmp_path / "edit-5").mkdir()
+    earlier = {name: _digest(tmp_path / name) for name in ("edit", "edit-2", "edit-3", "edit-5")}
+    folder, note = choose_folder(tmp_path / "edit", marker=EDIT_MARKER, what="an edit")
+    assert folder == tmp_path / "edit-4" and "already holds an edit" in note
+    _edit_result(value=9).save(folder)
+    assert choose_folder(tmp_path / "edit", marker=EDIT_MARKER)[0] == tmp_path / "edit-6"
+    assert {name: _digest(tmp_path / name) for name in earlier} == earlier
+
+
+# --- 3: grid files are data --------------------------------------------------------------------------------
+def _grid(tmp_path, text):
+    (tmp_path / "grid.yaml").write_text(text)
+    return tmp_path / "grid.yaml"
+
+
+@pytest.mark.parametrize("spec, says", [
+    ({"grid": {"x=__import__('os').system('touch PWNED')#": [1]}}, "is not a parameter name"),
+    ({"parameters": {"strenght": 0.5}}, "did you mean 'strength'"),
+    ({"grid": {"prompt": "a green circle"}}, "grid: prompt should be a list of values"),
+    ({"grid": {"seed": 5}}, "grid: seed should be a list of values"),
+    ({"runs": ["remove"]}, "'runs' is a list of parameter mappings"),
+    ({"parameters": {"batch_grid": "grid.yaml"}}, "cannot run a grid itself"),
+    ({"grid": {"seed": [object()]}}, "not text, a number"),
+    ({"grid": {"guidance": ["high"]}}, "parameter 'guidance'"),
+    ({"grid": {k: list(range(10)) for k in ("seed", "steps", "dx", "dy", "scale", "strength", "guidance",
+                                                "num_images", "edge_thickness")}}, "1000000000 runs"),
+])
+def test_grid_specs_are_checked_before_any_run(tmp_path, monkeypatch, spec, says):
+    from dedit_nb import batch
+    ran = []
+    monkeypatch.setattr(batch, "run_one", lambda *a: ran.append(a))
+    (tmp_path / "03_edit.ipynb").write_text("{}")
+    with pytest.raises(batch.GridError, match=says):
+        batch.run_batch({"notebook": "03_edit.ipynb", "output": "out", **spec}, tmp_path, yes=True)
+    assert not ran and not (tmp_path / "out").exists() and not (tmp_path / "PWNED").exists()
+
+
+def test_run_one_refuses_a_name_that_is_code_before_papermill_sees_it(tmp_path):
+    from dedit_nb.batch import GridError, run_one
+    with pytest.raises(GridError, match="is not a parameter name"):
+        run_one(str(tmp_path / "03_edit.ipynb"), str(tmp_path / "run"), {"x=1;import os#": 1})
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, says", [
+    ("notebook: n.ipynb\na: &a [x, x, x, x, x, x, x, x, x, x]\n"
+     + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+     + "grid: {prompt: *i}\n", "more than 100000 values"),
+    ("notebook: n.ipynb\ngrid: &g {seed: [1, *g]}\n", "contains itself"),
+    ("notebook: [n.ipynb]\n", "at least 'notebook'"),
+    ("notebook: n.ipynb\ngrid: {seed: [1\n", "not valid YAML"),
+    ("!!python/object/apply:os.system ['touch PWNED']\n", "not valid YAML"),
+])
+def test_grid_files_are_read_as_data_with_a_limit_on_alias_expansion(tmp_path, text, says):
+    from dedit_nb.batch import GridError, load_grid
+    with pytest.raises(GridError, match=says):
+        load_grid(_grid(tmp_path, text))
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_large_grid_states_its_count_and_needs_yes(tmp_path, monkeypatch, capsys):
+    from dedit_nb import batch
+    ran = []
+    monkeypatch.setattr(batch, "run_one", lambda nb, folder, params, *a: ran.append(params) or batch.RunResult(
+        os.path.basename(folder), params, True, folder))
+    (tmp_path / "03_edit.ipynb").write_text("{}")
+    grid = _grid(tmp_path, "notebook: 03_edit.ipynb\noutput: out\ngrid: {seed: %s}\n"
+                 % list(range(batch.CONFIRM_RUNS + 1)))
+    with pytest.raises(batch.GridError, match="yes=True"):
+        batch.run_batch(batch.load_grid(grid), tmp_path)
+    with pytest.raises(SystemExit):
+        batch.main([str(grid)])
+    assert f"makes {batch.CONFIRM_RUNS + 1} runs" in capsys.readouterr().err and not ran
+    assert batch.main([str(grid), "--yes"]) == 0 and len(ran) == batch.CONFIRM_RUNS + 1
+    assert f"{batch.CONFIRM_RUNS + 1} runs" in capsys.readouterr().out
+
+
+def test_write_report_grows_linearly_with_the_runs(tmp_path, monkeypatch):
+    """Counted, not timed: the JSON encodings the report makes per run stay constant as the batch grows."""
+    from dedit_nb import batch
+    calls = []
+    dumps = json.dumps
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: calls.append(1) or dumps(*a, **k))
+    per_run = []
+    for n in (50, 200):
+        calls.clear()
+        results = [batch.RunResult(f"run-{i:03d}", {"seed": i, "prompt": "p", "steps": 2}, True, str(tmp_path))
+                   for i in range(n)]
+        batch.write_report(results, tmp_path)
+        per_run.append(len(calls) / n)
+    assert per_run[1] <= per_run[0] * 1.1 and per_run[1] < 10
