@@ -133,6 +133,20 @@ def png_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def unique_names(names: Sequence[str]) -> list[str]:
+    """``names`` with each repeated one numbered (``cup``, ``cup-2``...): an edit names its item, so one name
+    must not stand for two items."""
+    taken: set[str] = set()
+    unique = []
+    for name in names:
+        fresh, n = name, 2
+        while fresh in taken or (fresh != name and fresh in names):
+            fresh, n = f"{name}-{n}", n + 1
+        taken.add(fresh)
+        unique.append(fresh)
+    return unique
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "", text.lower())[:12] or "item"
 
@@ -177,6 +191,9 @@ class ImageEntry:
             matches = [k for k, it in enumerate(self.items) if it.label == item]
             if not matches:
                 raise SessionError(f"image {self.name!r} has no item {item!r}; items: {[i.label for i in self.items]}")
+            if len(matches) > 1:     # a session written before names were kept unique
+                raise SessionError(f"image {self.name!r} has {len(matches)} items named {item!r} (indexes {matches}); "
+                                   "name the item by its index, or rename one (rename_item)")
             return matches[0]
         if not 0 <= int(item) < len(self.items):
             raise SessionError(f"image {self.name!r} has items 0..{len(self.items) - 1}; got {item}")
@@ -315,6 +332,7 @@ class Session:
                 item_labels = [f"item{k}" for k in range(int(labels.max()) + 1)]
             item_labels = list(item_labels)
         labels = M.check_labels(labels, len(item_labels))
+        item_labels = unique_names(item_labels)
         original_rel = self._stage(f"images/{index}-original", ext, original_bytes)
         self.images.append(ImageEntry(name, original_rel, working, labels, [Item(l) for l in item_labels],
                                       fit=fit.as_dict()))
@@ -339,7 +357,7 @@ class Session:
         if self.has_weights:
             raise SessionError("this session is finetuned; changing its items needs a new finetune: "
                                "call discard_weights() first, or use an edit (move/remove) to change masks")
-        item_labels = list(item_labels) if item_labels is not None else [f"item{k}" for k in range(n)]
+        item_labels = unique_names(item_labels) if item_labels is not None else [f"item{k}" for k in range(n)]
         templates = list(templates) if templates is not None else [DEFAULT_TEMPLATE] * n
         entry.labels = labels.astype(np.int32)
         entry.items = [Item(l, [], t) for l, t in zip(item_labels, templates)]
@@ -348,7 +366,11 @@ class Session:
 
     def rename_item(self, image: int | str, item: int | str, label: str, save: bool = True) -> None:
         entry = self.image(image)
-        entry.items[entry.item_index(item)].label = label
+        k = entry.item_index(item)
+        if any(it.label == label for j, it in enumerate(entry.items) if j != k):
+            raise SessionError(f"image {entry.name!r} already has an item named {label!r}; item names are unique "
+                               "(an edit names its item), choose another")
+        entry.items[k].label = label
         if save:
             self.save()
 
@@ -511,7 +533,9 @@ class Session:
         ours = self._serialize()
         if self._base is None:
             _check_new_folder(self.folder, self._overwrite)
-        self.folder.mkdir(parents=True, exist_ok=True)
+            self.folder.mkdir(parents=True, exist_ok=True)
+        elif not self.folder.is_dir():     # (the lock needs the folder; a missing session.json is found below)
+            self._refuse_gone()
         with session_lock(self.folder):
             merged = self._merge(_read_json(self.folder), ours)
             try:
@@ -523,10 +547,11 @@ class Session:
                 if rel in self._staged and not (self.folder / rel).exists():
                     atomic_write_bytes(self.folder / rel, self._staged[rel])
             atomic_write_bytes(self.folder / SESSION_FILE, text.encode())
-            _collect_garbage(self.folder, merged)
-            others_state = _state(merged) != _state(ours)
+            # what is on disk now, before anything else can be interrupted: a record must not be written twice
             self._data, self._base, self._overwrite = merged, copy.deepcopy(merged), False
             self._staged.clear()
+            _collect_garbage(self.folder, merged)
+            others_state = _state(merged) != _state(ours)
             if others_state:  # another process's change was kept: take its images and weights
                 self.images = _load_images(self.folder, merged)
                 self._weights_cache.clear()
@@ -537,6 +562,8 @@ class Session:
         another process changed the state too (a finetune and a re-segmentation at once, say)."""
         path = self.folder / SESSION_FILE
         base = self._base
+        if disk is None and base is not None:
+            self._refuse_gone()
         if disk is None:
             return ours
         if base is None:
@@ -556,6 +583,11 @@ class Session:
         merged = dict(_state(ours) if ours_changed else _state(disk))
         merged[HISTORY] = list(disk.get(HISTORY, [])) + ours[HISTORY][len(base[HISTORY]):]
         return merged
+
+    def _refuse_gone(self) -> None:
+        raise SessionError(f"{self.folder} no longer holds this session (its folder or session.json was deleted or "
+                           "moved since it was opened); nothing was written: put the folder back, or open the "
+                           "session where it is now")
 
     def copy_to(self, folder: str | os.PathLike) -> "Session":
         """A copy of the session folder, e.g. to branch an experiment, or to edit a session in a folder you

@@ -346,3 +346,56 @@ def test_write_report_grows_linearly_with_the_runs(tmp_path, monkeypatch):
         batch.write_report(results, tmp_path)
         per_run.append(len(calls) / n)
     assert per_run[1] <= per_run[0] * 1.1 and per_run[1] < 10
+
+
+# --- 5: interrupts, deleted folders, unique names -----------------------------------------------------------
+def test_an_interrupt_after_a_record_is_written_does_not_write_it_twice(tmp_path, monkeypatch):
+    from dedit_nb import session as S
+    s = _session(tmp_path / "s")
+    collect = S._collect_garbage
+
+    def interrupted(*args):
+        monkeypatch.setattr(S, "_collect_garbage", collect)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S, "_collect_garbage", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        s.record_edit({"kind": "first"})
+    s.record_edit({"kind": "second"})
+    assert [h["kind"] for h in Session.open(tmp_path / "s").history] == ["first", "second"]
+
+
+@pytest.mark.parametrize("gone", ["folder", "session.json"])
+def test_a_session_whose_folder_was_deleted_is_not_recreated_by_a_save(tmp_path, gone):
+    import shutil
+    s = _session(tmp_path / "s")
+    if gone == "folder":
+        shutil.rmtree(tmp_path / "s")
+    else:
+        (tmp_path / "s" / "session.json").unlink()
+    before = _digest(tmp_path)
+    for change in (lambda: s.record_edit({"kind": "x"}), lambda: s.rename_item(0, 0, "cup"), s.save):
+        with pytest.raises(SessionError, match="no longer holds this session.*nothing was written"):
+            change()
+    assert _digest(tmp_path) == before and (gone == "session.json") == (tmp_path / "s").exists()
+
+
+def test_item_names_stay_unique_and_an_edit_by_name_never_hits_another_item(tmp_path):
+    s = _session(tmp_path / "s")
+    s.set_items(0, three_item_labels(64, 96), ["cup", "cup", "cup-2"])
+    assert [it.label for it in s.images[0].items] == ["cup", "cup-3", "cup-2"]
+    with pytest.raises(SessionError, match="already has an item named 'cup'"):
+        s.rename_item(0, 2, "cup")
+    data = json.loads((tmp_path / "s" / "session.json").read_text())
+    data["images"][0]["items"][1]["label"] = "cup"                      # written by an older version
+    (tmp_path / "s" / "session.json").write_text(json.dumps(data))
+    with pytest.raises(SessionError, match=r"2 items named 'cup' \(indexes \[0, 1\]\)"):
+        Session.open(tmp_path / "s").images[0].item_index("cup")
+
+
+def test_the_mask_editor_never_names_a_new_item_like_an_existing_one():
+    from widgets.state import ItemState
+    state = ItemState(np.zeros((12, 12, 3), np.uint8), three_item_labels(12, 12), ["item0", "item1", "item2"])
+    state.delete(1)
+    state.add_item()
+    assert len(set(state.names)) == len(state.names) == 3

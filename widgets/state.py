@@ -7,6 +7,7 @@ code can observe both. All mask math is delegated to ``dedit_nb.masks``.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import numpy as np
@@ -173,7 +174,8 @@ class ItemState(traitlets.HasTraits):
     # --- items ---------------------------------------------------------------------------------------
     def add_item(self, name: str | None = None, template: str = "*") -> int:
         before = self._snapshot()
-        self.names.append(name or f"item{self.num_items}")
+        self.names.append(name or next(f"item{k}" for k in itertools.count(self.num_items)
+                                       if f"item{k}" not in self.names))
         self.templates.append(template)
         self.visible.append(True)
         self._commit(before, selected=self.num_items - 1)
