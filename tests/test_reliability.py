@@ -399,3 +399,27 @@ def test_the_mask_editor_never_names_a_new_item_like_an_existing_one():
     state.delete(1)
     state.add_item()
     assert len(set(state.names)) == len(state.names) == 3
+
+
+# --- 28.5: temporaries of killed writes -----------------------------------------------------------------
+def test_temporaries_of_killed_writes_in_every_data_folder_are_removed_on_open(tmp_path):
+    """A kill between writing a data file's temporary and renaming it leaves ``.<name>.<random>.tmp`` (a
+    weights file's can be gigabytes); opening the session removes those, and nothing of the user's."""
+    import tempfile
+    s = _session(tmp_path / "s")
+    folder = tmp_path / "s"
+    killed = []
+    for rel in ("session.json", s.images[0].original_file, s.images[0].working_file, "items/0-0123456789abcdef.npy",
+                "weights/unet-0123456789abcdef.safetensors"):
+        target = folder / rel
+        target.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        killed.append(tmp)
+    users = [folder / "images" / ".my-notes.tmp", folder / "items" / ".draft.swp.tmp", folder / ".mine.tmp"]
+    for path in users:
+        path.write_text("the user's")
+    with pytest.warns(UserWarning, match="left alone"):
+        Session.open(folder)
+    assert not [t for t in killed if os.path.exists(t)]
+    assert all(p.read_text() == "the user's" for p in users)
