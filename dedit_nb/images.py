@@ -9,6 +9,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 MAX_PIXELS = 100_000_000  # larger inputs are refused rather than exhausting memory
+MAX_ASPECT_RATIO = 16      # longer side / shorter side: a wider strip leaves no room for items at any resolution
+MAX_WORKING_PIXELS = 4096 * 4096   # the working image: beyond this, sampling would exhaust any accelerator
 
 
 class ImageInputError(ValueError):
@@ -25,6 +27,8 @@ def to_rgb_array(image) -> np.ndarray:
         path = Path(image)
         if not path.exists():
             raise ImageInputError(f"image file {path} does not exist")
+        if not path.is_file():      # a FIFO or a device would block the read; a folder is no image
+            raise ImageInputError(f"{path} is not a regular file (a folder, FIFO or device); give an image file")
         try:
             with Image.open(path) as im:
                 image = ImageOps.exif_transpose(im)  # as viewers show it (a copy, upright)
@@ -109,8 +113,16 @@ def fit_working_size(width: int, height: int, resolution: int, multiple: int) ->
     model's latent factor, 8 for SD and SDXL)."""
     if resolution < multiple:
         raise ImageInputError(f"resolution {resolution} is below the model's size multiple {multiple}")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageInputError(f"the image is {width}x{height}, an aspect ratio of {ratio:.0f}:1, beyond the limit of "
+                              f"{MAX_ASPECT_RATIO}:1; crop it to the part to edit")
     scale = resolution / min(width, height)
     rw, rh = max(multiple, round(width * scale)), max(multiple, round(height * scale))
+    if rw * rh > MAX_WORKING_PIXELS:
+        raise ImageInputError(f"at resolution {resolution} the image would be worked on at {rw}x{rh}, beyond the limit "
+                              f"of {MAX_WORKING_PIXELS // 1_000_000} megapixels ({MAX_WORKING_PIXELS} pixels); lower "
+                              "the resolution")
     w, h = rw // multiple * multiple, rh // multiple * multiple
     left, top = (rw - w) // 2, (rh - h) // 2
     return WorkingFit((width, height), (rw, rh), (left, top, left + w, top + h))

@@ -423,3 +423,49 @@ def test_temporaries_of_killed_writes_in_every_data_folder_are_removed_on_open(t
         Session.open(folder)
     assert not [t for t in killed if os.path.exists(t)]
     assert all(p.read_text() == "the user's" for p in users)
+
+
+# --- 6: inputs that would hang or exhaust memory ---------------------------------------------------------
+def test_a_fifo_or_folder_as_the_image_is_refused_at_once(tmp_path):
+    from dedit_nb.images import ImageInputError
+    import threading
+    import time
+    os.mkfifo(tmp_path / "pipe.png")          # opening it for reading would wait for a writer forever
+    (tmp_path / "folder.png").mkdir()
+
+    def unblock_a_reader():                   # so that a regression fails this test instead of hanging it
+        for _ in range(100):
+            try:
+                fd = os.open(tmp_path / "pipe.png", os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:                   # no reader yet
+                time.sleep(0.1)
+                continue
+            os.write(fd, b"not an image")
+            os.close(fd)
+            return
+
+    threading.Thread(target=unblock_a_reader, daemon=True).start()
+    for name in ("pipe.png", "folder.png"):
+        with pytest.raises(ImageInputError, match="not a regular file"):
+            Session.create(tmp_path / f"s-{name}", tmp_path / name)
+        assert not (tmp_path / f"s-{name}").exists()
+
+
+@pytest.mark.parametrize("size, resolution, says", [
+    ((100000, 2), 512, r"aspect ratio of 50000:1, beyond the limit of 16:1"),
+    ((1600, 100), 512, None),
+    ((64, 64), 8192, r"8192x8192, beyond the limit of 16 megapixels"),
+])
+def test_absurd_shapes_and_working_sizes_are_refused_naming_the_limit(tmp_path, monkeypatch, size, resolution,
+                                                                       says):
+    from dedit_nb import images
+    from dedit_nb.images import ImageInputError
+    resized = []
+    monkeypatch.setattr(images, "resize_rgb", lambda arr, to: resized.append(to) or np.zeros((*to[::-1], 3), np.uint8))
+    image = np.zeros(size[::-1] + (3,), np.uint8)
+    if says is None:                          # at the limit: accepted
+        assert Session.create(tmp_path / "s", image, resolution=resolution, save=False).images[0].size == (8192, 512)
+        return
+    with pytest.raises(ImageInputError, match=says):
+        Session.create(tmp_path / "s", image, resolution=resolution)
+    assert not resized and not (tmp_path / "s").exists()      # refused before any allocation at the working size
