@@ -217,13 +217,24 @@ def create_segmented_session(session_dir: str | Path, image_path: str | Path, re
     return session, partition
 
 
+def edit_recording(session: Session) -> tuple[bool, str | None]:
+    """Whether an edit can be recorded in the session's history, and else a one-line note: a session in a
+    folder this user cannot write is still edited (``record=False``), its results go to ``output_dir`` only."""
+    if session.writable:
+        return True, None
+    return False, (f"{session.folder} cannot be written: the edit runs and is saved in output_dir, but the session's "
+                   "history was not updated (to record edits, work on a copy: session.copy_to('my-session')).")
+
+
 def headless_edit(model, session: Session, edit: str, output_dir: str | Path, item=None, prompt: str = "",
                   dx: float = 0.0, dy: float = 0.0, scale: float = 1.0, source_session: str | None = None,
-                  source_image=0, source_item=None, image=0, progress: bool = True, **sampling) -> EditResult:
-    """One edit from flat parameters; writes images, regions and manifest.json into ``output_dir``."""
+                  source_image=0, source_item=None, image=0, progress: bool = True, record: bool = True,
+                  **sampling) -> EditResult:
+    """One edit from flat parameters; writes images, regions and manifest.json into ``output_dir``, and
+    records it in the session's history when ``record``."""
     check_edit_params(session, edit, item, prompt, source_session, source_item, image, source_image, **sampling)
     source = Session.open(source_session) if source_session else None
-    editor = Editor(model, session, progress=progress)
+    editor = Editor(model, session, progress=progress, record=record)
     result = run_edit(editor, edit, image=image, item=item, prompt=prompt, dx=dx, dy=dy, scale=scale,
                       source_image=source_image, source_item=source_item,
                       source_session=source, **sampling)

@@ -286,6 +286,13 @@ class Session:
         return _generation(self._data)
 
     @property
+    def writable(self) -> bool:
+        """Whether this process can write the session's folder (take its lock): a shared course folder or a
+        read-only mount can be opened and edited from, but not recorded into."""
+        with session_lock(self.folder, reading=True) as locked:
+            return locked
+
+    @property
     def has_weights(self) -> bool:
         return self._data["weights"] is not None
 
