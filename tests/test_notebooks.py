@@ -126,3 +126,18 @@ def test_batch_on_a_dask_cluster(finetuned_session):
     assert len(Session.open(session_dir).history) == recorded + 2
     seeds = [json.loads((Path(r.folder) / "manifest.json").read_text())["seeds"] for r in results]
     assert seeds == [[3], [4]]
+
+
+def test_edit_notebook_refuses_a_grid_that_would_run_itself(finetuned_session):
+    """03 with batch_grid naming a grid whose runs set batch_grid again: refused in the batch cell before any run
+    starts (it used to fork kernels without end)."""
+    import papermill as pm
+    tmp, session_dir, model = finetuned_session
+    grid = tmp / "itself.yaml"
+    grid.write_text(json.dumps({"notebook": str(NB / "03_edit.ipynb"), "output": str(tmp / "itself"),
+                                "parameters": {"session_dir": str(session_dir), "model": model, "edit": "recon",
+                                               "steps": 2, "num_images": 1, "batch_grid": str(grid)}}))
+    with pytest.raises(pm.PapermillExecutionError, match="cannot run a grid itself"):
+        execute("03_edit.ipynb", tmp / "03-itself.ipynb", session_dir=str(session_dir), model=model, edit="recon",
+                steps=2, num_images=1, output_dir=str(tmp / "edit-itself"), interactive=False, batch_grid=str(grid))
+    assert not (tmp / "itself").exists()
