@@ -474,23 +474,16 @@ def test_absurd_shapes_and_working_sizes_are_refused_naming_the_limit(tmp_path, 
 # --- 7: 03 on a read-only session ------------------------------------------------------------------------
 def test_an_edit_of_a_read_only_session_runs_unrecorded_into_output_dir_and_says_so(tmp_path, photo, monkeypatch,
                                                                                    tiny_model_dirs):
-    import errno
-    import stat
     from dedit_nb.finetune import FinetuneConfig, finetune
     from dedit_nb.models import load_model
     from dedit_nb.notebook import edit_recording, headless_edit
-    from test_session import _refuse_lock
+    from test_session import read_only
     model = load_model(str(tiny_model_dirs["sd"]))
     folder = tmp_path / "shared"
     s = _finetunable(folder, photo, model)
     finetune(model, s, FinetuneConfig(num_tokens=1, stage1_steps=1, stage2_steps=1), progress=False)
     assert edit_recording(s) == (True, None)
-    tree = [folder, *folder.rglob("*")]
-    for path in tree:
-        path.chmod(path.stat().st_mode & ~0o222)
-    if os.geteuid() == 0:
-        _refuse_lock(monkeypatch, folder, PermissionError(errno.EACCES, "Permission denied", str(folder)))
-    try:
+    with read_only(monkeypatch, folder):
         before = _digest(folder)
         opened = Session.open(folder)
         record, note = edit_recording(opened)
@@ -500,6 +493,3 @@ def test_an_edit_of_a_read_only_session_runs_unrecorded_into_output_dir_and_says
         manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
         assert manifest["kind"] == "text" and len(result.images) == 1
         assert _digest(folder) == before and opened.history == []
-    finally:
-        for path in tree:
-            path.chmod(path.stat().st_mode | stat.S_IWUSR)

@@ -1,4 +1,5 @@
 """Sessions: create, open, save atomically, refuse bad input without touching the folder."""
+import contextlib
 import hashlib
 import json
 
@@ -256,14 +257,31 @@ def _refuse_lock(monkeypatch, folder, error):
     monkeypatch.setattr("dedit_nb.session.FileLock", Refused)
 
 
+@contextlib.contextmanager
+def read_only(monkeypatch, folder):
+    """``folder`` and everything in it made unwritable for this user (for root, whom modes do not stop, its
+    lock refused as it is for others), and writable again afterwards."""
+    import errno
+    import os
+    import stat
+    tree = [folder, *folder.rglob("*")]
+    for path in tree:
+        path.chmod(path.stat().st_mode & ~0o222)
+    if os.geteuid() == 0:
+        _refuse_lock(monkeypatch, folder, PermissionError(errno.EACCES, "Permission denied", str(folder)))
+    try:
+        yield
+    finally:
+        for path in tree:
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
+
+
 @pytest.mark.parametrize("lock_file", [True, False], ids=["with-lock-file", "no-lock-file"])
 def test_a_read_only_session_opens_edits_unrecorded_refuses_writes_and_copies_out(tmp_path, photo, monkeypatch,
                                                                                   lock_file, tiny_model_dirs):
     """A finetuned session in a folder the user cannot write (a shared course folder, a read-only mount) opens,
     and edits that record nothing run on it; a write is refused with the way out (copy_to) and changes
     nothing; the copy is an ordinary, writable session."""
-    import errno
-    import os
     import stat
 
     from dedit_nb.edits import Editor
@@ -277,12 +295,7 @@ def test_a_read_only_session_opens_edits_unrecorded_refuses_writes_and_copies_ou
     finetune(model, s, FinetuneConfig(num_tokens=1, stage1_steps=1, stage2_steps=1), progress=False)
     if not lock_file:
         (folder / ".session.lock").unlink()
-    tree = [folder, *folder.rglob("*")]
-    for path in tree:
-        path.chmod(path.stat().st_mode & ~0o222)
-    if os.geteuid() == 0:
-        _refuse_lock(monkeypatch, folder, PermissionError(errno.EACCES, "Permission denied", str(folder)))
-    try:
+    with read_only(monkeypatch, folder):
         before = folder_digest(folder)
         opened = Session.open(folder)
         assert np.array_equal(opened.images[0].labels, s.images[0].labels)
@@ -300,9 +313,6 @@ def test_a_read_only_session_opens_edits_unrecorded_refuses_writes_and_copies_ou
         assert np.array_equal(edited.images[0], result.images[0])
         assert [r["kind"] for r in Session.open(tmp_path / "mine").history] == ["recon"]
         assert folder_digest(folder) == before
-    finally:
-        for path in tree:
-            path.chmod(path.stat().st_mode | stat.S_IWUSR)
 
 
 def test_a_lock_failure_that_is_not_a_permission_is_not_taken_for_a_read_only_folder(tmp_path, photo, monkeypatch):
