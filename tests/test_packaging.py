@@ -61,7 +61,9 @@ def test_make_env_installs_every_extra_and_core_fits_colab():
 def test_every_notebook_starts_with_the_colab_setup_cell():
     import json
 
-    from dedit_nb.colab import NOTEBOOKS, REPOSITORY_URL, setup_cell_source
+    from dedit_nb.colab import NOTEBOOKS, REPOSITORY_URL, colab_url, setup_cell_source
+    readme = (ROOT / "README.md").read_text()
+    assert setup_cell_source() in readme and all(colab_url(name) in readme for name in NOTEBOOKS)
     for name in NOTEBOOKS:
         cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
         assert "".join(cells[0]["source"]) == setup_cell_source(), f"{name}: run python -m dedit_nb.colab"
