@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .edits import EDIT_KINDS, Editor, EditResult, run_edit
-from .profiles import PROFILES, Resolved, model_facts, resolve
+from .profiles import Resolved, model_facts, resolve
 from .sampler import SCHEDULERS, SamplingConfig
 from .segment import METHODS, Partition, segment_session
 from .session import Session, SessionError
@@ -176,7 +176,7 @@ def check_session_model(session: Session, model: str) -> None:
         raise ParameterError("session_dir", f"{session.folder} has no finished finetune: run 02_finetune on it "
                                             "first (an interrupted one resumes)")
     if session.model_id != model:
-        trained, asked = (PROFILES[model_facts(m).profile().name].title for m in (session.model_id, model))
+        trained, asked = (model_facts(m).profile().title for m in (session.model_id, model))
         raise ParameterError("model", f"this session was finetuned on {session.model_id!r} ({trained}), not "
                                       f"{model!r} ({asked}): set model={session.model_id!r}, or finetune the "
                                       f"session on {model!r} in 02_finetune (resume=False)")
