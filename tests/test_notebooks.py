@@ -60,10 +60,11 @@ def test_a_wrong_parameter_fails_early_and_names_it(finetuned_session):
     for bad, name in [({"edit": "recolour"}, "edit"), ({"item": "chair"}, "item"),
                       ({"edit": "image", "source_item": 0, "source_session": str(tmp)}, "source_session"),
                       ({"strength": 2.0}, "strength"), ({"steps": 1.5}, "steps"), ({"guidance": "high"}, "guidance"),
-                      ({"steps": "10"}, "steps"), ({"strenght": 0.8}, "strenght")]:
+                      ({"steps": "10"}, "steps"), ({"strenght": 0.8}, "strenght"),
+                      ({"model": "offline"}, "model")]:              # finetuned on another model: before loading
         with pytest.raises(pm.PapermillExecutionError) as err:
-            execute("03_edit.ipynb", tmp / "bad.ipynb", session_dir=str(session_dir), model=model,
-                    output_dir=str(tmp / "bad"), interactive=False, **bad)
+            execute("03_edit.ipynb", tmp / "bad.ipynb", **{"session_dir": str(session_dir), "model": model,
+                                                            "output_dir": str(tmp / "bad"), "interactive": False, **bad})
         assert f"parameter '{name}'" in str(err.value)
         # after the setup cell, parameters and injected parameters: the check cell, before any model loads
         assert err.value.exec_count == 4
