@@ -12,12 +12,13 @@ from __future__ import annotations
 import ast
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from .edits import EDIT_KINDS, Editor, EditResult, run_edit
 from .finetune import MAX_FINETUNE_SEED
+from .profiles import Resolved, model_facts, resolve
 from .sampler import MAX_SEED, SCHEDULERS, SamplingConfig
 from .segment import METHODS, Partition, segment_session
 from .session import Session, SessionError
@@ -88,15 +89,16 @@ IMAGE = Check((int, str), "an image index (>= 0) or name", low=0)
 
 NOTEBOOK_PARAMETERS: dict[str, dict[str, Check]] = {
     "01_segment": {
-        "image_path": text(), "session_dir": text(), "resolution": integer(8), "multiple": integer(1),
+        "image_path": text(optional=True), "session_dir": text(), "model": text(), "resolution": integer(8),
+        "multiple": integer(1),
         "segmenter": text(choices=METHODS), "num_items": integer(1), "checkpoint": text(optional=True),
         "panoptic_model": text(optional=True), "detector": text(optional=True), "text": text(),
         "overwrite": FLAG, "interactive": FLAG},
     "02_finetune": {
         "session_dir": text(), "model": text(), "num_tokens": integer(1), "stage1_steps": integer(0),
         "stage2_steps": integer(0), "stage1_lr": number(0, low_open=True), "stage2_lr": number(0, low_open=True),
-        "lora": FLAG, "batch_size": integer(1),
-        "extra_sessions": Check((list,), "a list of session folders, e.g. ['../runs/session_b']"),
+        "lora": FLAG, "lora_lr": number(0, low_open=True), "batch_size": integer(1),
+        "extra_sessions": Check((list,), "a list of session folders, e.g. ['runs/session_b']"),
         "seed": integer(0, MAX_FINETUNE_SEED), "recon_steps": integer(1), "recon_guidance": number(0),
         "device": text(optional=True), "resume": FLAG},
     "03_edit": {
@@ -108,6 +110,21 @@ NOTEBOOK_PARAMETERS: dict[str, dict[str, Check]] = {
         "batch_grid": text(optional=True)},
 }
 SAMPLING = ("strength", "guidance", "steps", "edge_thickness", "seed", "num_images", "scheduler")
+# what an edit's sampling settings may be once resolved (headless_edit, batch runs): None is not among them
+SAMPLING_CHECKS = {**{n: NOTEBOOK_PARAMETERS["03_edit"][n] for n in SAMPLING}, "eta": number(0, 1),
+                   "profile": Check((dict,), "a record of dedit_nb.profiles.Resolved", optional=True)}
+# Parameters a model profile sets (dedit_nb.profiles): None, their default, takes the profile's value. Each
+# maps to the profile setting it stands for.
+PROFILE_PARAMETERS: dict[str, dict[str, str]] = {
+    "01_segment": {"resolution": "resolution", "multiple": "multiple"},
+    "02_finetune": {**{n: n for n in ("stage1_steps", "stage2_steps", "stage1_lr", "stage2_lr", "lora_lr",
+                                      "batch_size")}, "recon_steps": "steps", "recon_guidance": "guidance"},
+    "03_edit": {n: n for n in ("strength", "guidance", "steps", "edge_thickness")},
+}
+NOTEBOOK_PARAMETERS = {
+    notebook: {name: replace(check, what=f"{check.what} or None (the model profile's value)", optional=True)
+               if name in PROFILE_PARAMETERS[notebook] else check for name, check in spec.items()}
+    for notebook, spec in NOTEBOOK_PARAMETERS.items()}
 PAPERMILL_MARK = "# Parameters"        # the comment papermill's Python translator opens its injected cell with
 
 
@@ -146,6 +163,27 @@ def injected_names(namespace: dict) -> list[str]:
             names += [t.id for node in tree.body if isinstance(node, ast.Assign)
                       for t in node.targets if isinstance(t, ast.Name)]
     return names
+
+
+def resolve_parameters(notebook: str, model, namespace: dict) -> Resolved:
+    """The notebook's parameters that a model profile sets (:data:`PROFILE_PARAMETERS`), read from
+    ``namespace``: each None takes the profile of ``model`` (an id, folder or loaded model), any other value
+    stays. ``str()`` of the result is one line naming each value and where it came from."""
+    settings = PROFILE_PARAMETERS[notebook]
+    return resolve(model, {name: namespace.get(name) for name in settings}, settings)
+
+
+def check_session_model(session: Session, model: str) -> None:
+    """03's check before any model loads: the session was finetuned to the end, on ``model``."""
+    state = session.finetune_state or {}
+    if not session.has_weights or not state.get("done", False):
+        raise ParameterError("session_dir", f"{session.folder} has no finished finetune: run 02_finetune on it "
+                                            "first (an interrupted one resumes)")
+    if session.model_id != model:
+        trained, asked = (model_facts(m).profile().title for m in (session.model_id, model))
+        raise ParameterError("model", f"this session was finetuned on {session.model_id!r} ({trained}), not "
+                                      f"{model!r} ({asked}): set model={session.model_id!r}, or finetune the "
+                                      f"session on {model!r} in 02_finetune (resume=False)")
 
 
 def segmenter_kwargs(segmenter: str, num_items: int = 6, checkpoint: str | None = None,
@@ -201,17 +239,18 @@ def check_edit_params(session: Session, edit: str, item=None, prompt: str = "", 
             source.image(source_image).item_index(source_item)
         except Exception as exc:  # noqa: BLE001
             raise ParameterError("source_item", str(exc)) from exc
-    edit_spec = NOTEBOOK_PARAMETERS["03_edit"]
-    check_values({**{n: edit_spec[n] for n in SAMPLING}, "eta": number(0, 1)}, sampling)
+    check_values(SAMPLING_CHECKS, sampling)
     return SamplingConfig(**sampling)
 
 
 def create_segmented_session(session_dir: str | Path, image_path: str | Path, resolution: int, multiple: int,
-                             overwrite: bool, segmenter: str, **kwargs) -> tuple[Session, Partition]:
+                             overwrite: bool, segmenter: str, profile: dict | None = None,
+                             **kwargs) -> tuple[Session, Partition]:
     """A new session of one image, split into items by ``segmenter``; written only once segmentation worked
-    (a missing or broken checkpoint leaves nothing on disk, so the rerun needs no overwrite)."""
+    (a missing or broken checkpoint leaves nothing on disk, so the rerun needs no overwrite). ``profile``:
+    how the size was chosen, kept in the session."""
     session = Session.create(session_dir, image_path, resolution=resolution, multiple=multiple, overwrite=overwrite,
-                             save=False)
+                             save=False, profile=profile)
     partition = segment_session(session, 0, method=segmenter, save=False, **kwargs)
     session.save()
     return session, partition

@@ -45,6 +45,7 @@ from PIL import Image
 
 from . import masks as M
 from .images import fit_working_size, to_rgb_array
+from .profiles import SD1
 
 FORMAT = 1
 SESSION_FILE = "session.json"
@@ -215,20 +216,23 @@ class Session:
 
     # --- creation ------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, folder: str | os.PathLike, image, name: str | None = None, resolution: int = 512,
-               multiple: int = 64, labels: np.ndarray | None = None, item_labels: Sequence[str] | None = None,
-               overwrite: bool = False, save: bool = True) -> "Session":
+    def create(cls, folder: str | os.PathLike, image, name: str | None = None, resolution: int = SD1.resolution,
+               multiple: int = SD1.multiple, labels: np.ndarray | None = None, item_labels: Sequence[str] | None = None,
+               overwrite: bool = False, save: bool = True, profile: dict | None = None) -> "Session":
         """Start a session in a new folder from an image (path, PIL image or array).
 
         The image is worked on at a size whose short side is about ``resolution``, aspect ratio kept, sides
         cropped down to multiples of ``multiple`` (the model's latent factor: 8 fits SD and SDXL); the
         session records the resize and crop. Until items are set, one item covers the whole image. With
-        ``save=False`` nothing is written until :meth:`save`.
+        ``save=False`` nothing is written until :meth:`save`. ``profile``: how the size was chosen
+        (:meth:`dedit_nb.profiles.Resolved.record`), kept in session.json.
         """
         folder = Path(folder)
         _check_new_folder(folder, overwrite)
         data = {"format": FORMAT, "id": secrets.token_hex(3), "resolution": int(resolution), "multiple": int(multiple),
                 "model_id": None, "images": [], "weights": None, "finetune": None, "history": []}
+        if profile is not None:
+            data["profile"] = profile
         session = cls(folder, data, [], base=None, overwrite=overwrite)
         session.add_image(image, name=name, labels=labels, item_labels=item_labels, save=False)
         if save:
@@ -270,6 +274,11 @@ class Session:
     @property
     def multiple(self) -> int:
         return self._data["multiple"]
+
+    @property
+    def profile(self) -> dict | None:
+        """How the working size was chosen (the model profile, each value's source), when it was recorded."""
+        return self._data.get("profile")
 
     @property
     def history(self) -> list[dict]:

@@ -7,6 +7,7 @@ import pytest
 
 from dedit_nb.notebook import NOTEBOOK_PARAMETERS, ParameterError, check_parameters, create_segmented_session
 from dedit_nb.session import Session
+from dedit_nb.profiles import EXAMPLES
 
 NB = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -36,8 +37,8 @@ def test_every_parameter_of_every_notebook_is_checked_and_its_default_passes(nam
 
 
 @pytest.mark.parametrize("injected, name, message", [
-    ("steps = 1.5", "steps", "an integer >= 1, got 1.5"),
-    ("guidance = 'high'", "guidance", "a number >= 0, got 'high'"),
+    ("steps = 1.5", "steps", "an integer >= 1 or None (the model profile's value), got 1.5"),
+    ("guidance = 'high'", "guidance", "a number >= 0 or None (the model profile's value), got 'high'"),
     ("steps = '10'", "steps", "papermill's -r passes values as text; pass it with -p steps 10"),
     ("strength = 1.5", "strength", "between 0 and 1"),
     ("num_images = True", "num_images", "an integer >= 1, got True"),
@@ -72,7 +73,7 @@ def test_a_failed_segmentation_leaves_nothing_on_disk_so_the_rerun_works(tmp_pat
     broken = tmp_path / "sam_vit_b.pth"
     broken.write_bytes(b"not a checkpoint")
     folder = tmp_path / "session"
-    image = NB.parent / "examples" / "scene_a.png"
+    image = EXAMPLES / "scene_a.png"
     with pytest.raises(Exception):
         create_segmented_session(folder, image, 32, 8, False, "sam", checkpoint=str(broken))
     assert not folder.exists() or not any(folder.iterdir())
@@ -82,7 +83,7 @@ def test_a_failed_segmentation_leaves_nothing_on_disk_so_the_rerun_works(tmp_pat
 
 def test_sampling_keywords_from_python_are_checked_by_name(tmp_path):
     from dedit_nb.notebook import check_edit_params
-    s = Session.create(tmp_path / "s", NB.parent / "examples" / "scene_a.png", resolution=32, multiple=8)
+    s = Session.create(tmp_path / "s", EXAMPLES / "scene_a.png", resolution=32, multiple=8)
     assert check_edit_params(s, "recon", steps=3, eta=0.5).steps == 3
     with pytest.raises(ParameterError, match="parameter 'step': unknown parameter; did you mean 'steps'"):
         check_edit_params(s, "recon", step=3)

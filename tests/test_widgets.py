@@ -455,11 +455,11 @@ def test_gallery_cards_are_readable_in_a_grid(tmp_path):
 
 
 def test_edit_panel_shares_the_selection_and_hides_what_does_not_apply(tmp_path, tiny_model_dirs):
-    from dedit_nb.display import EDIT_DEFAULTS
+    from dedit_nb.display import edit_defaults
     from widgets import EditPanel
     model, s, _ = finetuned_halves(tmp_path, tiny_model_dirs["sd"], ["left", "<b>right</b>"])
     panel = EditPanel(model, s)
-    assert panel.sampling() == EDIT_DEFAULTS
+    assert panel.sampling() == edit_defaults(model) and panel.sampling()["steps"] == 50   # the SD 1.x profile
     panel.strength.value = 0.1 + 0.2                                         # 0.30000000000000004
     assert panel.sampling()["strength"] == 0.3
     panel.canvas.mouse_down(24, 10); panel.canvas.mouse_up(24, 10)           # a click on item 1 in the canvas

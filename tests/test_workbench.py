@@ -13,6 +13,7 @@ from dedit_nb.display import (EDIT_DEFAULTS, ITEM_COLOURS, REGION_COLOURS, edit_
 from dedit_nb.domain import (MIN_RECON_PSNR, RECOMMENDED_MODEL, domain_notes, psnr, reconstruction_note,
                              scene_likeness)
 from dedit_nb.offline.scenes import random_scene
+from dedit_nb.profiles import EXAMPLES
 from dedit_nb.reruns import EDIT_MARKER, choose_folder
 from dedit_nb.session import Session
 
@@ -23,15 +24,17 @@ def test_offline_domain_check_tells_scenes_from_photos(tmp_path):
     rng = np.random.default_rng(5)
     assert min(scene_likeness(random_scene(rng).image) for _ in range(40)) >= 0.85
     for name in ("coffee.jpg", "astronaut.jpg"):
-        assert scene_likeness(np.asarray(Image.open(ROOT / "examples" / name).convert("RGB"))) < 0.4
-    scene = Session.create(tmp_path / "scene", ROOT / "examples" / "scene_a.png", resolution=32, multiple=8)
-    photo = Session.create(tmp_path / "photo", ROOT / "examples" / "coffee.jpg", resolution=32, multiple=8)
+        assert scene_likeness(np.asarray(Image.open(EXAMPLES / name).convert("RGB"))) < 0.4
+    scene = Session.create(tmp_path / "scene", EXAMPLES / "scene_a.png", resolution=32, multiple=8)
+    photo = Session.create(tmp_path / "photo", EXAMPLES / "coffee.jpg", resolution=32, multiple=8)
     assert domain_notes(scene, "offline") == []
     notes = domain_notes(photo, "offline")
     assert len(notes) == 1 and f'model="{RECOMMENDED_MODEL}"' in notes[0] and "coffee" in notes[0]
-    assert "In 02_finetune and 03_edit" in domain_notes(photo, notebook="01_segment")[0]
+    assert "in 01_segment (the working size follows the model), 02_finetune and 03_edit" in \
+        domain_notes(photo, notebook="01_segment")[0]
+    assert "SD 1.x works at 512 px, not 32" in notes[0]            # one source: the SD 1.x profile's size
     assert domain_notes(photo, RECOMMENDED_MODEL) == []             # only the offline model has a known domain
-    grey = np.repeat(np.asarray(Image.open(ROOT / "examples" / "astronaut.jpg").convert("L"))[..., None], 3, -1)
+    grey = np.repeat(np.asarray(Image.open(EXAMPLES / "astronaut.jpg").convert("L"))[..., None], 3, -1)
     assert domain_notes(Session.create(tmp_path / "grey", grey, resolution=32, multiple=8)) != []  # texture counts
 
 
@@ -88,10 +91,10 @@ def test_edit_defaults_are_the_notebook_parameters():
 
 
 def test_rerun_folders_are_numbered_never_overwritten(tmp_path):
-    first = Session.create(tmp_path / "s", ROOT / "examples" / "scene_a.png", resolution=32, multiple=8)
+    first = Session.create(tmp_path / "s", EXAMPLES / "scene_a.png", resolution=32, multiple=8)
     folder, note = choose_folder(tmp_path / "s")
     assert folder == tmp_path / "s-2" and "overwrite=True" in note and str(tmp_path / "s-2") in note
-    Session.create(folder, ROOT / "examples" / "scene_b.png", resolution=32, multiple=8)
+    Session.create(folder, EXAMPLES / "scene_b.png", resolution=32, multiple=8)
     assert choose_folder(tmp_path / "s")[0] == tmp_path / "s-3"
     assert choose_folder(tmp_path / "s", overwrite=True) == (tmp_path / "s", None)
     assert choose_folder(tmp_path / "new") == (tmp_path / "new", None)

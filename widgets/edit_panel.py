@@ -6,7 +6,7 @@ import html
 import ipywidgets as W
 import numpy as np
 
-from dedit_nb.display import EDIT_DEFAULTS, tidy_number
+from dedit_nb.display import edit_defaults, tidy_number
 from dedit_nb.edits import EDIT_KINDS, Editor, run_edit
 from dedit_nb.sampler import SCHEDULERS
 from dedit_nb.session import png_bytes
@@ -36,8 +36,8 @@ class EditPanel(W.VBox):
     """Controls for one session image over a finetuned model; results collect in a gallery.
 
     The item dropdown and the canvas share one selection (the :class:`ItemState`'s ``selected``). The move
-    edit uses the moves dragged in the canvas (and its item-scale slider). Defaults are
-    ``dedit_nb.display.EDIT_DEFAULTS``, the same as 03_edit's parameters cell.
+    edit uses the moves dragged in the canvas (and its item-scale slider). Defaults are the model profile's
+    (``dedit_nb.display.edit_defaults``), as 03_edit's parameters cell resolves them.
     """
 
     def __init__(self, model, session, image=0, display_width: int = 384):
@@ -59,13 +59,13 @@ class EditPanel(W.VBox):
         self.source = W.Dropdown(options=sources, description="source item", style=wide)
         self.moves_hint = W.HTML("<i>drag items in the canvas (move tool); 'item scale' resizes the selected "
                                  "one</i>")
-        d = EDIT_DEFAULTS
+        d = edit_defaults(model)
         size = max(entry.labels.shape)
         self.strength = W.FloatSlider(value=d["strength"], min=0.0, max=1.0, step=0.05, description="strength",
                                       tooltip="share of steps during which the soft band is held to the original")
         self.guidance = W.FloatSlider(value=d["guidance"], min=1.0, max=12.0, step=0.5, description="guidance")
         self.steps = W.IntSlider(value=d["steps"], min=5, max=100, description="steps")
-        self.edge = W.IntSlider(value=d["edge_thickness"], min=0, max=max(8, size // 4), description="soft band",
+        self.edge = W.IntSlider(value=d["edge_thickness"], min=0, max=max(8, size // 4, d["edge_thickness"]), description="soft band",
                                 tooltip="width in pixels of the band around the edit that is blended")
         self.seed = W.IntText(value=d["seed"], description="seed")
         self.num_images = W.IntSlider(value=d["num_images"], min=1, max=8, description="images")
