@@ -31,9 +31,10 @@ EDIT_TIPS = {
     "move": "move / resize items: drag them in the canvas, set 'item scale'",
     "remove": "delete the item; its pixels go to its neighbours and are regenerated",
 }
-# A click that reaches the kernel this soon after an edit finished was queued while it ran: the second click
-# of a double-click, not a request for another edit.
-QUEUED_CLICK_S = 0.5
+# A click that reaches the kernel this soon after an edit finished was queued while it ran (the kernel takes
+# the next message at once): the second click of a double-click, not a request for another edit. Anyone
+# asking for another edit has first seen this one end, which takes longer.
+QUEUED_CLICK_S = 0.1
 
 
 class EditPanel(W.VBox):

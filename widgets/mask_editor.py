@@ -131,7 +131,8 @@ class MaskEditor(W.VBox):
                              continuous_update=False)
         self.coords.add_class(f"{self.css_class}-coords")
         self.apply_coords_button = button("apply", "keyboard-o", "apply the current tool at these image coordinates")
-        self.status = W.HTML(layout=W.Layout(width="100%"))
+        self.status = W.HTML(layout=W.Layout(width="100%", margin="0"))  # one line, cut at the canvas width
+        self.status.add_class(f"{self.css_class}-status")
         self.message = W.HTML()
         self._message_version = -1
         self.undo_button.on_click(lambda _: self.state.undo())
@@ -325,7 +326,8 @@ class MaskEditor(W.VBox):
         else:
             cursor = CURSORS.get(tool, "crosshair")
         self.cursor_style.value = (f"<style>.{self.css_class}, .{self.css_class} canvas {{cursor: {cursor}; "
-                                   f"image-rendering: pixelated}}</style>")
+                                   f"image-rendering: pixelated}} .{self.css_class}-status .widget-html-content "
+                                   f"{{min-width: 0; width: 100%}}</style>")   # lets the status line end in …
 
     def _preview_dot(self, x: float, y: float) -> None:
         r, g, b = item_colour(self.state.selected)
