@@ -21,7 +21,8 @@ def choose_folder(folder: str | os.PathLike, overwrite: bool = False, marker: st
     folder = Path(folder)
     if overwrite or not (folder / marker).exists():
         return folder, None
-    folder = folder.resolve()       # '.' and '..' have no name to number
+    if folder.name in ("", ".", ".."):
+        folder = folder.resolve()   # '.' and '..' have no name to number; other paths stay as the user gave them
     n = 2
     while folder.with_name(f"{folder.name}-{n}").exists():
         n += 1
