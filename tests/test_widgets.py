@@ -835,3 +835,17 @@ def test_item_scale_follows_the_moves_and_polygons_draw_thin(state):
     editor.tool.value = "polygon"
     editor.mouse_down(60, 30); editor.mouse_down(70, 30)
     assert editor.canvas.line_width == 1
+
+
+def test_a_brush_too_large_for_a_cursor_is_outlined_in_the_canvas(state):
+    from widgets.mask_editor import MAX_CURSOR
+    editor = MaskEditor(state, display_width=384)                            # 4 screen px per image pixel
+    drawn = []
+    editor.canvas.stroke_circle = lambda u, v, r: drawn.append((u, v, r))
+    editor.size.value = 10                                                  # 80 px across: a cursor image
+    editor._canvas_move(50, 60)
+    assert "data:image/svg+xml" in editor.cursor_style.value and drawn == []
+    editor.size.value = 20                                                  # 160 px: too large for a cursor
+    assert "data:image/svg+xml" not in editor.cursor_style.value and 2 * 20 * 4 > MAX_CURSOR
+    editor._canvas_move(50, 60)
+    assert drawn == [(50, 60, 80)]                                         # the outline, at the brush's size

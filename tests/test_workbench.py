@@ -196,3 +196,30 @@ def test_02_records_the_reconstruction_psnr_and_03_repeats_it(tmp_path):
     value = psnr(original, noisy.astype(np.uint8))
     notes = edit_notes(Session.open(s.folder), "offline")
     assert any(f"PSNR {value:.1f} dB" in n and f"below {MIN_RECON_PSNR:.0f} dB" in n for n in notes)
+
+
+def test_the_hard_region_reads_on_light_and_dark_themes_and_the_legend_names_each_chip():
+    from dedit_nb.display import REGION_COLOURS
+    from dedit_nb.segment import overlay_figure
+    from dedit_nb.segment.offline import segment_offline
+
+    def luminance(rgb):
+        c = np.asarray(rgb, np.float64) / 255
+        c = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    def contrast(a, b):
+        la, lb = sorted((luminance(a), luminance(b)), reverse=True)
+        return (la + 0.05) / (lb + 0.05)
+
+    for background in ((255, 255, 255), (17, 17, 17)):                     # JupyterLab light, dark
+        assert contrast(REGION_COLOURS[0], background) >= 3                 # WCAG's minimum for graphics
+    image = np.asarray(Image.open(ROOT / "examples" / "scene_a.png").convert("RGB"))
+    figure = overlay_figure(image, segment_offline(image, num_items=3))
+    texts = [t.get_text() for t in figure.axes[1].get_legend().get_texts()]
+    from dedit_nb.display import ITEM_COLOUR_NAMES, item_colour_name
+    from dedit_nb.segment.offline import colour_name
+    assert [t.rsplit("drawn ", 1)[1] for t in texts] == [item_colour_name(k) for k in range(3)]
+    assert len(ITEM_COLOUR_NAMES) == len(ITEM_COLOURS)
+    for k in range(6):                                                        # the names say the chips' colours
+        assert colour_name(ITEM_COLOURS[k]) == ITEM_COLOUR_NAMES[k]

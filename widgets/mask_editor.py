@@ -52,6 +52,7 @@ COORD_HINTS = {
     "move": "dx,dy  (shift of the selected item)",
     "sam": "x,y …  points, or x0,y0,x1,y1 in box mode",
 }
+MAX_CURSOR = 128       # browsers ignore cursor images larger than this; a larger brush is drawn in the canvas
 CURSORS = {"fill": "cell", "polygon": "crosshair", "lasso": "crosshair", "move": "move", "sam": "crosshair"}
 MAX_ZOOM = 16.0
 _ids = itertools.count()
@@ -154,6 +155,7 @@ class MaskEditor(W.VBox):
         self.canvas.on_mouse_down(self._canvas_down)
         self.canvas.on_mouse_move(self._canvas_move)
         self.canvas.on_mouse_up(self._canvas_up)
+        self.canvas.on_mouse_out(lambda u, v: self._draw_brush_outline(None, None) if self.brush_in_canvas else None)
         self._keys = CanvasKeys(self._key_event, canvas_class=self.css_class,
                                 submit_class=f"{self.css_class}-coords")
         self._wheel = self._watch_wheel()
@@ -311,12 +313,17 @@ class MaskEditor(W.VBox):
             self.say(str(exc), error=True)
             return None
 
+    @property
+    def brush_in_canvas(self) -> bool:
+        """True when the brush outline is too large for a cursor image and is drawn in the canvas instead."""
+        return self.tool.value in ("brush", "eraser") and 2 * self.size.value * self.view_scale + 2 > MAX_CURSOR
+
     def _update_cursor(self) -> None:
         """A CSS cursor: the brush outline at its current size on screen, else a tool cursor."""
         tool = self.tool.value
         if self._space:
             cursor = "grab"
-        elif tool in ("brush", "eraser") and 2 * self.size.value * self.view_scale + 2 <= 128:
+        elif tool in ("brush", "eraser") and not self.brush_in_canvas:
             d = 2 * self.size.value * self.view_scale
             n = int(np.ceil(d)) + 2
             svg = (f"<svg xmlns='http://www.w3.org/2000/svg' width='{n}' height='{n}'>"
@@ -346,7 +353,21 @@ class MaskEditor(W.VBox):
             self.pan_by(self._panning[0] - u, self._panning[1] - v)
             self._panning = (u, v)
             return
+        if not self._pressed and self.brush_in_canvas:
+            self._draw_brush_outline(u, v)
         self.mouse_move(*self.to_image(u, v))
+
+    def _draw_brush_outline(self, u: float | None, v: float | None) -> None:
+        """The brush's outline around the pointer (none once it left), in the canvas (the view is redrawn from
+        the image already in the page: nothing but the drawing commands travels)."""
+        with hold_canvas(self.canvas):
+            self.canvas.clear()
+            self.canvas.draw_image(self.frame, 0, 0)
+            if u is None:
+                return
+            self.canvas.line_width = 1.5
+            self.canvas.stroke_style = "white"
+            self.canvas.stroke_circle(u, v, self.size.value * self.view_scale)
 
     def _canvas_up(self, u: float, v: float) -> None:
         if self._panning is not None:
