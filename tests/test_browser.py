@@ -126,6 +126,12 @@ LAYOUT_PROBLEMS = """root => {
 }"""
 
 
+def screenshot(page, element, path: str) -> None:
+    """``element`` as a user sees it, without JupyterLab's news toast over it."""
+    page.evaluate("() => document.querySelectorAll('.Toastify').forEach(el => el.remove())")
+    element.screenshot(path=path)
+
+
 def layout_problems(page, output, widths=(900, 1500)) -> dict:
     """LAYOUT_PROBLEMS of ``output`` with the window at each width (JupyterLab's default panels open)."""
     found = {}
@@ -259,7 +265,7 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
         page.wait_for_timeout(1500)
         assert "unsaved changes" in output.locator(".dedit-status").inner_text()
         if os.environ.get("DEDIT_SCREENSHOT"):
-            output.screenshot(path=os.environ["DEDIT_SCREENSHOT"])
+            screenshot(page, output, os.environ["DEDIT_SCREENSHOT"])
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         page.mouse.wheel(0, -300)
         page.wait_for_timeout(1000)
@@ -321,7 +327,7 @@ def test_edit_panel_in_jupyterlab(jupyter, tmp_path, tiny_model_dirs):
                                "document.querySelector('.dedit-status').textContent)", timeout=10_000)
         assert layout_problems(page, output.first) == {}
         if os.environ.get("DEDIT_PANEL_SCREENSHOT"):
-            output.first.screenshot(path=os.environ["DEDIT_PANEL_SCREENSHOT"])
+            screenshot(page, output.first, os.environ["DEDIT_PANEL_SCREENSHOT"])
         output.locator(".widget-toggle-buttons button:has-text('remove')").click()
         page.wait_for_timeout(800)
         assert not prompt.is_visible()                                       # no prompt for a remove

@@ -292,7 +292,8 @@ class MaskEditor(W.VBox):
         else:
             saved = " · <span class='dedit-clean' style='color:#2e7d32'>saved</span>"
         pending = f" · pending moves: {html.escape(moves)}" if moves and self.show_moves else ""
-        line = (f"tool <b class='dedit-tool'>{tool}{detail}</b> · item {k} "
+        tool_part = f"tool <b class='dedit-tool'>{tool}{detail}</b> · " if len(self.tool.options) > 1 else ""
+        line = (f"{tool_part}item {k} "
                 f"<span style='display:inline-block;width:10px;height:10px;background:rgb({r},{g},{b})'></span> "
                 f"<b>{html.escape(state.names[k])}</b> ({state.areas()[k]} px) · zoom ×{self.zoom:g}{saved}{pending}")
         whole = re.sub(r"<[^>]*>", "", line)         # the tooltip: the same line as text (still escaped)
