@@ -849,3 +849,19 @@ def test_a_brush_too_large_for_a_cursor_is_outlined_in_the_canvas(state):
     assert "data:image/svg+xml" not in editor.cursor_style.value and 2 * 20 * 4 > MAX_CURSOR
     editor._canvas_move(50, 60)
     assert drawn == [(50, 60, 80)]                                         # the outline, at the brush's size
+
+
+def test_an_editor_on_another_session_object_of_the_folder_is_refused_too(tmp_path):
+    """As between a notebook editor and another kernel or a batch: the session's own change check refuses."""
+    Session.create(tmp_path / "s", data.coffee(), resolution=64, multiple=8)
+    first, second = ItemsEditor(Session.open(tmp_path / "s")), ItemsEditor(Session.open(tmp_path / "s"))
+    first.state.add_item("cup")
+    first.editor.mouse_down(20, 20); first.editor.mouse_up(20, 20)
+    assert first.save() and "changed since" in second.editor.status.value
+    second.state.rename(0, "whole")
+    on_disk = (tmp_path / "s" / "session.json").read_bytes()
+    assert not second.save() and "changed by another process" in second.message.value
+    assert (tmp_path / "s" / "session.json").read_bytes() == on_disk
+    assert second.reload() and second.state.names == ["image", "cup"]      # from the folder, not its old object
+    second.state.rename(0, "whole")
+    assert second.save() and [i.label for i in Session.open(tmp_path / "s").images[0].items] == ["whole", "cup"]
