@@ -130,3 +130,99 @@ def test_item_thumbnails_show_each_item_as_it_is_in_the_photo():
     assert np.array_equal(small[own], image[own])
     assert (small[other].astype(int) >= image[other]).all() and (small[other] > image[other]).any()
     assert np.abs(small[other].astype(int) - (image[other] * 0.25 + 255 * 0.75).round()).max() <= 1
+
+
+# --- what the notebooks say between their steps (issue 23.3, 23.4, 23.9) ------------------------------------
+
+def test_a_rerun_note_names_the_session_dir_for_02_and_03_as_the_user_wrote_it(tmp_path, monkeypatch):
+    from dedit_nb.notebook import choose_session_folder
+    monkeypatch.chdir(tmp_path)
+    Session.create(Path("runs/s"), EXAMPLES / "scene_a.png", resolution=32, multiple=8)
+    folder, note = choose_session_folder("runs/s")
+    assert folder == Path("runs/s-2")                                    # relative, as given
+    assert 'set session_dir="runs/s-2"' in note and "02_finetune and 03_edit" in note
+    assert str(tmp_path) not in note                                     # no absolute path for a relative one
+    assert choose_session_folder("runs/new") == (Path("runs/new"), None)
+
+
+def test_03_refuses_a_session_that_is_not_finetuned_before_loading_a_model(tmp_path):
+    from dedit_nb.notebook import ParameterError, check_finetuned
+    s = Session.create(tmp_path / "s", EXAMPLES / "scene_a.png", resolution=32, multiple=8)
+    with pytest.raises(ParameterError, match="run 02_finetune on it first"):
+        check_finetuned(s)
+
+
+def test_02_stops_on_a_photo_unless_forced_and_errors_are_one_line(tmp_path):
+    from dedit_nb.notebook import NotebookStop, ParameterError, check_domain, check_values, NOTEBOOK_PARAMETERS
+    photo = Session.create(tmp_path / "photo", EXAMPLES / "coffee.jpg", resolution=32, multiple=8)
+    scene = Session.create(tmp_path / "scene", EXAMPLES / "scene_a.png", resolution=32, multiple=8)
+    assert check_domain([scene], "offline") == []
+    with pytest.raises(NotebookStop, match="stopped before training.*force=True") as stop:
+        check_domain([scene, photo], "offline")
+    assert len(stop.value._render_traceback_()) == 1                      # one line in a notebook, no traceback
+    assert len(check_domain([photo], "offline", force=True)) == 1         # forced: the note, then training
+    assert check_domain([photo], "offline", notebook="03_edit")            # 03 repeats it without stopping
+    with pytest.raises(ParameterError) as bad:
+        check_values(NOTEBOOK_PARAMETERS["03_edit"], {"steps": "10"})       # typed in a notebook, not papermill
+    assert "-p" not in str(bad.value) and len(bad.value._render_traceback_()) == 1
+
+
+def test_an_interrupted_finetune_ends_in_one_line_saying_where_it_saved(tmp_path, tiny_model_dirs, monkeypatch):
+    from dedit_nb import FinetuneConfig, load_model
+    from dedit_nb import notebook as nbk
+    model = load_model(str(tiny_model_dirs["offline"]))
+    s = Session.create(tmp_path / "s", EXAMPLES / "scene_a.png", resolution=32, multiple=8)
+    config = FinetuneConfig(num_tokens=1, stage1_steps=2, stage2_steps=4)
+    real = nbk.finetune
+
+    def interrupted(*args, **kwargs):
+        def stop(stage, step, loss):                                      # the kernel's stop button at stage 2
+            if stage == "stage2" and step == 2:
+                raise KeyboardInterrupt
+        return real(*args, callback=stop, progress=False, **kwargs)
+
+    monkeypatch.setattr(nbk, "finetune", interrupted)
+    with pytest.raises(nbk.NotebookStop) as stop:
+        nbk.finetune_in_notebook(model, s, config)
+    state = Session.open(s.folder).finetune_state
+    assert f"saved at stage {state['stage']} step {state['step']}; run the cell again to resume" in str(stop.value)
+    monkeypatch.setattr(nbk, "finetune", real)
+    assert nbk.finetune_in_notebook(model, Session.open(s.folder), config).completed   # and it resumes
+
+
+def test_02_records_the_reconstruction_psnr_and_03_repeats_it(tmp_path):
+    from dedit_nb.notebook import edit_notes, record_reconstruction
+    s = Session.create(tmp_path / "s", EXAMPLES / "scene_a.png", resolution=32, multiple=8)
+    original = s.images[0].working
+    noisy = np.clip(original.astype(int) + np.random.default_rng(0).integers(-120, 120, original.shape), 0, 255)
+    assert record_reconstruction(s, original, noisy.astype(np.uint8), "offline") is not None   # far: warned
+    value = psnr(original, noisy.astype(np.uint8))
+    notes = edit_notes(Session.open(s.folder), "offline")
+    assert any(f"PSNR {value:.1f} dB" in n and f"below {MIN_RECON_PSNR:.0f} dB" in n for n in notes)
+
+
+def test_the_hard_region_reads_on_light_and_dark_themes_and_the_legend_names_each_chip():
+    from dedit_nb.display import REGION_COLOURS
+    from dedit_nb.segment import overlay_figure
+    from dedit_nb.segment.offline import segment_offline
+
+    def luminance(rgb):
+        c = np.asarray(rgb, np.float64) / 255
+        c = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    def contrast(a, b):
+        la, lb = sorted((luminance(a), luminance(b)), reverse=True)
+        return (la + 0.05) / (lb + 0.05)
+
+    for background in ((255, 255, 255), (17, 17, 17)):                     # JupyterLab light, dark
+        assert contrast(REGION_COLOURS[0], background) >= 3                 # WCAG's minimum for graphics
+    image = np.asarray(Image.open(EXAMPLES / "scene_a.png").convert("RGB"))
+    figure = overlay_figure(image, segment_offline(image, num_items=3))
+    texts = [t.get_text() for t in figure.axes[1].get_legend().get_texts()]
+    from dedit_nb.display import ITEM_COLOUR_NAMES, item_colour_name
+    from dedit_nb.segment.offline import colour_name
+    assert [t.rsplit("drawn ", 1)[1] for t in texts] == [item_colour_name(k) for k in range(3)]
+    assert len(ITEM_COLOUR_NAMES) == len(ITEM_COLOURS)
+    for k in range(6):                                                        # the names say the chips' colours
+        assert colour_name(ITEM_COLOURS[k]) == ITEM_COLOUR_NAMES[k]
