@@ -1,4 +1,6 @@
 """Widgets driven through their public methods and simulated canvas events; masks checked exactly."""
+from html.parser import HTMLParser
+
 import numpy as np
 import pytest
 import torch
@@ -451,6 +453,38 @@ def test_gallery_cards_are_readable_in_a_grid(tmp_path):
     legend = "".join(_html_values(card))
     for rgb in REGION_COLOURS:
         assert "rgb({},{},{})".format(*rgb) in legend
+
+
+class _Tags(HTMLParser):
+    """The start tags of an HTML fragment, each with its attributes (unescaped, as a browser reads them)."""
+
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.feed(fragment)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_a_card_tooltip_keeps_hostile_labels_and_prompts_inside_its_attribute(tmp_path):
+    """The card title's tooltip carries the item label and prompt in a quoted attribute: a quote in them must
+    not close it and open attributes of its own (escaped in element text only is not enough there)."""
+    from dedit_nb.display import edit_summary
+    from dedit_nb.edits import EditResult
+    s = Session.create(tmp_path / "s", data.coffee(), resolution=32, multiple=8)
+    original = s.images[0].working
+    params = {"item": "cup' onmouseover='alert(1)", "prompt": 'a "bag" onclick="alert(2)" <script>',
+              "source_item": "x'/><img src=x onerror=alert(3)>"}
+    regions = M.edit_regions(np.eye(*original.shape[:2], dtype=bool), 1)
+    card = ResultGallery(s).add(EditResult("image", [original], original, s.images[0].labels, regions,
+                                           {"kind": "image", "params": params}))
+    tags = _Tags(card.title.value).tags
+    assert [tag for tag, _ in tags] == ["div", "b"]
+    attributes = tags[0][1]
+    assert set(attributes) == {"class", "title", "style"}
+    assert attributes["title"] == edit_summary("image", params)
+    assert "onmouseover='alert(1)" in attributes["title"] and 'onclick="alert(2)"' in attributes["title"]
 
 
 def test_edit_panel_shares_the_selection_and_hides_what_does_not_apply(tmp_path, tiny_model_dirs):
