@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from dedit_nb.profiles import EXAMPLES
 from dedit_nb.notebook import NOTEBOOK_PARAMETERS, ParameterError, check_parameters, create_segmented_session
 from dedit_nb.session import Session
 from dedit_nb.profiles import EXAMPLES
@@ -133,7 +134,7 @@ def test_the_maximums_strength_1_and_eta_1_pass_the_notebook_check_and_the_api(t
     from dedit_nb.notebook import check_edit_params
     from dedit_nb.sampler import SamplingConfig
     assert ("03_edit", "strength") in {(nb, name) for nb, name, check in BOUNDED if check.high == 1}
-    s = Session.create(tmp_path / "s", NB.parent / "examples" / "scene_a.png", resolution=32, multiple=8)
+    s = Session.create(tmp_path / "s", EXAMPLES / "scene_a.png", resolution=32, multiple=8)
     lowest = dict(steps=1, guidance=0.0, edge_thickness=0, seed=0, num_images=1)
     config = check_edit_params(s, "recon", strength=1.0, eta=1.0, **lowest)
     assert (config.strength, config.eta, config.steps, config.edge_thickness) == (1.0, 1.0, 1, 0)
