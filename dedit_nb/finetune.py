@@ -98,7 +98,8 @@ def flatten_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tenso
     flat = {}
     for idx, state in opt.state_dict()["state"].items():
         for key, value in state.items():
-            flat[f"{idx}.{key}"] = torch.as_tensor(value).reshape(-1).clone()
+            # straight to the CPU: a clone on the GPU first would hold a second copy of both AdamW moments
+            flat[f"{idx}.{key}"] = torch.as_tensor(value).detach().reshape(-1).to("cpu", copy=True)
     return flat
 
 

@@ -1,0 +1,600 @@
+"""GPU memory known before training: the peak CUDA memory of each phase, predicted on any machine.
+
+The model is built on PyTorch's ``meta`` device from its configs (no weights, no GPU) and the project's own
+finetune and edit code runs on it, under a :class:`~torch.utils._python_dispatch.TorchDispatchMode` that
+counts the bytes of every live storage from the op that creates it to its last reference (a weakref
+finalizer on the storage). What runs is what CUDA would run:
+
+- attention goes to the kernel CUDA picks for the card and dtype: memory-efficient attention (it keeps a
+  log-sum-exp, not the attention matrix, for the backward pass) for fp16 and fp32, and for bf16 on cards of
+  compute capability 8 or more; bf16 on a T4 (7.5) has no fused kernel and runs the math path, which holds
+  the attention matrix;
+- AdamW takes its CUDA implementation (``foreach``, with its temporaries);
+- integer and bool tensors stay real CPU tensors, so data-dependent code (item layouts, token ids) runs;
+  ``.item()`` of a meta tensor reads 0 (a finite loss, no overflow for the gradient scaler);
+- a simulation of CUDA's caching allocator (blocks rounded to 512 B, small blocks in 2 MiB segments,
+  1-10 MiB ones in 20 MiB segments, larger ones in segments rounded to 2 MiB, best fit with splitting)
+  turns the allocations into reserved memory;
+- cuDNN convolutions get a transient workspace of 1.5 x (input + output) bytes in half precision, 1 x in
+  fp32 (a fitted allowance: cuDNN picks its algorithm at run time).
+
+The lower bound is the peak of allocated tensor bytes (what ``torch.cuda.max_memory_allocated`` reports);
+the upper bound is the peak of reserved memory with the workspaces (what ``nvidia-smi`` shows, less the
+CUDA context). The CUDA context itself (about 0.3-0.5 GiB) is outside both, as ``mem_get_info``'s free
+memory already excludes it.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+aten = torch.ops.aten
+MiB = 2 ** 20
+GiB = 2 ** 30
+T4 = (7, 5)   # compute capability of Colab's smallest GPU: the assumption unless told otherwise
+
+
+def _discrete(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA's caching allocator, simulated
+# ---------------------------------------------------------------------------------------------------------
+
+class CachingAllocator:
+    """Allocated and reserved bytes as CUDA's caching allocator would have them (segments are never given
+    back to the device: reserved only grows, as without ``empty_cache``)."""
+
+    SMALL = MiB                   # requests up to this size share 2 MiB segments
+    SMALL_SEGMENT = 2 * MiB
+    MEDIUM_SEGMENT = 20 * MiB     # requests below 10 MiB get a 20 MiB segment
+    ROUND_LARGE = 2 * MiB
+
+    def __init__(self):
+        self.allocated = self.reserved = self.peak_allocated = self.peak_reserved = 0
+        self._free = {True: [], False: []}   # per pool (small or not): sorted (size, segment, offset)
+        self._segments: list[tuple[bool, list[int], dict[int, list]]] = []   # (small, offsets, offset -> [size, free])
+
+    @staticmethod
+    def rounded(nbytes: int) -> int:
+        return max(512, -(-nbytes // 512) * 512)
+
+    def malloc(self, nbytes: int) -> tuple[int, int]:
+        """A block for ``nbytes``: best fit among the free blocks of its pool, else a new segment."""
+        size = self.rounded(nbytes)
+        small = size <= self.SMALL
+        free = self._free[small]
+        i = bisect.bisect_left(free, (size, -1, -1))
+        if i < len(free):
+            block_size, segment, offset = free.pop(i)
+        else:
+            if small:
+                block_size = self.SMALL_SEGMENT
+            elif size < 10 * MiB:
+                block_size = self.MEDIUM_SEGMENT
+            else:
+                block_size = -(-size // self.ROUND_LARGE) * self.ROUND_LARGE
+            segment, offset = len(self._segments), 0
+            self._segments.append((small, [0], {0: [block_size, True]}))
+            self.reserved += block_size
+            self.peak_reserved = max(self.peak_reserved, self.reserved)
+        _, offsets, blocks = self._segments[segment]
+        rest = block_size - size
+        if rest >= (512 if small else MiB + 1):   # a large block is split only when over 1 MiB would remain
+            bisect.insort(offsets, offset + size)
+            blocks[offset + size] = [rest, True]
+            bisect.insort(free, (rest, segment, offset + size))
+            block_size = size
+        blocks[offset] = [block_size, False]
+        self.allocated += block_size
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        return segment, offset
+
+    def free(self, block: tuple[int, int]) -> None:
+        """Give a block back to its segment, merged with free neighbours."""
+        segment, offset = block
+        small, offsets, blocks = self._segments[segment]
+        free = self._free[small]
+        size = blocks[offset][0]
+        self.allocated -= size
+        i = bisect.bisect_left(offsets, offset)
+        if i + 1 < len(offsets) and blocks[offsets[i + 1]][1]:
+            after = offsets.pop(i + 1)
+            _remove(free, (blocks[after][0], segment, after))
+            size += blocks.pop(after)[0]
+        if i > 0 and blocks[offsets[i - 1]][1]:
+            before = offsets[i - 1]
+            _remove(free, (blocks[before][0], segment, before))
+            offsets.pop(i)
+            del blocks[offset]
+            offset, size = before, size + blocks[before][0]
+        blocks[offset] = [size, True]
+        bisect.insort(free, (size, segment, offset))
+
+
+def _remove(ordered: list, key: tuple) -> None:
+    ordered.pop(bisect.bisect_left(ordered, key))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Live storages of meta tensors
+# ---------------------------------------------------------------------------------------------------------
+
+_FACTORIES = {aten.empty.memory_format, aten.empty_strided.default, aten.zeros.default, aten.ones.default,
+              aten.full.default, aten.arange.default, aten.arange.start, aten.arange.start_step,
+              aten.randint.low, aten.randint.default, aten.scalar_tensor.default}
+_CONVOLUTIONS = {aten.convolution.default, aten.convolution_backward.default}
+
+
+def _is_meta(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.device.type == "meta"
+
+
+class DeviceMemory(TorchDispatchMode):
+    """Counts the device memory that the ops run under it would hold, treating the ``meta`` device as the GPU.
+
+    Every meta storage is allocated in a :class:`CachingAllocator` when an op creates it and freed when its
+    last reference goes. ``adopt`` counts tensors that existed before (the weights). Integer and bool
+    results stay real CPU tensors; copies of meta tensors to the CPU give placeholders (zeros, or
+    uninitialised for big ones: never written, so never paged in). ``workspace`` is the cuDNN allowance per
+    convolution, as a share of its input + output bytes, by dtype.
+    """
+
+    def __init__(self, workspace: dict[torch.dtype, float] | None = None):
+        super().__init__()
+        self.allocator = CachingAllocator()
+        self.workspace = {torch.float16: 1.5, torch.bfloat16: 1.5, torch.float32: 1.0} if workspace is None \
+            else workspace
+        self._live: dict[int, tuple[int, int]] = {}   # storage key -> allocator block
+        self.tensor_bytes = self.peak_tensor_bytes = 0
+        self.peak_with_workspace = 0
+        self._weights: set[int] = set()   # keys of adopted storages
+        self.weight_bytes = 0
+        self.at_peak = (0, 0, "")          # (weight bytes, other bytes, op) when the tensor peak was reached
+        self._op = ""
+
+    # --- accounting ----------------------------------------------------------------------------------
+    def adopt(self, tensors) -> None:
+        """Count tensors made before (a model's weights) from now on."""
+        for t in tensors:
+            self._track(t, weight=True)
+
+    def _track(self, t, weight: bool = False) -> None:
+        if not _is_meta(t):
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._live:
+            return
+        nbytes = storage.nbytes()
+        self._live[key] = (self.allocator.malloc(nbytes), nbytes)
+        self.tensor_bytes += nbytes
+        if weight:
+            self._weights.add(key)
+            self.weight_bytes += nbytes
+        if self.tensor_bytes > self.peak_tensor_bytes:
+            self.peak_tensor_bytes = self.tensor_bytes
+            self.at_peak = (self.weight_bytes, self.tensor_bytes - self.weight_bytes, self._op)
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        block, nbytes = self._live.pop(key)
+        self.allocator.free(block)
+        self.tensor_bytes -= nbytes
+        if key in self._weights:
+            self._weights.discard(key)
+            self.weight_bytes -= nbytes
+
+    @property
+    def allocated(self) -> int:
+        return self.allocator.allocated
+
+    def reset_peaks(self) -> None:
+        """Start a new phase: peaks from what is live now."""
+        a = self.allocator
+        a.peak_allocated, a.peak_reserved = a.allocated, a.reserved
+        self.peak_tensor_bytes = self.tensor_bytes
+        self.peak_with_workspace = a.reserved
+        self.at_peak = (self.weight_bytes, self.tensor_bytes - self.weight_bytes, "")
+
+    @property
+    def lower(self) -> int:
+        return self.allocator.peak_allocated
+
+    @property
+    def upper(self) -> int:
+        return max(self.allocator.peak_reserved, self.peak_with_workspace)
+
+    # --- dispatch ------------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten._local_scalar_dense.default and _is_meta(args[0]):
+            return False if args[0].dtype == torch.bool else 0
+        if func is aten._to_copy.default:
+            placeholder = self._cross_device_copy(args[0], kwargs)
+            if placeholder is not None:
+                return placeholder
+        if func is aten.copy_.default and not _is_meta(args[0]) and _is_meta(args[1]):
+            return args[0]            # a CPU tensor filled from a meta one: its values are not known
+        if func in _FACTORIES and _is_meta_device(kwargs.get("device")) and _discrete(_dtype_of(func, args, kwargs)):
+            kwargs = {**kwargs, "device": torch.device("cpu")}
+            return func(*args, **kwargs)
+        flat = [a for a in _leaves(args, kwargs) if isinstance(a, torch.Tensor)]
+        if any(_is_meta(a) for a in flat):
+            args, kwargs = tree_map(_to_meta, (args, kwargs))
+        if func in _CONVOLUTIONS:
+            self._workspace(func, args)
+        self._op = func.__name__
+        out = func(*args, **kwargs)
+        if any(_is_meta(a) for a in flat):
+            out = tree_map(_real_discrete, out) if func._schema.is_mutable is False else out
+        for t in _leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def _cross_device_copy(self, src: torch.Tensor, kwargs: dict):
+        device, dtype = kwargs.get("device"), kwargs.get("dtype") or src.dtype
+        if _is_meta(src) and device is not None and torch.device(device).type == "cpu":
+            return _placeholder(src.shape, dtype)
+        if not _is_meta(src) and _is_meta_device(device) and _discrete(dtype):
+            return src.to(dtype=dtype, copy=True)
+        return None
+
+    def _workspace(self, func, args) -> None:
+        x, w = args[0], args[1]
+        share = self.workspace.get(x.dtype, 1.0)
+        if func is aten.convolution.default:
+            out_bytes = _conv_output_numel(x, w, args[3], args[4], args[5]) * x.element_size()
+            nbytes = int(share * (x.numel() * x.element_size() + out_bytes))
+        else:   # backward: the output gradient in, the input gradient out
+            nbytes = int(share * (args[0].numel() + args[1].numel()) * x.element_size())
+        if nbytes:
+            block = self.allocator.malloc(nbytes)
+            self.peak_with_workspace = max(self.peak_with_workspace, self.allocator.reserved)
+            self.allocator.free(block)
+
+
+def _leaves(*trees):
+    from torch.utils._pytree import tree_leaves
+    return tree_leaves(trees)
+
+
+def _is_meta_device(device) -> bool:
+    return device is not None and torch.device(device).type == "meta"
+
+
+def _dtype_of(func, args, kwargs) -> torch.dtype:
+    dtype = kwargs.get("dtype")
+    if dtype is not None:
+        return dtype
+    if func is aten.full.default:
+        return torch.int64 if isinstance(args[1], (int, bool)) and not isinstance(args[1], float) else torch.float32
+    if func in (aten.arange.default, aten.arange.start, aten.arange.start_step):
+        return torch.int64 if all(isinstance(a, int) for a in args) else torch.float32
+    if func in (aten.randint.low, aten.randint.default):
+        return torch.int64
+    return torch.get_default_dtype()
+
+
+def _to_meta(x):
+    if isinstance(x, torch.Tensor) and not _is_meta(x):
+        return x.to("meta")
+    return x
+
+
+def _real_discrete(x):
+    """A discrete meta result as a real CPU tensor (zeros: no overflow, nothing found)."""
+    if _is_meta(x) and _discrete(x.dtype):
+        return torch.zeros(x.shape, dtype=x.dtype)
+    return x
+
+
+def _placeholder(shape, dtype) -> torch.Tensor:
+    numel = math.prod(shape)
+    if numel * torch.empty((), dtype=dtype).element_size() > 64 * MiB:
+        return torch.empty(shape, dtype=dtype)
+    return torch.zeros(shape, dtype=dtype)
+
+
+def _conv_output_numel(x, w, stride, padding, dilation) -> int:
+    n = x.shape[0] * w.shape[0]
+    for size, k, s, p, d in zip(x.shape[2:], w.shape[2:], stride, padding, dilation):
+        n *= (size + 2 * p - d * (k - 1) - 1) // s + 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models on the meta device
+# ---------------------------------------------------------------------------------------------------------
+
+_SD_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
+           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+           "norm_num_groups": 32, "in_channels": 3, "out_channels": 3, "act_fn": "silu"}
+_CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+           "hidden_act": "quick_gelu", "projection_dim": 768, "vocab_size": 49408, "max_position_embeddings": 77}
+_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+              "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon"}
+
+# The published configs (diffusers / transformers config.json) of the three families, as far as they set sizes.
+FAMILIES = {
+    "sd15": {
+        "family": "sd",
+        "unet": {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 768,
+                 "attention_head_dim": 8, "sample_size": 64, "in_channels": 4, "out_channels": 4,
+                 "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3},
+        "vae": {**_SD_VAE, "sample_size": 512, "scaling_factor": 0.18215},
+        "text": [(_CLIP_L, -1, False)],
+        "scheduler": _SCHEDULER,
+    },
+    "sd21": {
+        "family": "sd",
+        "unet": {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 1024,
+                 "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True, "upcast_attention": True,
+                 "sample_size": 96, "in_channels": 4, "out_channels": 4,
+                 "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3},
+        "vae": {**_SD_VAE, "sample_size": 768, "scaling_factor": 0.18215},
+        "text": [({"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+                   "num_attention_heads": 16, "hidden_act": "gelu", "projection_dim": 512, "vocab_size": 49408,
+                   "max_position_embeddings": 77}, -1, False)],
+        "scheduler": {**_SCHEDULER, "prediction_type": "v_prediction"},
+    },
+    "sdxl": {
+        "family": "sdxl",
+        "unet": {"block_out_channels": [320, 640, 1280], "layers_per_block": 2, "cross_attention_dim": 2048,
+                 "attention_head_dim": [5, 10, 20], "transformer_layers_per_block": [1, 2, 10],
+                 "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                 "projection_class_embeddings_input_dim": 2816, "sample_size": 128, "in_channels": 4,
+                 "out_channels": 4, "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
+                 "up_block_types": ["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"]},
+        "vae": {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+        "text": [(_CLIP_L, -2, False),
+                 ({"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+                   "hidden_act": "gelu", "projection_dim": 1280, "vocab_size": 49408,
+                   "max_position_embeddings": 77}, -2, True)],
+        "scheduler": _SCHEDULER,
+        "zero_uncond": True,
+    },
+}
+
+
+def _folder_spec(folder: str) -> dict:
+    """A local diffusers folder's configs in the form of :data:`FAMILIES` (its tokenizers are not read)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoConfig
+    from .models import _model_index, _scheduler_config, model_family
+    index = _model_index(folder)
+    family = model_family(index)
+    if family == "offline":
+        raise ValueError("the offline model is a pixel-space demo model with its own encoder: estimate SD models "
+                         "(sd15, sd21, sdxl or their folders)")
+    text = [(AutoConfig.from_pretrained(folder, subfolder="text_encoder").to_dict(), -2 if family == "sdxl" else -1,
+             False)]
+    if family == "sdxl":
+        text.append((AutoConfig.from_pretrained(folder, subfolder="text_encoder_2").to_dict(), -2, True))
+    return {"family": family, "unet": dict(UNet2DConditionModel.load_config(folder, subfolder="unet")),
+            "vae": dict(AutoencoderKL.load_config(folder, subfolder="vae")), "text": text,
+            "scheduler": _scheduler_config(folder, index),
+            "zero_uncond": bool(index.get("force_zeros_for_empty_prompt", False))}
+
+
+def meta_model(model: str, dtype: str | torch.dtype = "fp16"):
+    """A :class:`~dedit_nb.models.DEditModel` of a family (``sd15``, ``sd21``, ``sdxl``) or a local diffusers
+    folder, built on the meta device in ``dtype`` (the VAE's dtype chosen as :func:`load_model` does). Its
+    tokenizers are byte-level stand-ins: prompts are padded to fixed lengths, so shapes are the real ones."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from .models import DEditModel, EncoderSlot, TextConditioner, _tiny_clip_tokenizer, pick_dtype, vae_dtype
+    spec = FAMILIES[model] if model in FAMILIES else _folder_spec(model)
+    from diffusers.utils import logging as diffusers_logging
+    dt = pick_dtype(torch.device("cuda"), dtype)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()   # its advice on casting with to() is for loaded weights
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(spec["unet"]).to(dt)
+        vae = AutoencoderKL.from_config(spec["vae"])
+        vae.to(vae_dtype(spec["family"], dict(vae.config), dt))
+        slots = []
+        for config, hidden_layer, pooled in spec["text"]:
+            cls = CLIPTextModelWithProjection if pooled else CLIPTextModel
+            config = CLIPTextConfig(**{k: v for k, v in config.items() if k in CLIPTextConfig().to_dict()})
+            slots.append(EncoderSlot(_tiny_clip_tokenizer(), cls(config).to(dt), hidden_layer=hidden_layer,
+                                     gives_pooled=pooled))
+    diffusers_logging.set_verbosity(verbosity)
+    text = TextConditioner(slots, added_time_ids=spec["family"] == "sdxl")
+    return DEditModel(str(model), spec["family"], unet, spec["scheduler"], text, vae=vae,
+                      device=torch.device("meta"), dtype=dt, zero_uncond=spec.get("zero_uncond", False))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention and AdamW as CUDA runs them
+# ---------------------------------------------------------------------------------------------------------
+
+def attention_kernel(dtype: torch.dtype, capability: tuple[int, int] = T4) -> str:
+    """The SDPA kernel CUDA picks for grouped and self-attention: 'efficient' (memory-efficient or flash: both
+    keep only a log-sum-exp for the backward pass) or 'math' (the attention matrix): bf16 needs compute
+    capability 8.0 for both fused kernels."""
+    return "math" if dtype == torch.bfloat16 and tuple(capability) < (8, 0) else "efficient"
+
+
+class _CudaAttention(torch.overrides.TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` to the aten kernel CUDA would run."""
+
+    def __init__(self, kernel: str):
+        super().__init__()
+        self.kernel = kernel
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        query, key, value = args[:3]
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        if mask is not None and mask.dtype == torch.bool:   # CUDA turns a bool mask into an additive bias
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~mask.to(query.device), float("-inf"))
+        if self.kernel == "math":
+            return aten._scaled_dot_product_attention_math(query, key, value, mask)[0]
+        if mask is not None:
+            mask = mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        return aten._scaled_dot_product_efficient_attention(query, key, value, mask, grad)[0]
+
+
+@contextlib.contextmanager
+def _cuda_optimizers():
+    """torch.optim's CUDA defaults (``foreach`` AdamW) for parameters on the meta device."""
+    from torch.optim import optimizer
+    cuda_devices = optimizer._get_foreach_kernels_supported_devices
+    optimizer._get_foreach_kernels_supported_devices = lambda: [*cuda_devices(), "meta"]
+    try:
+        yield
+    finally:
+        optimizer._get_foreach_kernels_supported_devices = cuda_devices
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The estimate
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Phase:
+    """Predicted peak of one phase, in bytes: ``lower`` (tensors only), ``upper`` (reserved memory with the
+    convolution workspaces), and what is live at the lower peak by kind."""
+
+    name: str
+    lower: int
+    upper: int
+    weights: int
+    dominant: str
+
+    def row(self) -> str:
+        return f"{self.name:<10} {self.lower / GiB:7.2f} {self.upper / GiB:7.2f}   {self.dominant}"
+
+
+@dataclass
+class Estimate:
+    """The predicted peaks of the phases of a run (load, stage 1, stage 2, edit) and what was assumed."""
+
+    phases: list[Phase]
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def peak(self) -> Phase:
+        return max(self.phases, key=lambda p: p.upper)
+
+    def phase(self, name: str) -> Phase:
+        return next(p for p in self.phases if p.name == name)
+
+    def table(self) -> str:
+        head = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        lines = [f"predicted peak CUDA memory ({head})", f"{'phase':<10} {'lower':>7} {'upper':>7}   GiB; dominated by"]
+        return "\n".join(lines + [p.row() for p in self.phases])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _dominant(memory: DeviceMemory) -> str:
+    weights, other, op = memory.at_peak
+    what = f"weights {weights / GiB:.2f} + activations, gradients, optimizer {other / GiB:.2f} GiB"
+    return what + (f" (at {op})" if op else "")
+
+
+def _phase(name: str, memory: DeviceMemory) -> Phase:
+    return Phase(name, memory.lower, memory.upper, memory.at_peak[0], _dominant(memory))
+
+
+def _synthetic_session(folder, resolution: int, items: int):
+    """A session of one square image at the working size with ``items`` vertical stripes as items."""
+    import numpy as np
+    from .session import Session
+    labels = (np.arange(resolution)[None, :] * items // resolution).repeat(resolution, 0)
+    image = np.zeros((resolution, resolution, 3), np.uint8)
+    return Session.create(folder, image, resolution=resolution, multiple=8, labels=labels,
+                          item_labels=[f"thing{k}" for k in range(items)], save=False)
+
+
+def estimate(model: str = "sd15", resolution: int = 512, dtype: str | torch.dtype = "fp16", lora: bool = False,
+             gradient_checkpointing: bool = False, batch_size: int = 1, items: int = 6, guidance: float = 5.0,
+             num_images: int = 1, capability: tuple[int, int] = T4, vae_tiling: bool = False) -> Estimate:
+    """Predict the peak CUDA memory of each phase of a D-Edit run: ``load`` (the weights), ``stage 1`` and
+    ``stage 2`` of the finetune (with a checkpoint save), and ``edit`` (an edit with classifier-free guidance
+    when ``guidance`` > 1, then the decode). ``model``: ``sd15``, ``sd21``, ``sdxl`` or a local diffusers
+    folder; one square image of ``resolution`` pixels a side with ``items`` items; ``capability``: the GPU's
+    compute capability (it decides the attention kernel, see :func:`attention_kernel`)."""
+    import importlib
+    import tempfile
+    from unittest import mock
+    F = importlib.import_module(f"{__package__}.finetune")   # the module (the package exports the function)
+    from .conditioning import encode_items, latent_labels
+    from .masks import edit_regions
+    from .sampler import SamplingConfig, masked_sample
+
+    built = meta_model(model, dtype)
+    memory, phases = DeviceMemory(), []
+    kernel = attention_kernel(built.dtype, capability)
+
+    def checkpoint(sessions, tensors, *args):   # the finetune's saves: the end of a phase, nothing written
+        phases.append(_phase(f"stage {len(phases)}", memory))
+        memory.reset_peaks()
+
+    with tempfile.TemporaryDirectory() as tmp, memory, _CudaAttention(kernel), _cuda_optimizers(), \
+            mock.patch.object(F, "save_joint_weights", checkpoint):
+        session = _synthetic_session(f"{tmp}/session", resolution, items)
+        memory.adopt(t for m in built.modules() for t in [*m.parameters(), *m.buffers()])
+        phases.append(_phase("load", memory))
+        memory.reset_peaks()
+        config = F.FinetuneConfig(stage1_steps=2, stage2_steps=2, checkpoint_every=1000, lora=lora,
+                                  batch_size=batch_size, gradient_checkpointing=gradient_checkpointing)
+        F.finetune(built, session, config, resume=False, progress=False)
+        if vae_tiling:
+            built.enable_vae_tiling()
+        memory.reset_peaks()
+        entry = session.images[0]
+        cond = encode_items(built, [it.prompt() for it in entry.items], [config.item_prompt_length] * items)
+        active = entry.labels == 0
+        masked_sample(built, cond, latent_labels(built, entry.labels, items), entry.working,
+                      edit_regions(active, 10), SamplingConfig(steps=2, guidance=guidance, num_images=num_images),
+                      progress=False)
+        phases.append(_phase("edit", memory))
+    settings = {"model": model, "resolution": resolution, "dtype": str(built.dtype).replace("torch.", ""),
+                "mode": "lora" if lora else "attention", "gradient_checkpointing": gradient_checkpointing,
+                "batch_size": batch_size, "items": items, "attention": kernel}
+    return Estimate(phases, settings)
+
+
+def main(argv=None) -> None:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m dedit_nb.memory", description=estimate.__doc__.split(".")[0])
+    parser.add_argument("--model", default="sd15", help="sd15, sd21, sdxl or a local diffusers folder")
+    parser.add_argument("--resolution", type=int, default=512, help="side of the square working image, pixels")
+    parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--mode", default="attention", choices=["attention", "lora"],
+                        help="stage 2 trains the cross-attention q/k/v (attention) or a LoRA")
+    parser.add_argument("--lora", action="store_true", help="same as --mode lora")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--items", type=int, default=6)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--vae-tiling", action="store_true")
+    parser.add_argument("--capability", default="7.5", help="the GPU's compute capability (T4 7.5, L4 8.9, A100 8.0)")
+    a = parser.parse_args(argv)
+    capability = tuple(int(x) for x in a.capability.split("."))
+    print(estimate(a.model, a.resolution, a.dtype, lora=a.lora or a.mode == "lora",
+                   gradient_checkpointing=a.gradient_checkpointing, batch_size=a.batch_size, items=a.items,
+                   guidance=a.guidance, capability=capability, vae_tiling=a.vae_tiling).table())
+
+
+if __name__ == "__main__":
+    main()
