@@ -148,8 +148,9 @@ class DeviceMemory(TorchDispatchMode):
     convolution, as a share of its input + output bytes, by dtype.
     """
 
-    def __init__(self, workspace: dict[torch.dtype, float] | None = None):
+    def __init__(self, workspace: dict[torch.dtype, float] | None = None, device: str = "meta"):
         super().__init__()
+        self.device = device   # whose storages count: "cpu" measures a real run the same way
         self.allocator = CachingAllocator()
         self.workspace = {torch.float16: 1.5, torch.bfloat16: 1.5, torch.float32: 1.0} if workspace is None \
             else workspace
@@ -168,7 +169,7 @@ class DeviceMemory(TorchDispatchMode):
             self._track(t, weight=True)
 
     def _track(self, t, weight: bool = False) -> None:
-        if not _is_meta(t):
+        if not (isinstance(t, torch.Tensor) and t.device.type == self.device):
             return
         storage = t.untyped_storage()
         key = storage._cdata
@@ -422,33 +423,44 @@ def meta_model(model: str, dtype: str | torch.dtype = "fp16"):
 
 def attention_kernel(dtype: torch.dtype, capability: tuple[int, int] = T4) -> str:
     """The SDPA kernel CUDA picks for grouped and self-attention: 'efficient' (memory-efficient or flash: both
-    keep only a log-sum-exp for the backward pass) or 'math' (the attention matrix): bf16 needs compute
+    keep only a log-sum-exp for the backward pass; the estimate runs memory-efficient attention, which also
+    takes the masks of masked grouped attention) or 'math' (the attention matrix): bf16 needs compute
     capability 8.0 for both fused kernels."""
     return "math" if dtype == torch.bfloat16 and tuple(capability) < (8, 0) else "efficient"
 
 
-class _CudaAttention(torch.overrides.TorchFunctionMode):
-    """Routes ``F.scaled_dot_product_attention`` to the aten kernel CUDA would run."""
+@contextlib.contextmanager
+def routed_attention(kernel: str):
+    """``F.scaled_dot_product_attention`` runs the aten kernel CUDA would ('efficient', 'math'), or the one a
+    CPU runs ('cpu': flash attention for CPU), whatever the tensors' device (on the meta device torch would
+    always take the math path). The function is replaced, not intercepted by a mode, so that checkpointed
+    blocks recomputed inside the backward pass route the same way."""
+    functional = torch.nn.functional
+    sdpa = functional.scaled_dot_product_attention
 
-    def __init__(self, kernel: str):
-        super().__init__()
-        self.kernel = kernel
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not torch.nn.functional.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        query, key, value = args[:3]
-        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-        if mask is not None and mask.dtype == torch.bool:   # CUDA turns a bool mask into an additive bias
-            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-                ~mask.to(query.device), float("-inf"))
-        if self.kernel == "math":
-            return aten._scaled_dot_product_attention_math(query, key, value, mask)[0]
-        if mask is not None:
-            mask = mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    def routed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if dropout_p or enable_gqa:
+            return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        if kernel == "cpu":
+            return aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, is_causal=is_causal,
+                                                                    attn_mask=attn_mask, scale=scale)[0]
+        if attn_mask is not None and attn_mask.dtype == torch.bool:   # CUDA makes a bool mask an additive bias
+            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~attn_mask.to(query.device), float("-inf"))
+        if kernel == "math":
+            return aten._scaled_dot_product_attention_math(query, key, value, attn_mask, is_causal=is_causal,
+                                                           scale=scale)[0]
+        if attn_mask is not None:
+            attn_mask = attn_mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        return aten._scaled_dot_product_efficient_attention(query, key, value, mask, grad)[0]
+        return aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, grad, is_causal=is_causal,
+                                                            scale=scale)[0]
+
+    functional.scaled_dot_product_attention = routed
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = sdpa
 
 
 @contextlib.contextmanager
@@ -525,14 +537,29 @@ def _synthetic_session(folder, resolution: int, items: int):
                           item_labels=[f"thing{k}" for k in range(items)], save=False)
 
 
-def estimate(model: str = "sd15", resolution: int = 512, dtype: str | torch.dtype = "fp16", lora: bool = False,
-             gradient_checkpointing: bool = False, batch_size: int = 1, items: int = 6, guidance: float = 5.0,
-             num_images: int = 1, capability: tuple[int, int] = T4, vae_tiling: bool = False) -> Estimate:
-    """Predict the peak CUDA memory of each phase of a D-Edit run: ``load`` (the weights), ``stage 1`` and
-    ``stage 2`` of the finetune (with a checkpoint save), and ``edit`` (an edit with classifier-free guidance
-    when ``guidance`` > 1, then the decode). ``model``: ``sd15``, ``sd21``, ``sdxl`` or a local diffusers
-    folder; one square image of ``resolution`` pixels a side with ``items`` items; ``capability``: the GPU's
-    compute capability (it decides the attention kernel, see :func:`attention_kernel`)."""
+@dataclass
+class Workload:
+    """What the estimate runs: a finetune of one square image of ``resolution`` pixels with ``items`` items
+    (two steps a stage: the second holds the optimizer state), then an edit of ``num_images`` images with
+    classifier-free guidance when ``guidance`` > 1 (two steps, then the decode)."""
+
+    resolution: int = 512
+    items: int = 6
+    lora: bool = False
+    gradient_checkpointing: bool = False
+    batch_size: int = 1
+    guidance: float = 5.0
+    num_images: int = 1
+    vae_tiling: bool = False
+
+
+PHASES = ("load", "stage 1", "stage 2", "edit")
+
+
+def run_workload(model, work: Workload, on_phase) -> None:
+    """Run the project's finetune and edit code on ``model`` (any device), calling ``on_phase(name)`` at the
+    end of ``stage 1``, ``stage 2`` (the finetune's checkpoint saves, replaced: nothing is written) and
+    ``edit``."""
     import importlib
     import tempfile
     from unittest import mock
@@ -541,37 +568,96 @@ def estimate(model: str = "sd15", resolution: int = 512, dtype: str | torch.dtyp
     from .masks import edit_regions
     from .sampler import SamplingConfig, masked_sample
 
+    ends = iter(PHASES[1:])
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(F, "save_joint_weights",
+                                                                 lambda *args: on_phase(next(ends))):
+        session = _synthetic_session(f"{tmp}/session", work.resolution, work.items)
+        config = F.FinetuneConfig(stage1_steps=2, stage2_steps=2, checkpoint_every=1000, lora=work.lora,
+                                  batch_size=work.batch_size, gradient_checkpointing=work.gradient_checkpointing)
+        F.finetune(model, session, config, resume=False, progress=False)
+    if work.vae_tiling:
+        model.enable_vae_tiling()
+    entry = session.images[0]
+    cond = encode_items(model, [it.prompt() for it in entry.items], [config.item_prompt_length] * work.items)
+    masked_sample(model, cond, latent_labels(model, entry.labels, work.items), entry.working,
+                  edit_regions(entry.labels == 0, 10),
+                  SamplingConfig(steps=2, guidance=work.guidance, num_images=work.num_images), progress=False)
+    on_phase(next(ends))
+
+
+def estimate(model: str = "sd15", resolution: int = 512, dtype: str | torch.dtype = "fp16", lora: bool = False,
+             gradient_checkpointing: bool = False, batch_size: int = 1, items: int = 6, guidance: float = 5.0,
+             num_images: int = 1, capability: tuple[int, int] = T4, vae_tiling: bool = False) -> Estimate:
+    """Predict the peak CUDA memory of each phase of a D-Edit run: ``load`` (the weights), ``stage 1`` and
+    ``stage 2`` of the finetune (with a checkpoint save), and ``edit`` (an edit with classifier-free guidance
+    when ``guidance`` > 1, then the decode). ``model``: ``sd15``, ``sd21``, ``sdxl`` or a local diffusers
+    folder; one square image of ``resolution`` pixels a side with ``items`` items; ``capability``: the GPU's
+    compute capability (it decides the attention kernel, see :func:`attention_kernel`)."""
+    work = Workload(resolution, items, lora, gradient_checkpointing, batch_size, guidance, num_images, vae_tiling)
     built = meta_model(model, dtype)
-    memory, phases = DeviceMemory(), []
     kernel = attention_kernel(built.dtype, capability)
+    memory, phases = DeviceMemory(), []
 
-    def checkpoint(sessions, tensors, *args):   # the finetune's saves: the end of a phase, nothing written
-        phases.append(_phase(f"stage {len(phases)}", memory))
+    def end(name: str) -> None:
+        phases.append(_phase(name, memory))
         memory.reset_peaks()
 
-    with tempfile.TemporaryDirectory() as tmp, memory, _CudaAttention(kernel), _cuda_optimizers(), \
-            mock.patch.object(F, "save_joint_weights", checkpoint):
-        session = _synthetic_session(f"{tmp}/session", resolution, items)
-        memory.adopt(t for m in built.modules() for t in [*m.parameters(), *m.buffers()])
-        phases.append(_phase("load", memory))
-        memory.reset_peaks()
-        config = F.FinetuneConfig(stage1_steps=2, stage2_steps=2, checkpoint_every=1000, lora=lora,
-                                  batch_size=batch_size, gradient_checkpointing=gradient_checkpointing)
-        F.finetune(built, session, config, resume=False, progress=False)
-        if vae_tiling:
-            built.enable_vae_tiling()
-        memory.reset_peaks()
-        entry = session.images[0]
-        cond = encode_items(built, [it.prompt() for it in entry.items], [config.item_prompt_length] * items)
-        active = entry.labels == 0
-        masked_sample(built, cond, latent_labels(built, entry.labels, items), entry.working,
-                      edit_regions(active, 10), SamplingConfig(steps=2, guidance=guidance, num_images=num_images),
-                      progress=False)
-        phases.append(_phase("edit", memory))
+    with memory, routed_attention(kernel), _cuda_optimizers():
+        memory.adopt(_weights(built))
+        end("load")
+        run_workload(built, work, end)
     settings = {"model": model, "resolution": resolution, "dtype": str(built.dtype).replace("torch.", ""),
                 "mode": "lora" if lora else "attention", "gradient_checkpointing": gradient_checkpointing,
                 "batch_size": batch_size, "items": items, "attention": kernel}
     return Estimate(phases, settings)
+
+
+def _weights(model):
+    return (t for m in model.modules() for t in [*m.parameters(), *m.buffers()])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks against a real allocator
+# ---------------------------------------------------------------------------------------------------------
+
+def predict_cpu(folder: str, work: Workload) -> dict[str, int]:
+    """How far above its starting level each phase of ``work`` peaks, in bytes, predicted on the meta device
+    for a run on a CPU in fp32 (CPU attention kernel, AdamW's CPU default)."""
+    built = meta_model(str(folder), "fp32")
+    memory, peaks = DeviceMemory(), {}
+
+    def end(name: str) -> None:
+        peaks[name] = memory.peak_tensor_bytes - start[0]
+        memory.reset_peaks()
+        start[0] = memory.tensor_bytes
+
+    with memory, routed_attention("cpu"):
+        memory.adopt(_weights(built))
+        start = [memory.tensor_bytes]
+        run_workload(built, work, end)
+    return peaks
+
+
+def measure_cpu(model, work: Workload) -> dict[str, int]:
+    """How far above its starting level each phase of ``work`` peaks on the CPU allocator, in bytes, for a
+    loaded (CPU) model, read from the torch profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run_workload(model, work, lambda name: record_function(f"dedit_nb.memory:{name}").__enter__().__exit__(
+            None, None, None))
+    events = prof.profiler.kineto_results.events()
+    ends = sorted((e.start_ns(), e.name().split(":", 1)[1]) for e in events
+                  if e.name().startswith("dedit_nb.memory:"))
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    peaks, level, peak, start, i = {}, 0, 0, 0, 0
+    for time, name in ends:
+        while i < len(changes) and changes[i][0] <= time:
+            level += changes[i][1]
+            peak = max(peak, level)
+            i += 1
+        peaks[name], start = peak - start, level
+        peak = level
+    return peaks
 
 
 def main(argv=None) -> None:
