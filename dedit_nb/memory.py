@@ -417,6 +417,27 @@ def meta_model(model: str, dtype: str | torch.dtype = "fp16"):
                       device=torch.device("meta"), dtype=dt, zero_uncond=spec.get("zero_uncond", False))
 
 
+def meta_like(model):
+    """A loaded :class:`~dedit_nb.models.DEditModel`'s architecture on the meta device, in its dtypes (the
+    tokenizers are copies: estimating adds item tokens to them)."""
+    import copy
+    import dataclasses
+    from diffusers.utils import logging as diffusers_logging
+    from .models import DEditModel, TextConditioner
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    with torch.device("meta"):
+        unet = type(model.unet).from_config(model.unet.config).to(model.dtype)
+        vae = None if model.vae is None else type(model.vae).from_config(model.vae.config).to(model._vae_dtype())
+        slots = [dataclasses.replace(s, tokenizer=copy.deepcopy(s.tokenizer),
+                                     encoder=type(s.encoder)._from_config(s.encoder.config).to(model.dtype))
+                 for s in model.text.slots]
+    diffusers_logging.set_verbosity(verbosity)
+    return DEditModel(model.model_id, model.family, unet, model.scheduler_config,
+                      TextConditioner(slots, added_time_ids=model.text.added_time_ids), vae=vae,
+                      device=torch.device("meta"), dtype=model.dtype, zero_uncond=model.zero_uncond)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Attention and AdamW as CUDA runs them
 # ---------------------------------------------------------------------------------------------------------
@@ -527,21 +548,22 @@ def _phase(name: str, memory: DeviceMemory) -> Phase:
     return Phase(name, memory.lower, memory.upper, memory.at_peak[0], _dominant(memory))
 
 
-def _synthetic_session(folder, resolution: int, items: int):
-    """A session of one square image at the working size with ``items`` vertical stripes as items."""
+def _synthetic_session(folder, width: int, height: int, items: int):
+    """A session of one image at the working size ``width x height`` with ``items`` vertical stripes as items."""
     import numpy as np
     from .session import Session
-    labels = (np.arange(resolution)[None, :] * items // resolution).repeat(resolution, 0)
-    image = np.zeros((resolution, resolution, 3), np.uint8)
-    return Session.create(folder, image, resolution=resolution, multiple=8, labels=labels,
+    labels = (np.arange(width)[None, :] * items // width).repeat(height, 0)
+    image = np.zeros((height, width, 3), np.uint8)
+    return Session.create(folder, image, resolution=min(width, height), multiple=8, labels=labels,
                           item_labels=[f"thing{k}" for k in range(items)], save=False)
 
 
 @dataclass
 class Workload:
-    """What the estimate runs: a finetune of one square image of ``resolution`` pixels with ``items`` items
-    (two steps a stage: the second holds the optimizer state), then an edit of ``num_images`` images with
-    classifier-free guidance when ``guidance`` > 1 (two steps, then the decode)."""
+    """What the estimate runs: a finetune of one image of ``resolution`` pixels a side (``width`` x ``height``
+    when given) with ``items`` items (two steps a stage: the second holds the optimizer state), then an edit
+    of ``num_images`` images with classifier-free guidance when ``guidance`` > 1 (two steps, then the
+    decode). ``finetune=False`` runs the edit only."""
 
     resolution: int = 512
     items: int = 6
@@ -551,6 +573,13 @@ class Workload:
     guidance: float = 5.0
     num_images: int = 1
     vae_tiling: bool = False
+    width: int | None = None
+    height: int | None = None
+    finetune: bool = True
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width or self.resolution, self.height or self.resolution
 
 
 PHASES = ("load", "stage 1", "stage 2", "edit")
@@ -568,13 +597,14 @@ def run_workload(model, work: Workload, on_phase) -> None:
     from .masks import edit_regions
     from .sampler import SamplingConfig, masked_sample
 
-    ends = iter(PHASES[1:])
+    ends = iter(PHASES[1:] if work.finetune else PHASES[-1:])
+    config = F.FinetuneConfig(stage1_steps=2, stage2_steps=2, checkpoint_every=1000, lora=work.lora,
+                              batch_size=work.batch_size, gradient_checkpointing=work.gradient_checkpointing)
     with tempfile.TemporaryDirectory() as tmp, mock.patch.object(F, "save_joint_weights",
                                                                  lambda *args: on_phase(next(ends))):
-        session = _synthetic_session(f"{tmp}/session", work.resolution, work.items)
-        config = F.FinetuneConfig(stage1_steps=2, stage2_steps=2, checkpoint_every=1000, lora=work.lora,
-                                  batch_size=work.batch_size, gradient_checkpointing=work.gradient_checkpointing)
-        F.finetune(model, session, config, resume=False, progress=False)
+        session = _synthetic_session(f"{tmp}/session", *work.size, work.items)
+        if work.finetune:
+            F.finetune(model, session, config, resume=False, progress=False)
     if work.vae_tiling:
         model.enable_vae_tiling()
     entry = session.images[0]
@@ -585,16 +615,20 @@ def run_workload(model, work: Workload, on_phase) -> None:
     on_phase(next(ends))
 
 
-def estimate(model: str = "sd15", resolution: int = 512, dtype: str | torch.dtype = "fp16", lora: bool = False,
+def estimate(model="sd15", resolution: int = 512, dtype: str | torch.dtype = "fp16", lora: bool = False,
              gradient_checkpointing: bool = False, batch_size: int = 1, items: int = 6, guidance: float = 5.0,
-             num_images: int = 1, capability: tuple[int, int] = T4, vae_tiling: bool = False) -> Estimate:
+             num_images: int = 1, capability: tuple[int, int] = T4, vae_tiling: bool = False,
+             work: Workload | None = None) -> Estimate:
     """Predict the peak CUDA memory of each phase of a D-Edit run: ``load`` (the weights), ``stage 1`` and
     ``stage 2`` of the finetune (with a checkpoint save), and ``edit`` (an edit with classifier-free guidance
-    when ``guidance`` > 1, then the decode). ``model``: ``sd15``, ``sd21``, ``sdxl`` or a local diffusers
-    folder; one square image of ``resolution`` pixels a side with ``items`` items; ``capability``: the GPU's
-    compute capability (it decides the attention kernel, see :func:`attention_kernel`)."""
-    work = Workload(resolution, items, lora, gradient_checkpointing, batch_size, guidance, num_images, vae_tiling)
-    built = meta_model(model, dtype)
+    when ``guidance`` > 1, then the decode). ``model``: ``sd15``, ``sd21``, ``sdxl``, a local diffusers
+    folder (built in ``dtype``), or a loaded model (its architecture and dtypes); one square image of
+    ``resolution`` pixels a side with ``items`` items, or ``work`` for all of these settings;
+    ``capability``: the GPU's compute capability (it decides the attention kernel, see
+    :func:`attention_kernel`)."""
+    work = work or Workload(resolution, items, lora, gradient_checkpointing, batch_size, guidance, num_images,
+                            vae_tiling)
+    built = meta_model(model, dtype) if isinstance(model, str) else meta_like(model)
     kernel = attention_kernel(built.dtype, capability)
     memory, phases = DeviceMemory(), []
 
@@ -606,14 +640,139 @@ def estimate(model: str = "sd15", resolution: int = 512, dtype: str | torch.dtyp
         memory.adopt(_weights(built))
         end("load")
         run_workload(built, work, end)
-    settings = {"model": model, "resolution": resolution, "dtype": str(built.dtype).replace("torch.", ""),
-                "mode": "lora" if lora else "attention", "gradient_checkpointing": gradient_checkpointing,
-                "batch_size": batch_size, "items": items, "attention": kernel}
+    width, height = work.size
+    settings = {"model": built.model_id, "size": f"{width}x{height}", "dtype": str(built.dtype).replace("torch.", ""),
+                "mode": "lora" if work.lora else "attention", "gradient_checkpointing": work.gradient_checkpointing,
+                "batch_size": work.batch_size, "items": work.items, "attention": kernel}
     return Estimate(phases, settings)
 
 
 def _weights(model):
     return (t for m in model.modules() for t in [*m.parameters(), *m.buffers()])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fitting a run into the device's memory
+# ---------------------------------------------------------------------------------------------------------
+
+FINETUNE_OPTIONS = ("gradient checkpointing", "LoRA", "a smaller batch")
+
+
+class MemoryFitError(RuntimeError):
+    """A run predicted not to fit the device's free memory."""
+
+
+def available_bytes(device) -> int | None:
+    """What a CUDA device can still give: free memory plus what PyTorch has cached but not allocated; None
+    elsewhere (CPU and MPS memory is not checked)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _session_workload(sessions, config, **kwargs) -> Workload:
+    """The largest image of the sessions, with the most items, under a finetune config."""
+    entries = [e for s in sessions for e in s.images]
+    width, height = max((e.size for e in entries), key=lambda wh: wh[0] * wh[1])
+    return Workload(items=max(len(e.items) for e in entries), lora=config.lora, batch_size=config.batch_size,
+                    gradient_checkpointing=config.gradient_checkpointing, width=width, height=height, **kwargs)
+
+
+def _finetune_candidates(config):
+    """The config, then with each memory option turned on in the stated order."""
+    from dataclasses import replace
+    yield config, []
+    chosen = []
+    if not config.gradient_checkpointing:
+        config = replace(config, gradient_checkpointing=True)
+        chosen.append("gradient checkpointing")
+        yield config, list(chosen)
+    if not config.lora:
+        config = replace(config, lora=True)
+        chosen.append("LoRA")
+        yield config, list(chosen)
+    while config.batch_size > 1:
+        config = replace(config, batch_size=config.batch_size // 2)
+        yield config, chosen + [f"batch_size={config.batch_size}"]
+
+
+def _needed(estimate: Estimate, phases) -> tuple[int, str]:
+    """The most any of ``phases`` needs above the weights already loaded, and that phase's name."""
+    weights = estimate.phase("load").lower
+    phase = max((estimate.phase(p) for p in phases), key=lambda p: p.upper)
+    return phase.upper - weights, phase.name
+
+
+def fit_finetune(model, sessions, config=None, auto_memory: bool = True, capability: tuple[int, int] | None = None):
+    """Predict a finetune's peak memory on ``model``'s device (:func:`estimate` of its largest image) and make
+    it fit: returns ``(config, line)``, the config to train with and one line saying what was predicted and
+    chosen. When it does not fit the device's free memory, ``auto_memory=True`` turns on gradient
+    checkpointing, then LoRA, then halves the batch until it fits, and turns on VAE tiling for the edits
+    when they would not fit; ``auto_memory=False`` raises :class:`MemoryFitError` naming those options.
+    On a device other than CUDA the prediction is only reported."""
+    from .finetune import FinetuneConfig
+    sessions = list(sessions) if isinstance(sessions, (list, tuple)) else [sessions]
+    config = config or FinetuneConfig()
+    free = available_bytes(model.device)
+    capability = capability or (torch.cuda.get_device_capability(model.device) if free is not None else T4)
+    first = None
+    for candidate, chosen in _finetune_candidates(config):
+        predicted = estimate(model, work=_session_workload(sessions, candidate), capability=capability)
+        needed, phase = _needed(predicted, ("stage 1", "stage 2"))
+        first = first or (needed, phase)
+        if free is None:
+            return config, f"memory: predicted peak {_gib(predicted.peak.upper)} ({predicted.peak.name}); " \
+                           f"{model.device.type} memory is not checked"
+        if needed <= free:
+            break
+        if not auto_memory:
+            raise MemoryFitError(
+                f"the finetune's {first[1]} is predicted to need {_gib(first[0])} more than the loaded weights, "
+                f"but {model.device} has {_gib(free)} free; turn on {', '.join(FINETUNE_OPTIONS)} "
+                "(FinetuneConfig(gradient_checkpointing=True, lora=True, batch_size=...)), or auto_memory=True "
+                "to choose them in that order")
+    else:
+        raise MemoryFitError(f"even with {', '.join(chosen) or 'every memory option'} the finetune's {phase} is "
+                             f"predicted to need {_gib(needed)} more than the loaded weights, but {model.device} "
+                             f"has {_gib(free)} free; use a smaller working size (01's resolution) or a larger GPU")
+    line = f"memory: {phase} predicted at {_gib(needed)} above the weights, {_gib(free)} free on {model.device}"
+    line += f"; chose {', '.join(chosen)}" if chosen else "; fits as asked"
+    edit_needed, _ = _needed(predicted, ("edit",))
+    if edit_needed > free:
+        if not auto_memory:
+            raise MemoryFitError(f"the reconstruction edit is predicted to need {_gib(edit_needed)} above the weights "
+                                 f"but {model.device} has {_gib(free)} free; call model.enable_vae_tiling(), or "
+                                 "auto_memory=True")
+        model.enable_vae_tiling()
+        line += "; VAE tiling for the edits"
+    return candidate, line
+
+
+def fit_edit(model, session, guidance: float = 5.0, num_images: int = 1, auto_memory: bool = True,
+             capability: tuple[int, int] | None = None) -> str:
+    """The same before edits: predict an edit's peak on ``model``'s device and, when it does not fit, turn on
+    VAE tiling (``auto_memory=True``; slicing is always on) or raise :class:`MemoryFitError` naming it.
+    Returns one line saying what was predicted and chosen."""
+    from .finetune import FinetuneConfig
+    free = available_bytes(model.device)
+    capability = capability or (torch.cuda.get_device_capability(model.device) if free is not None else T4)
+    work = _session_workload([session], FinetuneConfig(), guidance=guidance, num_images=num_images, finetune=False)
+    needed, _ = _needed(estimate(model, work=work, capability=capability), ("edit",))
+    if free is None:
+        return f"memory: an edit predicted at {_gib(needed)} above the weights; {model.device.type} memory is not checked"
+    line = f"memory: an edit predicted at {_gib(needed)} above the weights, {_gib(free)} free on {model.device}"
+    if needed <= free:
+        return line + "; fits"
+    if not auto_memory:
+        raise MemoryFitError(line + "; call model.enable_vae_tiling(), or pass auto_memory=True")
+    model.enable_vae_tiling()
+    return line + "; VAE tiling on"
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / GiB:.1f} GiB"
 
 
 # ---------------------------------------------------------------------------------------------------------

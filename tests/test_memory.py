@@ -102,3 +102,66 @@ def test_caching_allocator_rounds_reuses_and_merges():
     assert a.reserved == 22 * memory.MiB
     a.malloc(11 * memory.MiB)                               # large: its own segment, rounded to 2 MiB
     assert a.reserved == 34 * memory.MiB and a.peak_allocated == a.allocated
+
+
+class _FakeCudaModel:
+    device = torch.device("cuda")
+    tiled = False
+
+    def enable_vae_tiling(self):
+        self.tiled = True
+
+
+def _fake_estimate(edit_gib=1.0):
+    """Predictions that shrink with each option: 10 GiB above 4 GiB of weights, -2 with checkpointing,
+    -2 with LoRA, -1 per halving of the batch from 4."""
+    def fake(model, work, capability):
+        need = 10 - 2 * work.gradient_checkpointing - 2 * work.lora - (2 - int(np.log2(work.batch_size)))
+        phases = [memory.Phase("load", 4 * memory.GiB, 4 * memory.GiB, 0, ""),
+                  memory.Phase("stage 1", 0, 5 * memory.GiB, 0, ""),
+                  memory.Phase("stage 2", 0, int((4 + need) * memory.GiB), 0, ""),
+                  memory.Phase("edit", 0, int((4 + edit_gib) * memory.GiB), 0, "")]
+        return memory.Estimate(phases)
+    return fake
+
+
+@pytest.mark.parametrize("free_gib,expected", [
+    (12, (False, False, 4, "fits as asked")),
+    (9, (True, False, 4, "chose gradient checkpointing")),
+    (6.5, (True, True, 4, "chose gradient checkpointing, LoRA")),
+    (5.5, (True, True, 2, "chose gradient checkpointing, LoRA, batch_size=2")),
+])
+def test_auto_memory_turns_options_on_in_the_stated_order(monkeypatch, tmp_path, free_gib, expected):
+    from dedit_nb import FinetuneConfig
+    monkeypatch.setattr(memory, "estimate", _fake_estimate())
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(free_gib * memory.GiB))
+    session = memory._synthetic_session(tmp_path / "s", 64, 48, 3)
+    config, line = memory.fit_finetune(_FakeCudaModel(), [session], FinetuneConfig(batch_size=4), capability=(7, 5))
+    assert (config.gradient_checkpointing, config.lora, config.batch_size) == expected[:3]
+    assert line.endswith(expected[3])
+
+
+def test_auto_memory_off_refuses_naming_the_options_and_edits_get_vae_tiling(monkeypatch, tmp_path):
+    from dedit_nb import FinetuneConfig
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 7 * memory.GiB)
+    session = memory._synthetic_session(tmp_path / "s", 64, 48, 3)
+    monkeypatch.setattr(memory, "estimate", _fake_estimate())
+    with pytest.raises(memory.MemoryFitError, match="gradient checkpointing, LoRA, a smaller batch"):
+        memory.fit_finetune(_FakeCudaModel(), [session], FinetuneConfig(), auto_memory=False, capability=(7, 5))
+    monkeypatch.setattr(memory, "estimate", _fake_estimate(edit_gib=8))
+    model = _FakeCudaModel()
+    _, line = memory.fit_finetune(model, [session], FinetuneConfig(), capability=(7, 5))
+    assert model.tiled and line.endswith("VAE tiling for the edits")
+    assert memory.fit_edit(model, session, capability=(7, 5)).endswith("VAE tiling on")
+    with pytest.raises(memory.MemoryFitError, match="enable_vae_tiling"):
+        memory.fit_edit(_FakeCudaModel(), session, auto_memory=False, capability=(7, 5))
+
+
+def test_fit_on_the_cpu_only_reports(tiny_model_dirs, tmp_path):
+    from dedit_nb import FinetuneConfig
+    model = load_model(str(tiny_model_dirs["sd"]), device="cpu")
+    session = memory._synthetic_session(tmp_path / "s", 64, 48, 3)
+    config = FinetuneConfig(batch_size=2)
+    chosen, line = memory.fit_finetune(model, session, config)
+    assert chosen == config and "cpu memory is not checked" in line
+    assert not model.unet.is_gradient_checkpointing and not model.text.learned   # the model is left as it was
