@@ -389,10 +389,11 @@ def _folder_spec(folder: str) -> dict:
             "zero_uncond": bool(index.get("force_zeros_for_empty_prompt", False))}
 
 
-def meta_model(model: str, dtype: str | torch.dtype = "fp16"):
+def model_from_configs(model: str, dtype: str | torch.dtype = "fp16", device: str = "meta"):
     """A :class:`~dedit_nb.models.DEditModel` of a family (``sd15``, ``sd21``, ``sdxl``) or a local diffusers
-    folder, built on the meta device in ``dtype`` (the VAE's dtype chosen as :func:`load_model` does). Its
-    tokenizers are byte-level stand-ins: prompts are padded to fixed lengths, so shapes are the real ones."""
+    folder, built from its configs on ``device`` (meta: no memory; elsewhere random weights) in ``dtype``
+    (the VAE's dtype chosen as :func:`load_model` does). Its tokenizers are byte-level stand-ins: prompts
+    are padded to fixed lengths, so shapes are the real ones."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     from .models import DEditModel, EncoderSlot, TextConditioner, _tiny_clip_tokenizer, pick_dtype, vae_dtype
@@ -401,7 +402,7 @@ def meta_model(model: str, dtype: str | torch.dtype = "fp16"):
     dt = pick_dtype(torch.device("cuda"), dtype)
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()   # its advice on casting with to() is for loaded weights
-    with torch.device("meta"):
+    with torch.device(device):
         unet = UNet2DConditionModel.from_config(spec["unet"]).to(dt)
         vae = AutoencoderKL.from_config(spec["vae"])
         vae.to(vae_dtype(spec["family"], dict(vae.config), dt))
@@ -414,7 +415,7 @@ def meta_model(model: str, dtype: str | torch.dtype = "fp16"):
     diffusers_logging.set_verbosity(verbosity)
     text = TextConditioner(slots, added_time_ids=spec["family"] == "sdxl")
     return DEditModel(str(model), spec["family"], unet, spec["scheduler"], text, vae=vae,
-                      device=torch.device("meta"), dtype=dt, zero_uncond=spec.get("zero_uncond", False))
+                      device=torch.device(device), dtype=dt, zero_uncond=spec.get("zero_uncond", False))
 
 
 def meta_like(model):
@@ -628,7 +629,7 @@ def estimate(model="sd15", resolution: int = 512, dtype: str | torch.dtype = "fp
     :func:`attention_kernel`)."""
     work = work or Workload(resolution, items, lora, gradient_checkpointing, batch_size, guidance, num_images,
                             vae_tiling)
-    built = meta_model(model, dtype) if isinstance(model, str) else meta_like(model)
+    built = model_from_configs(model, dtype) if isinstance(model, str) else meta_like(model)
     kernel = attention_kernel(built.dtype, capability)
     memory, phases = DeviceMemory(), []
 
@@ -680,7 +681,7 @@ def _session_workload(sessions, config, **kwargs) -> Workload:
                     gradient_checkpointing=config.gradient_checkpointing, width=width, height=height, **kwargs)
 
 
-def _finetune_candidates(config):
+def _finetune_candidates(config, only_checkpointing: bool = False):
     """The config, then with each memory option turned on in the stated order."""
     from dataclasses import replace
     yield config, []
@@ -689,6 +690,8 @@ def _finetune_candidates(config):
         config = replace(config, gradient_checkpointing=True)
         chosen.append("gradient checkpointing")
         yield config, list(chosen)
+    if only_checkpointing:
+        return
     if not config.lora:
         config = replace(config, lora=True)
         chosen.append("LoRA")
@@ -705,26 +708,29 @@ def _needed(estimate: Estimate, phases) -> tuple[int, str]:
     return phase.upper - weights, phase.name
 
 
-def fit_finetune(model, sessions, config=None, auto_memory: bool = True, capability: tuple[int, int] | None = None):
-    """Predict a finetune's peak memory on ``model``'s device (:func:`estimate` of its largest image) and make
-    it fit: returns ``(config, line)``, the config to train with and one line saying what was predicted and
-    chosen. When it does not fit the device's free memory, ``auto_memory=True`` turns on gradient
-    checkpointing, then LoRA, then halves the batch until it fits, and turns on VAE tiling for the edits
-    when they would not fit; ``auto_memory=False`` raises :class:`MemoryFitError` naming those options.
-    On a device other than CUDA the prediction is only reported."""
+def fit_finetune(model, sessions, config=None, auto_memory: bool = True, resume: bool = True,
+                 capability: tuple[int, int] | None = None):
+    """Predict a finetune's peak memory on ``model``'s CUDA device (:func:`estimate` of its largest image) and
+    make it fit: returns ``(config, line)``, the config to train with and one line saying what was predicted
+    and chosen. When it does not fit the device's free memory, ``auto_memory=True`` turns on gradient
+    checkpointing, then LoRA, then halves the batch until it fits (a finetune to resume keeps its settings:
+    only checkpointing may change), and turns on VAE tiling for the edits when they would not fit;
+    ``auto_memory=False`` raises :class:`MemoryFitError` naming those options. Other devices are not checked
+    (the line says so; ``python -m dedit_nb.memory`` predicts a GPU's peak from anywhere)."""
     from .finetune import FinetuneConfig
     sessions = list(sessions) if isinstance(sessions, (list, tuple)) else [sessions]
     config = config or FinetuneConfig()
     free = available_bytes(model.device)
-    capability = capability or (torch.cuda.get_device_capability(model.device) if free is not None else T4)
+    if free is None:
+        return config, f"memory: {model.device.type} memory is not checked (python -m dedit_nb.memory predicts a " \
+                       "GPU's peak)"
+    capability = capability or torch.cuda.get_device_capability(model.device)
+    settled = resume and sessions[0].finetune_state is not None
     first = None
-    for candidate, chosen in _finetune_candidates(config):
+    for candidate, chosen in _finetune_candidates(config, only_checkpointing=settled):
         predicted = estimate(model, work=_session_workload(sessions, candidate), capability=capability)
         needed, phase = _needed(predicted, ("stage 1", "stage 2"))
         first = first or (needed, phase)
-        if free is None:
-            return config, f"memory: predicted peak {_gib(predicted.peak.upper)} ({predicted.peak.name}); " \
-                           f"{model.device.type} memory is not checked"
         if needed <= free:
             break
         if not auto_memory:
@@ -734,9 +740,11 @@ def fit_finetune(model, sessions, config=None, auto_memory: bool = True, capabil
                 "(FinetuneConfig(gradient_checkpointing=True, lora=True, batch_size=...)), or auto_memory=True "
                 "to choose them in that order")
     else:
+        fix = "resume=False to start over with other settings, " if settled else ""
         raise MemoryFitError(f"even with {', '.join(chosen) or 'every memory option'} the finetune's {phase} is "
                              f"predicted to need {_gib(needed)} more than the loaded weights, but {model.device} "
-                             f"has {_gib(free)} free; use a smaller working size (01's resolution) or a larger GPU")
+                             f"has {_gib(free)} free; use {fix}a smaller working size (01's resolution) or a "
+                             "larger GPU")
     line = f"memory: {phase} predicted at {_gib(needed)} above the weights, {_gib(free)} free on {model.device}"
     line += f"; chose {', '.join(chosen)}" if chosen else "; fits as asked"
     edit_needed, _ = _needed(predicted, ("edit",))
@@ -752,16 +760,16 @@ def fit_finetune(model, sessions, config=None, auto_memory: bool = True, capabil
 
 def fit_edit(model, session, guidance: float = 5.0, num_images: int = 1, auto_memory: bool = True,
              capability: tuple[int, int] | None = None) -> str:
-    """The same before edits: predict an edit's peak on ``model``'s device and, when it does not fit, turn on
-    VAE tiling (``auto_memory=True``; slicing is always on) or raise :class:`MemoryFitError` naming it.
+    """The same before edits: predict an edit's peak on ``model``'s CUDA device and, when it does not fit, turn
+    on VAE tiling (``auto_memory=True``; slicing is always on) or raise :class:`MemoryFitError` naming it.
     Returns one line saying what was predicted and chosen."""
     from .finetune import FinetuneConfig
     free = available_bytes(model.device)
-    capability = capability or (torch.cuda.get_device_capability(model.device) if free is not None else T4)
+    if free is None:
+        return f"memory: {model.device.type} memory is not checked"
+    capability = capability or torch.cuda.get_device_capability(model.device)
     work = _session_workload([session], FinetuneConfig(), guidance=guidance, num_images=num_images, finetune=False)
     needed, _ = _needed(estimate(model, work=work, capability=capability), ("edit",))
-    if free is None:
-        return f"memory: an edit predicted at {_gib(needed)} above the weights; {model.device.type} memory is not checked"
     line = f"memory: an edit predicted at {_gib(needed)} above the weights, {_gib(free)} free on {model.device}"
     if needed <= free:
         return line + "; fits"
@@ -782,7 +790,7 @@ def _gib(nbytes: int) -> str:
 def predict_cpu(folder: str, work: Workload) -> dict[str, int]:
     """How far above its starting level each phase of ``work`` peaks, in bytes, predicted on the meta device
     for a run on a CPU in fp32 (CPU attention kernel, AdamW's CPU default)."""
-    built = meta_model(str(folder), "fp32")
+    built = model_from_configs(str(folder), "fp32")
     memory, peaks = DeviceMemory(), {}
 
     def end(name: str) -> None:

@@ -31,7 +31,7 @@ def test_checkpoint_copies_adamw_moments_straight_to_the_cpu():
 
 
 def test_pristine_qkv_copies_live_on_the_cpu(tiny_model_dirs):
-    model = memory.meta_model(str(tiny_model_dirs["sd"]), "fp16")
+    model = memory.model_from_configs(str(tiny_model_dirs["sd"]), "fp16")
     names = list(model.cross_attention_parameters())
     with memory.DeviceMemory() as mem:
         mem.adopt(model.unet.parameters())
@@ -164,4 +164,17 @@ def test_fit_on_the_cpu_only_reports(tiny_model_dirs, tmp_path):
     config = FinetuneConfig(batch_size=2)
     chosen, line = memory.fit_finetune(model, session, config)
     assert chosen == config and "cpu memory is not checked" in line
-    assert not model.unet.is_gradient_checkpointing and not model.text.learned   # the model is left as it was
+    assert memory.fit_edit(model, session) == "memory: cpu memory is not checked"
+
+
+def test_a_finetune_to_resume_keeps_its_settings(monkeypatch, tmp_path):
+    from dedit_nb import FinetuneConfig
+    monkeypatch.setattr(memory, "estimate", _fake_estimate())
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(6.5 * memory.GiB))
+    session = memory._synthetic_session(tmp_path / "s", 64, 48, 3)
+    session._data["finetune"] = {"stage": 1, "step": 10}
+    with pytest.raises(memory.MemoryFitError, match="resume=False"):
+        memory.fit_finetune(_FakeCudaModel(), [session], FinetuneConfig(batch_size=4), capability=(7, 5))
+    config, _ = memory.fit_finetune(_FakeCudaModel(), [session], FinetuneConfig(batch_size=4), resume=False,
+                                    capability=(7, 5))
+    assert config.lora

@@ -32,6 +32,8 @@ def finetuned_session(tmp_path_factory, tiny_model_dirs):
     executed = json.loads((tmp / "02.ipynb").read_text())
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
                for c in executed["cells"] for o in c.get("outputs", []))          # the loss plot and the recon
+    assert any("memory: cpu memory is not checked" in "".join(o.get("text", ""))   # the memory line, before training
+               for c in executed["cells"] for o in c.get("outputs", []))
     return tmp, session_dir, str(tiny_model_dirs["offline"])
 
 
