@@ -577,6 +577,7 @@ class Workload:
     width: int | None = None
     height: int | None = None
     finetune: bool = True
+    offload_text_and_vae: bool = False
 
     @property
     def size(self) -> tuple[int, int]:
@@ -600,7 +601,8 @@ def run_workload(model, work: Workload, on_phase) -> None:
 
     ends = iter(PHASES[1:] if work.finetune else PHASES[-1:])
     config = F.FinetuneConfig(stage1_steps=2, stage2_steps=2, checkpoint_every=1000, lora=work.lora,
-                              batch_size=work.batch_size, gradient_checkpointing=work.gradient_checkpointing)
+                              batch_size=work.batch_size, gradient_checkpointing=work.gradient_checkpointing,
+                              offload_text_and_vae=work.offload_text_and_vae)
     with tempfile.TemporaryDirectory() as tmp, mock.patch.object(F, "save_joint_weights",
                                                                  lambda *args: on_phase(next(ends))):
         session = _synthetic_session(f"{tmp}/session", *work.size, work.items)
@@ -656,7 +658,8 @@ def _weights(model):
 # Fitting a run into the device's memory
 # ---------------------------------------------------------------------------------------------------------
 
-FINETUNE_OPTIONS = ("gradient checkpointing", "LoRA", "a smaller batch")
+FINETUNE_OPTIONS = ("gradient checkpointing", "LoRA", "a smaller batch", "the text encoders and VAE off the GPU "
+                    "between uses")
 
 
 class MemoryFitError(RuntimeError):
@@ -678,11 +681,14 @@ def _session_workload(sessions, config, **kwargs) -> Workload:
     entries = [e for s in sessions for e in s.images]
     width, height = max((e.size for e in entries), key=lambda wh: wh[0] * wh[1])
     return Workload(items=max(len(e.items) for e in entries), lora=config.lora, batch_size=config.batch_size,
-                    gradient_checkpointing=config.gradient_checkpointing, width=width, height=height, **kwargs)
+                    gradient_checkpointing=config.gradient_checkpointing, width=width, height=height,
+                    offload_text_and_vae=config.offload_text_and_vae, **kwargs)
 
 
-def _finetune_candidates(config, only_checkpointing: bool = False):
-    """The config, then with each memory option turned on in the stated order."""
+def _finetune_candidates(config, resuming: bool = False):
+    """``(config, what was turned on)``: the config as asked, then with each memory option turned on in the
+    stated order. A finetune to resume may only change what does not change its result (checkpointing, where
+    the text encoders and VAE wait)."""
     from dataclasses import replace
     yield config, []
     chosen = []
@@ -690,15 +696,19 @@ def _finetune_candidates(config, only_checkpointing: bool = False):
         config = replace(config, gradient_checkpointing=True)
         chosen.append("gradient checkpointing")
         yield config, list(chosen)
-    if only_checkpointing:
-        return
-    if not config.lora:
-        config = replace(config, lora=True)
-        chosen.append("LoRA")
-        yield config, list(chosen)
-    while config.batch_size > 1:
-        config = replace(config, batch_size=config.batch_size // 2)
-        yield config, chosen + [f"batch_size={config.batch_size}"]
+    if not resuming:
+        if not config.lora:
+            config = replace(config, lora=True)
+            chosen.append("LoRA")
+            yield config, list(chosen)
+        if config.batch_size > 1:
+            while config.batch_size > 1:
+                config = replace(config, batch_size=config.batch_size // 2)
+                yield config, chosen + [f"batch_size={config.batch_size}"]
+            chosen.append("batch_size=1")
+    if not config.offload_text_and_vae:
+        config = replace(config, offload_text_and_vae=True)
+        yield config, chosen + ["text encoders and VAE on the CPU between uses"]
 
 
 def _needed(estimate: Estimate, phases) -> tuple[int, str]:
@@ -713,8 +723,9 @@ def fit_finetune(model, sessions, config=None, auto_memory: bool = True, resume:
     """Predict a finetune's peak memory on ``model``'s CUDA device (:func:`estimate` of its largest image) and
     make it fit: returns ``(config, line)``, the config to train with and one line saying what was predicted
     and chosen. When it does not fit the device's free memory, ``auto_memory=True`` turns on gradient
-    checkpointing, then LoRA, then halves the batch until it fits (a finetune to resume keeps its settings:
-    only checkpointing may change), and turns on VAE tiling for the edits when they would not fit;
+    checkpointing, then LoRA, then halves the batch, then keeps the text encoders and VAE on the CPU between
+    uses, until it fits (a finetune to resume keeps the settings that change its result: LoRA and the batch),
+    and turns on VAE tiling for the edits when they would not fit;
     ``auto_memory=False`` raises :class:`MemoryFitError` naming those options. Other devices are not checked
     (the line says so; ``python -m dedit_nb.memory`` predicts a GPU's peak from anywhere)."""
     from .finetune import FinetuneConfig
@@ -727,7 +738,7 @@ def fit_finetune(model, sessions, config=None, auto_memory: bool = True, resume:
     capability = capability or torch.cuda.get_device_capability(model.device)
     settled = resume and sessions[0].finetune_state is not None
     first = None
-    for candidate, chosen in _finetune_candidates(config, only_checkpointing=settled):
+    for candidate, chosen in _finetune_candidates(config, resuming=settled):
         predicted = estimate(model, work=_session_workload(sessions, candidate), capability=capability)
         needed, phase = _needed(predicted, ("stage 1", "stage 2"))
         first = first or (needed, phase)
@@ -737,7 +748,8 @@ def fit_finetune(model, sessions, config=None, auto_memory: bool = True, resume:
             raise MemoryFitError(
                 f"the finetune's {first[1]} is predicted to need {_gib(first[0])} more than the loaded weights, "
                 f"but {model.device} has {_gib(free)} free; turn on {', '.join(FINETUNE_OPTIONS)} "
-                "(FinetuneConfig(gradient_checkpointing=True, lora=True, batch_size=...)), or auto_memory=True "
+                "(FinetuneConfig(gradient_checkpointing=True, lora=True, batch_size=..., offload_text_and_vae=True)), "
+                "or auto_memory=True "
                 "to choose them in that order")
     else:
         fix = "resume=False to start over with other settings, " if settled else ""

@@ -114,9 +114,10 @@ class _FakeCudaModel:
 
 def _fake_estimate(edit_gib=1.0):
     """Predictions that shrink with each option: 10 GiB above 4 GiB of weights, -2 with checkpointing,
-    -2 with LoRA, -1 per halving of the batch from 4."""
+    -2 with LoRA, -1 per halving of the batch from 4, -0.5 with the text encoders and VAE on the CPU."""
     def fake(model, work, capability):
-        need = 10 - 2 * work.gradient_checkpointing - 2 * work.lora - (2 - int(np.log2(work.batch_size)))
+        need = 10 - 2 * work.gradient_checkpointing - 2 * work.lora - (2 - int(np.log2(work.batch_size))) \
+            - 0.5 * work.offload_text_and_vae
         phases = [memory.Phase("load", 4 * memory.GiB, 4 * memory.GiB, 0, ""),
                   memory.Phase("stage 1", 0, 5 * memory.GiB, 0, ""),
                   memory.Phase("stage 2", 0, int((4 + need) * memory.GiB), 0, ""),
@@ -130,6 +131,8 @@ def _fake_estimate(edit_gib=1.0):
     (9, (True, False, 4, "chose gradient checkpointing")),
     (6.5, (True, True, 4, "chose gradient checkpointing, LoRA")),
     (5.5, (True, True, 2, "chose gradient checkpointing, LoRA, batch_size=2")),
+    (3.6, (True, True, 1, "chose gradient checkpointing, LoRA, batch_size=1, text encoders and VAE on the CPU "
+                          "between uses")),
 ])
 def test_auto_memory_turns_options_on_in_the_stated_order(monkeypatch, tmp_path, free_gib, expected):
     from dedit_nb import FinetuneConfig
@@ -138,6 +141,7 @@ def test_auto_memory_turns_options_on_in_the_stated_order(monkeypatch, tmp_path,
     session = memory._synthetic_session(tmp_path / "s", 64, 48, 3)
     config, line = memory.fit_finetune(_FakeCudaModel(), [session], FinetuneConfig(batch_size=4), capability=(7, 5))
     assert (config.gradient_checkpointing, config.lora, config.batch_size) == expected[:3]
+    assert config.offload_text_and_vae == (free_gib < 4)
     assert line.endswith(expected[3])
 
 
@@ -146,7 +150,7 @@ def test_auto_memory_off_refuses_naming_the_options_and_edits_get_vae_tiling(mon
     monkeypatch.setattr(memory, "available_bytes", lambda device: 7 * memory.GiB)
     session = memory._synthetic_session(tmp_path / "s", 64, 48, 3)
     monkeypatch.setattr(memory, "estimate", _fake_estimate())
-    with pytest.raises(memory.MemoryFitError, match="gradient checkpointing, LoRA, a smaller batch"):
+    with pytest.raises(memory.MemoryFitError, match="gradient checkpointing, LoRA, a smaller batch, the text encoders"):
         memory.fit_finetune(_FakeCudaModel(), [session], FinetuneConfig(), auto_memory=False, capability=(7, 5))
     monkeypatch.setattr(memory, "estimate", _fake_estimate(edit_gib=8))
     model = _FakeCudaModel()
@@ -178,3 +182,15 @@ def test_a_finetune_to_resume_keeps_its_settings(monkeypatch, tmp_path):
     config, _ = memory.fit_finetune(_FakeCudaModel(), [session], FinetuneConfig(batch_size=4), resume=False,
                                     capability=(7, 5))
     assert config.lora
+
+
+def test_text_encoders_and_vae_wait_on_the_cpu_and_come_back(tiny_model_dirs):
+    folder = str(tiny_model_dirs["sd"])
+    base = memory.estimate(folder, dtype="fp32", work=memory.Workload(resolution=64, items=3))
+    off = memory.estimate(folder, dtype="fp32", work=memory.Workload(resolution=64, items=3, offload_text_and_vae=True))
+    model = memory.model_from_configs(folder, "fp32")
+    text = sum(p.nbytes for s in model.text.slots for p in s.encoder.parameters())
+    vae = sum(p.nbytes for p in model.vae.parameters())
+    assert base.phase("stage 1").lower - off.phase("stage 1").lower >= vae                # off during stage 1
+    assert base.phase("stage 2").lower - off.phase("stage 2").lower >= vae + text         # both off in stage 2
+    assert off.phase("edit").lower == pytest.approx(base.phase("edit").lower, rel=1e-3)  # all back for the edits
