@@ -19,9 +19,10 @@ finalizer on the storage). What runs is what CUDA would run:
   fp32 (a fitted allowance: cuDNN picks its algorithm at run time).
 
 The lower bound is the peak of allocated tensor bytes (what ``torch.cuda.max_memory_allocated`` reports);
-the upper bound is the peak of reserved memory with the workspaces (what ``nvidia-smi`` shows, less the
-CUDA context). The CUDA context itself (about 0.3-0.5 GiB) is outside both, as ``mem_get_info``'s free
-memory already excludes it.
+the upper bound is the peak of reserved memory in segments that hold a live block, with the workspaces
+(on running out, the allocator gives wholly free cached segments back and retries, so those do not count;
+what stays is rounding, fragmentation and the workspaces). The CUDA context itself (about 0.3-0.5 GiB) is
+outside both, as ``mem_get_info``'s free memory already excludes it.
 """
 from __future__ import annotations
 
@@ -60,8 +61,12 @@ class CachingAllocator:
 
     def __init__(self):
         self.allocated = self.reserved = self.peak_allocated = self.peak_reserved = 0
+        # reserved memory in segments holding at least one block: what a device must have, since on running
+        # out the allocator gives wholly free cached segments back and retries
+        self.in_use = self.peak_in_use = 0
         self._free = {True: [], False: []}   # per pool (small or not): sorted (size, segment, offset)
         self._segments: list[tuple[bool, list[int], dict[int, list]]] = []   # (small, offsets, offset -> [size, free])
+        self._segment_blocks: list[list[int]] = []                            # per segment: [size, blocks in use]
 
     @staticmethod
     def rounded(nbytes: int) -> int:
@@ -84,8 +89,14 @@ class CachingAllocator:
                 block_size = -(-size // self.ROUND_LARGE) * self.ROUND_LARGE
             segment, offset = len(self._segments), 0
             self._segments.append((small, [0], {0: [block_size, True]}))
+            self._segment_blocks.append([block_size, 0])
             self.reserved += block_size
             self.peak_reserved = max(self.peak_reserved, self.reserved)
+        counts = self._segment_blocks[segment]
+        if counts[1] == 0:
+            self.in_use += counts[0]
+            self.peak_in_use = max(self.peak_in_use, self.in_use)
+        counts[1] += 1
         _, offsets, blocks = self._segments[segment]
         rest = block_size - size
         if rest >= (512 if small else MiB + 1):   # a large block is split only when over 1 MiB would remain
@@ -105,6 +116,10 @@ class CachingAllocator:
         free = self._free[small]
         size = blocks[offset][0]
         self.allocated -= size
+        counts = self._segment_blocks[segment]
+        counts[1] -= 1
+        if counts[1] == 0:
+            self.in_use -= counts[0]
         i = bisect.bisect_left(offsets, offset)
         if i + 1 < len(offsets) and blocks[offsets[i + 1]][1]:
             after = offsets.pop(i + 1)
@@ -201,9 +216,9 @@ class DeviceMemory(TorchDispatchMode):
     def reset_peaks(self) -> None:
         """Start a new phase: peaks from what is live now."""
         a = self.allocator
-        a.peak_allocated, a.peak_reserved = a.allocated, a.reserved
+        a.peak_allocated, a.peak_reserved, a.peak_in_use = a.allocated, a.reserved, a.in_use
         self.peak_tensor_bytes = self.tensor_bytes
-        self.peak_with_workspace = a.reserved
+        self.peak_with_workspace = a.in_use
         self.at_peak = (self.weight_bytes, self.tensor_bytes - self.weight_bytes, "")
 
     @property
@@ -212,7 +227,7 @@ class DeviceMemory(TorchDispatchMode):
 
     @property
     def upper(self) -> int:
-        return max(self.allocator.peak_reserved, self.peak_with_workspace)
+        return max(self.allocator.peak_in_use, self.peak_with_workspace)
 
     # --- dispatch ------------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -260,7 +275,7 @@ class DeviceMemory(TorchDispatchMode):
             nbytes = int(share * (args[0].numel() + args[1].numel()) * x.element_size())
         if nbytes:
             block = self.allocator.malloc(nbytes)
-            self.peak_with_workspace = max(self.peak_with_workspace, self.allocator.reserved)
+            self.peak_with_workspace = max(self.peak_with_workspace, self.allocator.in_use)
             self.allocator.free(block)
 
 
@@ -503,8 +518,8 @@ def _cuda_optimizers():
 
 @dataclass
 class Phase:
-    """Predicted peak of one phase, in bytes: ``lower`` (tensors only), ``upper`` (reserved memory with the
-    convolution workspaces), and what is live at the lower peak by kind."""
+    """Predicted peak of one phase, in bytes: ``lower`` (tensors only), ``upper`` (reserved memory in use, with
+    the convolution workspaces), and what is live at the lower peak by kind."""
 
     name: str
     lower: int

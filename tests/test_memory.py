@@ -94,6 +94,7 @@ def test_caching_allocator_rounds_reuses_and_merges():
     medium = a.malloc(4 * memory.MiB)                       # 1-10 MiB: a 20 MiB segment
     assert a.reserved == 22 * memory.MiB
     a.free(medium)
+    assert a.in_use == 2 * memory.MiB                       # a wholly free segment is not needed (given back on OOM)
     a.malloc(12 * memory.MiB)                               # fits the freed 20 MiB block: nothing new reserved
     assert a.reserved == 22 * memory.MiB
     for block in small:
