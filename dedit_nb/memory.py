@@ -147,6 +147,8 @@ _FACTORIES = {aten.empty.memory_format, aten.empty_strided.default, aten.zeros.d
               aten.full.default, aten.arange.default, aten.arange.start, aten.arange.start_step,
               aten.randint.low, aten.randint.default, aten.scalar_tensor.default}
 _CONVOLUTIONS = {aten.convolution.default, aten.convolution_backward.default}
+# comparisons true of finite values (isfinite is x == x and |x| != inf): checks for non-finite values pass
+_TRUE_OF_FINITE_VALUES = {aten.isfinite.default, aten.eq.Tensor, aten.ne.Scalar}
 
 
 def _is_meta(x) -> bool:
@@ -250,8 +252,9 @@ class DeviceMemory(TorchDispatchMode):
             self._workspace(func, args)
         self._op = func.__name__
         out = func(*args, **kwargs)
-        if any(_is_meta(a) for a in flat):
-            out = tree_map(_real_discrete, out) if func._schema.is_mutable is False else out
+        if any(_is_meta(a) for a in flat) and not func._schema.is_mutable:
+            fill = 1 if func in _TRUE_OF_FINITE_VALUES else 0
+            out = tree_map(lambda x: _real_discrete(x, fill), out)
         for t in _leaves(out):
             if isinstance(t, torch.Tensor):
                 self._track(t)
@@ -307,10 +310,11 @@ def _to_meta(x):
     return x
 
 
-def _real_discrete(x):
-    """A discrete meta result as a real CPU tensor (zeros: no overflow, nothing found)."""
+def _real_discrete(x, fill: int = 0):
+    """A discrete meta result as a real CPU tensor, as if every value were finite (see
+    :data:`_TRUE_OF_FINITE_VALUES`; else zeros: nothing found)."""
     if _is_meta(x) and _discrete(x.dtype):
-        return torch.zeros(x.shape, dtype=x.dtype)
+        return torch.full(x.shape, fill, dtype=x.dtype)
     return x
 
 

@@ -195,3 +195,10 @@ def test_text_encoders_and_vae_wait_on_the_cpu_and_come_back(tiny_model_dirs):
     assert base.phase("stage 1").lower - off.phase("stage 1").lower >= vae                # off during stage 1
     assert base.phase("stage 2").lower - off.phase("stage 2").lower >= vae + text         # both off in stage 2
     assert off.phase("edit").lower == pytest.approx(base.phase("edit").lower, rel=1e-3)  # all back for the edits
+
+
+def test_meta_values_read_as_finite_so_checks_for_non_finite_losses_pass():
+    loss = torch.empty((), device="meta")
+    with memory.DeviceMemory():
+        assert bool(torch.isfinite(loss)) and not bool(torch.isnan(loss)) and not bool(torch.isinf(loss))
+        assert loss.item() == 0 and torch.isfinite(torch.empty(5, device="meta")).all()
