@@ -63,7 +63,7 @@ class FinetuneConfig:
 
     def resumable_with(self, other: "FinetuneConfig") -> bool:
         """Whether a finetune started with ``other`` can continue under these settings (only the step
-        counts and the checkpoint interval may change)."""
+        counts, the checkpoint interval and the memory options that leave the weights alone may change)."""
         free = {"stage1_steps", "stage2_steps", "checkpoint_every", "gradient_checkpointing", "offload_text_and_vae"}
         return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self) if f.name not in free)
 

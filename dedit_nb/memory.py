@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 aten = torch.ops.aten
 MiB = 2 ** 20
@@ -245,7 +245,7 @@ class DeviceMemory(TorchDispatchMode):
         if func in _FACTORIES and _is_meta_device(kwargs.get("device")) and _discrete(_dtype_of(func, args, kwargs)):
             kwargs = {**kwargs, "device": torch.device("cpu")}
             return func(*args, **kwargs)
-        flat = [a for a in _leaves(args, kwargs) if isinstance(a, torch.Tensor)]
+        flat = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         if any(_is_meta(a) for a in flat):
             args, kwargs = tree_map(_to_meta, (args, kwargs))
         if func in _CONVOLUTIONS:
@@ -255,7 +255,7 @@ class DeviceMemory(TorchDispatchMode):
         if any(_is_meta(a) for a in flat) and not func._schema.is_mutable:
             fill = 1 if func in _TRUE_OF_FINITE_VALUES else 0
             out = tree_map(lambda x: _real_discrete(x, fill), out)
-        for t in _leaves(out):
+        for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._track(t)
         return out
@@ -280,11 +280,6 @@ class DeviceMemory(TorchDispatchMode):
             block = self.allocator.malloc(nbytes)
             self.peak_with_workspace = max(self.peak_with_workspace, self.allocator.in_use)
             self.allocator.free(block)
-
-
-def _leaves(*trees):
-    from torch.utils._pytree import tree_leaves
-    return tree_leaves(trees)
 
 
 def _is_meta_device(device) -> bool:
@@ -541,10 +536,6 @@ class Estimate:
 
     phases: list[Phase]
     settings: dict = field(default_factory=dict)
-
-    @property
-    def peak(self) -> Phase:
-        return max(self.phases, key=lambda p: p.upper)
 
     def phase(self, name: str) -> Phase:
         return next(p for p in self.phases if p.name == name)
