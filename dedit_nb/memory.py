@@ -147,6 +147,9 @@ _FACTORIES = {aten.empty.memory_format, aten.empty_strided.default, aten.zeros.d
               aten.full.default, aten.arange.default, aten.arange.start, aten.arange.start_step,
               aten.randint.low, aten.randint.default, aten.scalar_tensor.default}
 _CONVOLUTIONS = {aten.convolution.default, aten.convolution_backward.default}
+# what live bytes were made as: adopted weights; in an optimizer step (AdamW's moments and temporaries); in
+# the backward pass (gradients, recomputed activations); anywhere else (activations, fp32 masters, caches)
+KINDS = ("weights", "forward", "backward", "optimizer")
 # comparisons true of finite values (isfinite is x == x and |x| != inf): checks for non-finite values pass
 _TRUE_OF_FINITE_VALUES = {aten.isfinite.default, aten.eq.Tensor, aten.ne.Scalar}
 
@@ -174,10 +177,23 @@ class DeviceMemory(TorchDispatchMode):
         self._live: dict[int, tuple[int, int]] = {}   # storage key -> allocator block
         self.tensor_bytes = self.peak_tensor_bytes = 0
         self.peak_with_workspace = 0
-        self._weights: set[int] = set()   # keys of adopted storages
-        self.weight_bytes = 0
-        self.at_peak = (0, 0, "")          # (weight bytes, other bytes, op) when the tensor peak was reached
+        self._kind_of: dict[int, str] = {}   # storage key -> KINDS entry it was made as
+        self.bytes_by_kind = dict.fromkeys(KINDS, 0)
+        self.at_peak: tuple[dict[str, int], str] = (dict(self.bytes_by_kind), "")   # by kind, and the op, at the peak
         self._op = ""
+        self._in_optimizer = False
+        self._hooks = []
+
+    def __enter__(self):
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+        self._hooks = [register_optimizer_step_pre_hook(lambda *a: setattr(self, "_in_optimizer", True)),
+                       register_optimizer_step_post_hook(lambda *a: setattr(self, "_in_optimizer", False))]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+        return super().__exit__(*exc)
 
     # --- accounting ----------------------------------------------------------------------------------
     def adopt(self, tensors) -> None:
@@ -196,20 +212,25 @@ class DeviceMemory(TorchDispatchMode):
         self._live[key] = (self.allocator.malloc(nbytes), nbytes)
         self.tensor_bytes += nbytes
         if weight:
-            self._weights.add(key)
-            self.weight_bytes += nbytes
+            kind = "weights"
+        elif self._in_optimizer:
+            kind = "optimizer"
+        elif torch._C._current_autograd_node() is not None:
+            kind = "backward"
+        else:
+            kind = "forward"
+        self._kind_of[key] = kind
+        self.bytes_by_kind[kind] += nbytes
         if self.tensor_bytes > self.peak_tensor_bytes:
             self.peak_tensor_bytes = self.tensor_bytes
-            self.at_peak = (self.weight_bytes, self.tensor_bytes - self.weight_bytes, self._op)
+            self.at_peak = (dict(self.bytes_by_kind), self._op)
         weakref.finalize(storage, self._release, key)
 
     def _release(self, key: int) -> None:
         block, nbytes = self._live.pop(key)
         self.allocator.free(block)
         self.tensor_bytes -= nbytes
-        if key in self._weights:
-            self._weights.discard(key)
-            self.weight_bytes -= nbytes
+        self.bytes_by_kind[self._kind_of.pop(key)] -= nbytes
 
     @property
     def allocated(self) -> int:
@@ -221,7 +242,7 @@ class DeviceMemory(TorchDispatchMode):
         a.peak_allocated, a.peak_reserved, a.peak_in_use = a.allocated, a.reserved, a.in_use
         self.peak_tensor_bytes = self.tensor_bytes
         self.peak_with_workspace = a.in_use
-        self.at_peak = (self.weight_bytes, self.tensor_bytes - self.weight_bytes, "")
+        self.at_peak = (dict(self.bytes_by_kind), "")
 
     @property
     def lower(self) -> int:
@@ -518,7 +539,7 @@ def _cuda_optimizers():
 @dataclass
 class Phase:
     """Predicted peak of one phase, in bytes: ``lower`` (tensors only), ``upper`` (reserved memory in use, with
-    the convolution workspaces), and what is live at the lower peak by kind."""
+    the convolution workspaces), the weights' bytes at the peak, and what is live there by :data:`KINDS`."""
 
     name: str
     lower: int
@@ -542,7 +563,7 @@ class Estimate:
 
     def table(self) -> str:
         head = ", ".join(f"{k}={v}" for k, v in self.settings.items())
-        lines = [f"predicted peak CUDA memory ({head})", f"{'phase':<10} {'lower':>7} {'upper':>7}   GiB; dominated by"]
+        lines = [f"predicted peak CUDA memory ({head})", f"{'phase':<10} {'lower':>7} {'upper':>7}   GiB; live at the lower peak, largest first"]
         return "\n".join(lines + [p.row() for p in self.phases])
 
     def __str__(self) -> str:
@@ -550,13 +571,14 @@ class Estimate:
 
 
 def _dominant(memory: DeviceMemory) -> str:
-    weights, other, op = memory.at_peak
-    what = f"weights {weights / GiB:.2f} + activations, gradients, optimizer {other / GiB:.2f} GiB"
-    return what + (f" (at {op})" if op else "")
+    by_kind, op = memory.at_peak
+    largest_first = sorted(by_kind.items(), key=lambda kv: -kv[1])
+    parts = ", ".join(f"{kind} {nbytes / GiB:.2f}" for kind, nbytes in largest_first if nbytes >= 0.005 * GiB)
+    return f"{parts or 'under 0.01'} GiB" + (f" (at {op})" if op else "")
 
 
 def _phase(name: str, memory: DeviceMemory) -> Phase:
-    return Phase(name, memory.lower, memory.upper, memory.at_peak[0], _dominant(memory))
+    return Phase(name, memory.lower, memory.upper, memory.at_peak[0]["weights"], _dominant(memory))
 
 
 def _synthetic_session(folder, width: int, height: int, items: int):

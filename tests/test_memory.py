@@ -11,7 +11,7 @@ from dedit_nb.finetune import flatten_optimizer_state
 from dedit_nb.models import load_model, pick_dtype
 
 
-def _meta_optimizer(memory_mode):
+def _meta_optimizer():
     w = torch.nn.Parameter(torch.empty(256, 256, device="meta"))
     opt = torch.optim.AdamW([w])
     w.grad = torch.empty_like(w)
@@ -21,7 +21,7 @@ def _meta_optimizer(memory_mode):
 
 def test_checkpoint_copies_adamw_moments_straight_to_the_cpu():
     with memory.DeviceMemory() as mem:
-        w, opt = _meta_optimizer(mem)
+        w, opt = _meta_optimizer()
         mem.reset_peaks()
         before = mem.allocated
         flat = flatten_optimizer_state(opt)
@@ -202,3 +202,18 @@ def test_meta_values_read_as_finite_so_checks_for_non_finite_losses_pass():
     with memory.DeviceMemory():
         assert bool(torch.isfinite(loss)) and not bool(torch.isnan(loss)) and not bool(torch.isinf(loss))
         assert loss.item() == 0 and torch.isfinite(torch.empty(5, device="meta")).all()
+
+
+def test_live_bytes_are_told_apart_by_what_made_them():
+    w = torch.nn.Parameter(torch.empty(256, 256, device="meta"))
+    with memory.DeviceMemory() as mem:
+        mem.adopt([w])
+        x = torch.empty(8, 256, device="meta")
+        (x @ w).sum().backward()
+        optimizer = torch.optim.AdamW([w])
+        optimizer.step()
+        kinds = dict(mem.bytes_by_kind)
+    assert kinds["weights"] == w.nbytes
+    assert kinds["forward"] >= x.nbytes
+    assert kinds["backward"] >= w.nbytes              # the gradient
+    assert kinds["optimizer"] >= 2 * w.nbytes         # AdamW's two moments
