@@ -60,7 +60,8 @@ def measure_cuda(model, work: memory.Workload) -> dict[str, tuple[int, int]]:
 
     def end(name: str) -> None:
         torch.cuda.synchronize()
-        peaks[name] = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
+        if name != memory.EDIT_BEGINS:
+            peaks[name] = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
         torch.cuda.reset_peak_memory_stats()
 
     memory.run_workload(model, work, end)

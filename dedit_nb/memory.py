@@ -617,12 +617,13 @@ class Workload:
 
 
 PHASES = ("load", "stage 1", "stage 2", "edit")
+EDIT_BEGINS = "edit begins"   # the finetune has returned and let go of its optimizer, masters and caches
 
 
 def run_workload(model, work: Workload, on_phase) -> None:
     """Run the project's finetune and edit code on ``model`` (any device), calling ``on_phase(name)`` at the
     end of ``stage 1``, ``stage 2`` (the finetune's checkpoint saves, replaced: nothing is written) and
-    ``edit``."""
+    ``edit``, and with :data:`EDIT_BEGINS` when the edit's phase starts."""
     import importlib
     import tempfile
     from unittest import mock
@@ -642,6 +643,7 @@ def run_workload(model, work: Workload, on_phase) -> None:
             F.finetune(model, session, config, resume=False, progress=False)
     if work.vae_tiling:
         model.enable_vae_tiling()
+    on_phase(EDIT_BEGINS)
     entry = session.images[0]
     cond = encode_items(model, [it.prompt() for it in entry.items], [config.item_prompt_length] * work.items)
     masked_sample(model, cond, latent_labels(model, entry.labels, work.items), entry.working,
@@ -668,7 +670,8 @@ def estimate(model="sd15", resolution: int = 512, dtype: str | torch.dtype = "fp
     memory, phases = DeviceMemory(), []
 
     def end(name: str) -> None:
-        phases.append(_phase(name, memory))
+        if name != EDIT_BEGINS:
+            phases.append(_phase(name, memory))
         memory.reset_peaks()
 
     with memory, routed_attention(kernel), _cuda_optimizers():
@@ -838,7 +841,8 @@ def predict_cpu(folder: str, work: Workload) -> dict[str, int]:
     memory, peaks = DeviceMemory(), {}
 
     def end(name: str) -> None:
-        peaks[name] = memory.peak_tensor_bytes - start[0]
+        if name != EDIT_BEGINS:
+            peaks[name] = memory.peak_tensor_bytes - start[0]
         memory.reset_peaks()
         start[0] = memory.tensor_bytes
 
@@ -866,8 +870,9 @@ def measure_cpu(model, work: Workload) -> dict[str, int]:
             level += changes[i][1]
             peak = max(peak, level)
             i += 1
-        peaks[name], start = peak - start, level
-        peak = level
+        if name != EDIT_BEGINS:
+            peaks[name] = peak - start
+        start = peak = level
     return peaks
 
 
