@@ -217,3 +217,13 @@ def test_live_bytes_are_told_apart_by_what_made_them():
     assert kinds["forward"] >= x.nbytes
     assert kinds["backward"] >= w.nbytes              # the gradient
     assert kinds["optimizer"] >= 2 * w.nbytes         # AdamW's two moments
+
+
+def test_estimating_a_loaded_model_leaves_it_as_it_was(tiny_model_dirs):
+    model = load_model(str(tiny_model_dirs["sd"]), device="cpu", dtype="fp16")
+    vocabulary = len(model.text.slots[0].tokenizer)
+    before = {n: p.clone() for n, p in model.unet.named_parameters()}
+    estimate = memory.estimate(model, work=memory.Workload(resolution=64, items=3))
+    assert estimate.settings["dtype"] == "float16" and estimate.phase("stage 2").lower > estimate.phase("load").lower
+    assert len(model.text.slots[0].tokenizer) == vocabulary and not model.text.learned   # no item tokens added
+    assert all(torch.equal(p, before[n]) for n, p in model.unet.named_parameters())
