@@ -56,6 +56,7 @@ class FinetuneConfig:
     seed: int = 0
     item_prompt_length: int = C.ITEM_PROMPT_LENGTH
     gradient_checkpointing: bool = False   # recompute activations in the backward pass: less memory, more time
+    offload_text_and_vae: bool = False     # the VAE (after encoding) and, in stage 2, the text encoders wait on the CPU
     profile: dict | None = None
 
     @classmethod
@@ -81,8 +82,9 @@ class FinetuneConfig:
 
     def resumable_with(self, other: "FinetuneConfig") -> bool:
         """Whether a finetune started with ``other`` can continue under these settings (only the step
-        counts and the checkpoint interval may change)."""
-        free = {"stage1_steps", "stage2_steps", "checkpoint_every", "gradient_checkpointing", "profile"}
+        counts, the checkpoint interval and the memory options that leave the weights alone may change)."""
+        free = {"stage1_steps", "stage2_steps", "checkpoint_every", "gradient_checkpointing", "offload_text_and_vae",
+                "profile"}
         return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self) if f.name not in free)
 
 
@@ -127,7 +129,8 @@ def flatten_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tenso
     flat = {}
     for idx, state in opt.state_dict()["state"].items():
         for key, value in state.items():
-            flat[f"{idx}.{key}"] = torch.as_tensor(value).reshape(-1).clone()
+            # straight to the CPU: a clone on the GPU first would hold a second copy of both AdamW moments
+            flat[f"{idx}.{key}"] = torch.as_tensor(value).detach().reshape(-1).to("cpu", copy=True)
     return flat
 
 
@@ -311,12 +314,26 @@ def _finetune(model, session: Session, sessions: list[Session], config: Finetune
     if state is not None:
         run.resumed = {"optimizer": session.load_weights("optimizer"), "scaler": state.get("scaler", {}),
                        "rows": session.load_weights("tokens")}
-    if stage == 1:
-        if _stage1(run, start):
-            return result
-        start, run.resumed = 0, {}
-    result.completed = not _stage2(run, start, session.load_weights("unet") if stage == 2 else {})
+    with _waiting_on_cpu(model, [model.vae] if config.offload_text_and_vae else []):
+        if stage == 1:
+            if _stage1(run, start):
+                return result
+            start, run.resumed = 0, {}
+        result.completed = not _stage2(run, start, session.load_weights("unet") if stage == 2 else {})
     return result
+
+
+@contextlib.contextmanager
+def _waiting_on_cpu(model, modules):
+    """Modules moved to the CPU for a while (their weights leave the GPU), then back to the model's device."""
+    modules = [m for m in modules if m is not None]
+    for m in modules:
+        m.to("cpu")
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.to(model.device)
 
 
 def _weights_meta(config: FinetuneConfig, sessions: Sequence[Session]) -> dict:
@@ -419,8 +436,10 @@ def _stage2(run: _Run, start: int, saved_unet: dict[str, torch.Tensor]) -> bool:
         resume = {**flatten_optimizer_state(opt), **masters.resume_tensors()}
         return {"tokens": tokens, "unet": unet, "optimizer": resume}
 
+    encoders = [slot.encoder for slot in model.text.slots] if config.offload_text_and_vae else []
     try:
-        return _train(run, _Stage(2, config.stage2_steps, opt, lambda: cached, saved, masters), start)
+        with _waiting_on_cpu(model, encoders):   # the item prompts' states are cached: no encoder runs in stage 2
+            return _train(run, _Stage(2, config.stage2_steps, opt, lambda: cached, saved, masters), start)
     finally:
         for p in params.values():
             p.requires_grad_(False)

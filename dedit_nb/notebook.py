@@ -116,14 +116,14 @@ NOTEBOOK_PARAMETERS: dict[str, dict[str, Check]] = {
         "lora": FLAG, "lora_lr": number(0, low_open=True), "batch_size": integer(1),
         "extra_sessions": Check((list,), "a list of session folders, e.g. ['runs/session_b']"),
         "seed": integer(0, MAX_FINETUNE_SEED), "recon_steps": integer(1), "recon_guidance": number(0),
-        "device": text(optional=True), "resume": FLAG, "force": FLAG},
+        "device": text(optional=True), "resume": FLAG, "force": FLAG, "auto_memory": FLAG},
     "03_edit": {
         "session_dir": text(), "model": text(), "edit": text(choices=EDIT_KINDS), "item": ITEM, "prompt": text(),
         "dx": number(), "dy": number(), "scale": number(0, low_open=True), "source_session": text(optional=True),
         "source_image": IMAGE, "source_item": ITEM, "strength": number(0, 1), "guidance": number(0),
         "steps": integer(1), "edge_thickness": integer(0), "seed": integer(0, MAX_SEED), "num_images": integer(1),
-        "scheduler": text(choices=tuple(SCHEDULERS)), "output_dir": text(), "overwrite": FLAG, "device": text(optional=True), "interactive": FLAG,
-        "batch_grid": text(optional=True)},
+        "scheduler": text(choices=tuple(SCHEDULERS)), "output_dir": text(), "overwrite": FLAG, "device": text(optional=True),
+        "auto_memory": FLAG, "interactive": FLAG, "batch_grid": text(optional=True)},
 }
 SAMPLING = ("strength", "guidance", "steps", "edge_thickness", "seed", "num_images", "scheduler")
 # what an edit's sampling settings may be once resolved (headless_edit, batch runs): None is not among them

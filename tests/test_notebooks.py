@@ -33,6 +33,8 @@ def finetuned_session(tmp_path_factory, tiny_model_dirs):
     executed = json.loads((tmp / "02.ipynb").read_text())
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
                for c in executed["cells"] for o in c.get("outputs", []))          # the loss plot and the recon
+    assert any("memory: cpu memory is not checked" in "".join(o.get("text", ""))   # the memory line, before training
+               for c in executed["cells"] for o in c.get("outputs", []))
     return tmp, session_dir, str(tiny_model_dirs["offline"])
 
 
@@ -51,6 +53,7 @@ def test_edit_notebook_writes_outputs_matching_its_parameters(finetuned_session)
     assert sorted(manifest["files"]["images"]) == ["image_0.png", "image_1.png"]
     for f in ["image_0.png", "image_1.png", "hard.png", "soft.png", "active.png", "labels.npy"]:
         assert (out / f).exists()
+    assert "memory: cpu memory is not checked" in printed(tmp / "03.ipynb")   # the memory line, before sampling
 
 
 def test_a_wrong_parameter_fails_early_and_names_it(finetuned_session):
