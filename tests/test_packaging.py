@@ -91,3 +91,20 @@ def test_the_setup_cell_does_nothing_outside_colab_and_installs_inside(monkeypat
     assert len(calls) == 1 and f"dedit-workbench @ git+{REPOSITORY_URL}" in calls[0] and enabled == [True]
     said = capsys.readouterr().out.strip().splitlines()
     assert len(said) == 1 and "installed dedit-workbench" in said[0] and "widget manager" in said[0]
+
+
+def test_no_tracked_file_names_a_build_machines_paths():
+    """Tracked files carry no absolute path of the machine they were written on (a checkout's, a home's or a
+    scratch folder's): commands in docs and logs are relative to the repository."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=root, check=True, capture_output=True).stdout.decode()
+    machine_path = re.compile(r"(?<![\w.~-])/(?:work|root|home/\w+)/")
+    found = []
+    for name in filter(None, names.split("\0")):
+        path = root / name
+        if not path.is_file() or path.suffix in {".png", ".jpg", ".safetensors", ".npy", ".pth"}:
+            continue
+        text = path.read_text(errors="ignore")
+        found += [f"{name}: {m.group(0)}" for m in machine_path.finditer(text)]
+    assert not found, found
