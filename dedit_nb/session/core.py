@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
 import secrets
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -21,7 +20,11 @@ from .checkpoints import _generation, save_joint_weights
 from .items import DEFAULT_TEMPLATE, ImageEntry, Item, SessionError, _slug, unique_names
 from .schema import FORMAT, SESSION_FILE, SessionRecord, _check_session, _load_images, _read_json
 from .store import (LOCK_FILE, _check_new_folder, _collect_garbage, _copy_folder, _merge, _referenced, _refuse_gone,
-                    _remove_stale_temporaries, _state, atomic_write_bytes, npy_bytes, png_bytes, session_lock)
+                    _remove_stale_temporaries, _staged_name, _state, atomic_write_bytes, npy_bytes, png_bytes,
+                    session_lock)
+
+if TYPE_CHECKING:
+    from ..models import DEditModel
 
 SESSION_ID = re.compile(r"[0-9a-z]{1,16}")   # it starts token names: "<{id}{image}.{item}{k}_{t}>"
 
@@ -239,7 +242,7 @@ class Session:
         return [t for e in self.images for it in e.items for t in it.tokens]
 
     # --- model and weights ---------------------------------------------------------------------------
-    def check_model(self, model) -> None:
+    def check_model(self, model: DEditModel) -> None:
         """Refuse a model the session was not finetuned on, or whose size multiple does not fit."""
         if self.model_id is not None and self.model_id != model.model_id:
             raise SessionError(
@@ -256,7 +259,7 @@ class Session:
     def _stage(self, prefix: str, suffix: str, blob: bytes) -> str:
         """Name ``blob`` ``<prefix>-<hash><suffix>`` and keep it for the next save (which writes it, once:
         same content, same file); returns the path relative to the session folder."""
-        rel = f"{prefix}-{hashlib.sha1(blob).hexdigest()[:16]}{suffix}"
+        rel = _staged_name(prefix, suffix, blob)
         self._staged[rel] = blob
         return rel
 

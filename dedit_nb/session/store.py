@@ -1,10 +1,12 @@
-"""The session folder's transaction: its lock, atomic writes, the merge of one writer's change into
-session.json as it is on disk, and the deletion of data files nothing refers to (and of temporaries of killed
-writes). Only files this project names are ever deleted."""
+"""The session folder's transaction: its lock, atomic writes, the content names of staged data files, the
+merge of one writer's change into session.json as it is on disk, copies of the folder, and the deletion of
+data files nothing refers to (and of temporaries of killed writes). Only files this project names are ever
+deleted."""
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import re
@@ -109,13 +111,18 @@ def _check_new_folder(folder: Path, overwrite: bool) -> None:
 
 
 
-# the names this session gives its data files (``Session._stage``) and their temporaries (atomic_write_bytes):
+# the names this session gives its data files (:func:`_staged_name`) and their temporaries (atomic_write_bytes):
 # only those are ever deleted; anything else in a data folder is the user's
 OWN_FILE = {"images": re.compile(r"\d+-(original|working)-[0-9a-f]{16}(\.[^./]+)?"),
             "items": re.compile(r"\d+-[0-9a-f]{16}\.npy"),
             "weights": re.compile(r"[a-z]+-[0-9a-f]{16}\.safetensors")}
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp")
 _told_left_alone: set[Path] = set()
+
+
+def _staged_name(prefix: str, suffix: str, blob: bytes) -> str:
+    """The name of the data file holding ``blob``, ``<prefix>-<hash><suffix>``: same content, same file."""
+    return f"{prefix}-{hashlib.sha1(blob).hexdigest()[:16]}{suffix}"
 
 
 def _own_files(folder: Path, sub: str) -> list[Path]:
