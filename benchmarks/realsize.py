@@ -7,7 +7,7 @@ No download: the model folder is built from the published configs (UNet, VAE, CL
 tokenizer is a byte-level stand-in that makes a token of every character, since no CLIP vocabulary can be
 fetched here; the text encoders keep the real 49,408-row embedding tables) with random weights, saved with
 ``save_pretrained`` under ``runs/realsize/<family>`` once and reloaded through ``load_model`` as a user's
-checkpoint would be. Then, as in the README: a session from ``examples/coffee.jpg`` at the family's
+checkpoint would be. Then, as in the README: a session from ``dedit_nb/examples/coffee.jpg`` at the family's
 resolution, offline segmentation into 6 items, the finetune (attention mode) interrupted in stage 1 and in
 stage 2 and resumed, a LoRA finetune of a copy, and the recon / text / move / remove edits (hard pixels
 checked exact). Every phase prints its wall time, its peak memory (RSS on CPU, sampled every 10 ms;
@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from dedit_nb import conditioning as C  # noqa: E402
 from dedit_nb.attention import ItemLayout  # noqa: E402
 from dedit_nb.edits import Editor  # noqa: E402
+from dedit_nb.profiles import EXAMPLES  # noqa: E402
 from dedit_nb.finetune import FinetuneConfig, finetune  # noqa: E402
 from dedit_nb.models import _tiny_clip_tokenizer, load_model  # noqa: E402
 from dedit_nb.session import Session  # noqa: E402
@@ -335,7 +336,7 @@ def main(argv=None) -> None:
     work = runs / "work" / f"{args.family}-{str(model.dtype).split('.')[-1]}"
     shutil.rmtree(work, ignore_errors=True)
     with Phase("session + offline segmentation", model.device):
-        session = Session.create(work / "session", ROOT / "examples" / "coffee.jpg", resolution=resolution,
+        session = Session.create(work / "session", EXAMPLES / "coffee.jpg", resolution=resolution,
                                  multiple=model.latent_factor)
         segment_session(session, 0, method="offline", num_items=6)
     print(f"  working size {session.images[0].size}, fit {session.images[0].fit}", flush=True)

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from .batch import print_summary, run_batch
+from .profiles import EXAMPLES
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-EXAMPLES = ROOT / "examples"
 
 FINETUNE = dict(num_tokens=3, stage1_steps=150, stage2_steps=150, stage1_lr=5e-3, stage2_lr=5e-4, batch_size=4)
 SAMPLING = dict(steps=25, guidance=3.0, strength=0.5, edge_thickness=2, num_images=2, seed=0)

@@ -17,11 +17,14 @@ ITEM_COLOURS = np.array([
     (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40), (128, 0, 0),
     (128, 128, 0), (0, 0, 128), (250, 190, 212), (220, 190, 255), (170, 255, 195), (255, 215, 180),
     (255, 250, 200), (128, 128, 128)], dtype=np.uint8)
+ITEM_COLOUR_NAMES = ("red", "green", "yellow", "blue", "orange", "purple", "cyan", "magenta", "lime", "teal",
+                     "brown", "maroon", "olive", "navy", "pink", "lavender", "mint", "apricot", "beige", "grey")
 
 OVERLAY_MODES = ("outline", "solid")
 
 REGION_NAMES = ("hard", "soft", "active")
-REGION_COLOURS = np.array([(70, 70, 70), (245, 166, 35), (30, 170, 230)], np.uint8)
+# hard is a mid grey: readable against JupyterLab's light and dark themes alike (a dark grey vanished on dark)
+REGION_COLOURS = np.array([(128, 128, 128), (245, 166, 35), (30, 170, 230)], np.uint8)
 REGION_MEANINGS = {
     "hard": "the original pixels, kept exactly",
     "soft": "a band blended with the original (held to it for the first `strength` share of steps)",
@@ -29,13 +32,24 @@ REGION_MEANINGS = {
 }
 
 # The interactive edit panel and 03_edit's parameters cell start from these values (a test checks that the
-# notebook's cell repeats them). A soft band of 2 px suits the offline model's 32 px images.
-EDIT_DEFAULTS = {"strength": 0.5, "guidance": 3.0, "steps": 25, "edge_thickness": 2, "seed": 0, "num_images": 2,
-                 "scheduler": "ddim"}
+# notebook's cell repeats them), and from the model profile's steps, guidance, strength and soft band.
+EDIT_DEFAULTS = {"seed": 0, "num_images": 2, "scheduler": "ddim"}
+
+
+def edit_defaults(model) -> dict:
+    """Where the edit panel starts for ``model``: its profile's sampling settings, then :data:`EDIT_DEFAULTS`."""
+    from .profiles import resolve
+    return {**resolve(model, dict.fromkeys(("strength", "guidance", "steps", "edge_thickness"))).values,
+            **EDIT_DEFAULTS}
 
 
 def item_colour(k: int) -> tuple[int, int, int]:
     return tuple(int(c) for c in ITEM_COLOURS[k % len(ITEM_COLOURS)])
+
+
+def item_colour_name(k: int) -> str:
+    """The name of item ``k``'s canvas colour (a chip's own colour, not the photo's)."""
+    return ITEM_COLOUR_NAMES[k % len(ITEM_COLOUR_NAMES)]
 
 
 def item_hex(k: int) -> str:

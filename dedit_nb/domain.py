@@ -8,9 +8,10 @@ from __future__ import annotations
 import numpy as np
 
 from .images import resize_rgb
+from .profiles import PROFILES, SD1
 
 RECOMMENDED_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-OFFLINE_SIZE = 32
+OFFLINE_SIZE = PROFILES["offline"].resolution
 # Share of pixels a synthetic scene explains by colour: renders score 0.9-1.0 (edges of shapes scaled from
 # another size are the rest); the bundled photos 0.01 and 0.27. Grey photos can pass on colour alone, so
 # flat pixels count too: renders have 0.6-1.0 of them (the rest are shape edges), photos mostly under 0.25.
@@ -79,18 +80,20 @@ def domain_notes(session, model="offline", notebook: str = "02_finetune") -> lis
     for entry in session.images:
         likeness = scene_likeness(entry.working)
         if likeness < MIN_SCENE_LIKENESS or flat_share(entry.working) < MIN_FLAT_SHARE:
-            where = "In 02_finetune and 03_edit set" if notebook == "01_segment" else "Set"
-            size = ("; for SD also segment at resolution=512, multiple=64 in 01_segment"
-                    if max(entry.working.shape[:2]) < 256 else "")
+            where = (" in 01_segment (the working size follows the model), 02_finetune and 03_edit"
+                     if notebook == "01_segment" else "")
+            size = (f"; segment it again in 01_segment with that model (SD 1.x works at {SD1.resolution} px, not "
+                    f"{min(entry.working.shape[:2])})" if max(entry.working.shape[:2]) < 256 and where == "" else "")
             notes.append(
                 f"image {entry.name!r} does not look like the offline model's synthetic scenes of flat shapes "
                 f"({likeness:.0%} of its pixels have their colours): the offline model will learn noise. "
-                f"{where} model=\"{RECOMMENDED_MODEL}\" (or another Stable Diffusion id or folder){size}.")
+                f"Set model=\"{RECOMMENDED_MODEL}\" (or another Stable Diffusion id or folder){where}{size}.")
         elif max(entry.working.shape[:2]) > 4 * OFFLINE_SIZE:
             notes.append(
                 f"image {entry.name!r} works at {entry.working.shape[1]}x{entry.working.shape[0]}; the offline "
-                f"model was trained at {OFFLINE_SIZE}x{OFFLINE_SIZE}: use resolution={OFFLINE_SIZE}, multiple=8 "
-                f"in 01_segment, or model=\"{RECOMMENDED_MODEL}\".")
+                f"model was trained at {OFFLINE_SIZE}x{OFFLINE_SIZE}: segment it in 01_segment with "
+                f"model=\"offline\" (its profile works at {OFFLINE_SIZE} px), or use "
+                f"model=\"{RECOMMENDED_MODEL}\".")
     return notes
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from . import conditioning as C
 from .images import rgb_to_tensor
+from .profiles import SD1, resolve
 from .session import Session, SessionError, save_joint_weights, settle_joint
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -37,22 +38,33 @@ MAX_FINETUNE_SEED = 2**32 - 1    # each step's noise is seeded from (seed, stage
 
 @dataclass
 class FinetuneConfig:
-    """Finetune settings (reference defaults: 5 tokens, 500 + 500 steps, lr 1e-4 then 5e-5)."""
+    """Finetune settings. Defaults: the Stable Diffusion 1.x profile (the reference's 5 tokens, 500 + 500
+    steps, lr 1e-4 then 5e-5); :meth:`for_model` takes another model's profile. ``profile`` records how
+    for_model chose the values (kept with the session's finetune state)."""
 
     num_tokens: int = 5
-    stage1_steps: int = 500
-    stage2_steps: int = 500
-    stage1_lr: float = 1e-4
-    stage2_lr: float = 5e-5
+    stage1_steps: int = SD1.stage1_steps
+    stage2_steps: int = SD1.stage2_steps
+    stage1_lr: float = SD1.stage1_lr
+    stage2_lr: float = SD1.stage2_lr
     lora: bool = False
     lora_rank: int = 4
-    lora_lr: float = 1e-4
-    batch_size: int = 1
+    lora_lr: float = SD1.lora_lr
+    batch_size: int = SD1.batch_size
     grad_accum: int = 1
     checkpoint_every: int = 50
     seed: int = 0
     item_prompt_length: int = C.ITEM_PROMPT_LENGTH
     gradient_checkpointing: bool = False   # recompute activations in the backward pass: less memory, more time
+    profile: dict | None = None
+
+    @classmethod
+    def for_model(cls, model, **settings) -> "FinetuneConfig":
+        """Settings for ``model`` (a loaded model, folder, hub id or "offline"): the schedule, learning rates
+        and batch of its profile (:mod:`dedit_nb.profiles`) wherever ``settings`` leaves them out or None."""
+        names = ("stage1_steps", "stage2_steps", "stage1_lr", "stage2_lr", "lora_lr", "batch_size")
+        resolved = resolve(model, {n: settings.pop(n, None) for n in names})
+        return cls(**resolved.values, **settings, profile=resolved.record())
 
     def __post_init__(self):
         for name in ("num_tokens", "batch_size", "grad_accum", "checkpoint_every", "lora_rank"):
@@ -70,7 +82,7 @@ class FinetuneConfig:
     def resumable_with(self, other: "FinetuneConfig") -> bool:
         """Whether a finetune started with ``other`` can continue under these settings (only the step
         counts and the checkpoint interval may change)."""
-        free = {"stage1_steps", "stage2_steps", "checkpoint_every", "gradient_checkpointing"}
+        free = {"stage1_steps", "stage2_steps", "checkpoint_every", "gradient_checkpointing", "profile"}
         return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self) if f.name not in free)
 
 

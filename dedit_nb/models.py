@@ -446,6 +446,66 @@ class DEditModel:
 # Loading
 # ---------------------------------------------------------------------------------------------------------
 
+def cached_snapshot(model_id: str) -> Path | None:
+    """The local folder of a hub id's files in the Hugging Face cache, or None (never asks the network)."""
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not a hub id, or not cached
+        return None
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached right now, or None when it can (a 3 s connection attempt:
+    the hub client would retry for 25 s before failing)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE=1 is set (the Makefile sets it; unset it to download)"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None   # a proxy decides; the hub client goes through it
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+    except OSError as exc:
+        return f"no connection to {endpoint.hostname} ({exc})"
+    return None
+
+
+def model_location(model: str) -> str:
+    """Where a model loads from, checked at once: a local folder (a hub id's cached files when the hub is out
+    of reach), or the hub id itself. An id that is neither a folder nor reachable fails here, in seconds,
+    naming how to give a local diffusers folder."""
+    if Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser())
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(model)
+        is_hub_id = not model.startswith((".", "~", "/")) and "\\" not in model
+    except Exception:  # noqa: BLE001 - huggingface_hub's validation error
+        is_hub_id = False
+    if not is_hub_id:
+        from .domain import RECOMMENDED_MODEL
+        raise ModelLoadError(
+            f"{model!r} is not a folder here, nor a Hugging Face hub id: pass the path of a diffusers folder "
+            f"(the one with model_index.json, saved with save_pretrained), a hub id such as "
+            f"{RECOMMENDED_MODEL!r}, or 'offline'")
+    reason = _hub_unreachable()
+    if reason is None:
+        return model
+    cached = cached_snapshot(model)
+    if cached is not None:
+        return str(cached)
+    raise ModelLoadError(
+        f"{model!r} is a Hugging Face hub id that is not in this machine's cache, and the hub cannot be reached: "
+        f"{reason}. Give a local diffusers folder instead: where there is network, run "
+        f"`DiffusionPipeline.from_pretrained({model!r}).save_pretrained('my-model')` (or `hf download {model} "
+        f"--local-dir my-model`), copy the folder here and pass its path, e.g. model='/data/my-model' (if "
+        f"{model!r} was meant as a folder: there is none at that path)")
+
+
 def _model_index(model: str) -> dict:
     from diffusers import DiffusionPipeline
     try:
@@ -512,7 +572,7 @@ def load_model(model: str | os.PathLike = "offline", device: str | torch.device 
                 f"`python -m dedit_nb.offline.train` or pass a Stable Diffusion checkpoint")
         path = str(OFFLINE_MODEL_DIR)
     else:
-        path = model_id
+        path = model_location(model_id)
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     index = _model_index(path)

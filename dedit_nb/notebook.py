@@ -12,18 +12,35 @@ from __future__ import annotations
 import ast
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+from .domain import MIN_RECON_PSNR, domain_notes, psnr, reconstruction_note
 from .edits import EDIT_KINDS, Editor, EditResult, run_edit
-from .finetune import MAX_FINETUNE_SEED
+from .finetune import MAX_FINETUNE_SEED, finetune
+from .profiles import Resolved, model_facts, resolve
+from .reruns import choose_folder
 from .sampler import MAX_SEED, SCHEDULERS, SamplingConfig
 from .segment import METHODS, Partition, segment_session
 from .session import Session, SessionError
 
 
-class ParameterError(ValueError):
+class OneLineError(Exception):
+    """An error a notebook shows as its message alone: IPython renders ``_render_traceback_`` instead of a
+    traceback whose message is at the bottom of 15 lines of library frames. Code and papermill still get
+    the exception (and papermill fails the run)."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"\x1b[31m{type(self).__name__}: {self}\x1b[0m"]
+
+
+class NotebookStop(OneLineError, RuntimeError):
+    """A notebook stopped on purpose, saying why and what to do (a photo for the offline model, an
+    interrupted finetune, a session that is not finetuned yet)."""
+
+
+class ParameterError(OneLineError, ValueError):
     """A notebook parameter with a wrong name or value."""
 
     def __init__(self, name: str, message: str):
@@ -43,7 +60,7 @@ class Check:
     choices: tuple = ()
     optional: bool = False
 
-    def __call__(self, name: str, value) -> None:
+    def __call__(self, name: str, value, papermill: bool = False) -> None:
         if value is None and self.optional:
             return
         typed = isinstance(value, self.kinds) and not (isinstance(value, bool) and bool not in self.kinds)
@@ -51,7 +68,7 @@ class Check:
             typed = all(isinstance(v, str) for v in value)
         if not typed:
             hint = ""
-            if isinstance(value, str) and (int in self.kinds or float in self.kinds):
+            if papermill and isinstance(value, str) and (int in self.kinds or float in self.kinds):
                 hint = (f" (a string: papermill's -r passes values as text; pass it with -p {name} {value}, "
                         "which reads numbers)")
             raise ParameterError(name, f"should be {self.what}, got {value!r}{hint}")
@@ -88,17 +105,18 @@ IMAGE = Check((int, str), "an image index (>= 0) or name", low=0)
 
 NOTEBOOK_PARAMETERS: dict[str, dict[str, Check]] = {
     "01_segment": {
-        "image_path": text(), "session_dir": text(), "resolution": integer(8), "multiple": integer(1),
+        "image_path": text(optional=True), "session_dir": text(), "model": text(), "resolution": integer(8),
+        "multiple": integer(1),
         "segmenter": text(choices=METHODS), "num_items": integer(1), "checkpoint": text(optional=True),
         "panoptic_model": text(optional=True), "detector": text(optional=True), "text": text(),
         "overwrite": FLAG, "interactive": FLAG},
     "02_finetune": {
         "session_dir": text(), "model": text(), "num_tokens": integer(1), "stage1_steps": integer(0),
         "stage2_steps": integer(0), "stage1_lr": number(0, low_open=True), "stage2_lr": number(0, low_open=True),
-        "lora": FLAG, "batch_size": integer(1),
-        "extra_sessions": Check((list,), "a list of session folders, e.g. ['../runs/session_b']"),
+        "lora": FLAG, "lora_lr": number(0, low_open=True), "batch_size": integer(1),
+        "extra_sessions": Check((list,), "a list of session folders, e.g. ['runs/session_b']"),
         "seed": integer(0, MAX_FINETUNE_SEED), "recon_steps": integer(1), "recon_guidance": number(0),
-        "device": text(optional=True), "resume": FLAG},
+        "device": text(optional=True), "resume": FLAG, "force": FLAG},
     "03_edit": {
         "session_dir": text(), "model": text(), "edit": text(choices=EDIT_KINDS), "item": ITEM, "prompt": text(),
         "dx": number(), "dy": number(), "scale": number(0, low_open=True), "source_session": text(optional=True),
@@ -108,6 +126,22 @@ NOTEBOOK_PARAMETERS: dict[str, dict[str, Check]] = {
         "batch_grid": text(optional=True)},
 }
 SAMPLING = ("strength", "guidance", "steps", "edge_thickness", "seed", "num_images", "scheduler")
+# what an edit's sampling settings may be once resolved (headless_edit, batch runs): None is not among them
+SAMPLING_CHECKS = {**{n: NOTEBOOK_PARAMETERS["03_edit"][n] for n in SAMPLING}, "eta": number(0, 1),
+                   "profile": Check((dict,), "a record of dedit_nb.profiles.Resolved", optional=True)}
+# Parameters a model profile sets (dedit_nb.profiles): None, their default, takes the profile's value. Each
+# maps to the profile setting it stands for.
+PROFILE_PARAMETERS: dict[str, dict[str, str]] = {
+    "01_segment": {"resolution": "resolution", "multiple": "multiple"},
+    "02_finetune": {**{n: n for n in ("stage1_steps", "stage2_steps", "stage1_lr", "stage2_lr", "lora_lr",
+                                      "batch_size")}, "recon_steps": "steps", "recon_guidance": "guidance"},
+    "03_edit": {n: n for n in ("strength", "guidance", "steps", "edge_thickness")},
+}
+NOTEBOOK_PARAMETERS = {
+    notebook: {name: replace(check, what=f"{check.what} or None (the model profile's value)", optional=True)
+               if name in PROFILE_PARAMETERS[notebook] else check for name, check in spec.items()}
+    for notebook, spec in NOTEBOOK_PARAMETERS.items()}
+RECON_CHECK = "reconstruction-check"   # the history record of 02's reconstruction PSNR
 PAPERMILL_MARK = "# Parameters"        # the comment papermill's Python translator opens its injected cell with
 
 
@@ -115,18 +149,20 @@ def check_parameters(notebook: str, namespace: dict) -> None:
     """Check a notebook's parameters in ``namespace`` (its ``globals()``): names papermill injected must be
     parameters of the notebook, and every parameter must have its type and range."""
     spec = NOTEBOOK_PARAMETERS[notebook]
-    for name in injected_names(namespace):
+    injected = injected_names(namespace)
+    for name in injected:
         if name not in spec:
             raise ParameterError(name, f"{notebook} has no such parameter{_closest(name, spec)}")
-    check_values(spec, {name: namespace.get(name) for name in spec})
+    check_values(spec, {name: namespace.get(name) for name in spec}, papermill=bool(injected))
 
 
-def check_values(spec: dict[str, Check], values: dict) -> None:
-    """Check named values against ``spec``; a name not in it fails, naming the closest one."""
+def check_values(spec: dict[str, Check], values: dict, papermill: bool = False) -> None:
+    """Check named values against ``spec``; a name not in it fails, naming the closest one. ``papermill``:
+    the values came from papermill's command line (its -r/-p advice applies)."""
     for name, value in values.items():
         if name not in spec:
             raise ParameterError(name, f"unknown parameter{_closest(name, spec)}")
-        spec[name](name, value)
+        spec[name](name, value, papermill)
 
 
 def _closest(name: str, spec: dict) -> str:
@@ -146,6 +182,24 @@ def injected_names(namespace: dict) -> list[str]:
             names += [t.id for node in tree.body if isinstance(node, ast.Assign)
                       for t in node.targets if isinstance(t, ast.Name)]
     return names
+
+
+def resolve_parameters(notebook: str, model, namespace: dict) -> Resolved:
+    """The notebook's parameters that a model profile sets (:data:`PROFILE_PARAMETERS`), read from
+    ``namespace``: each None takes the profile of ``model`` (an id, folder or loaded model), any other value
+    stays. ``str()`` of the result is one line naming each value and where it came from."""
+    settings = PROFILE_PARAMETERS[notebook]
+    return resolve(model, {name: namespace.get(name) for name in settings}, settings)
+
+
+def check_session_model(session: Session, model: str) -> None:
+    """03's check before any model loads: the session was finetuned to the end, on ``model``."""
+    check_finetuned(session)
+    if session.model_id != model:
+        trained, asked = (model_facts(m).profile().title for m in (session.model_id, model))
+        raise ParameterError("model", f"this session was finetuned on {session.model_id!r} ({trained}), not "
+                                      f"{model!r} ({asked}): set model={session.model_id!r}, or finetune the "
+                                      f"session on {model!r} in 02_finetune (resume=False)")
 
 
 def segmenter_kwargs(segmenter: str, num_items: int = 6, checkpoint: str | None = None,
@@ -201,17 +255,18 @@ def check_edit_params(session: Session, edit: str, item=None, prompt: str = "", 
             source.image(source_image).item_index(source_item)
         except Exception as exc:  # noqa: BLE001
             raise ParameterError("source_item", str(exc)) from exc
-    edit_spec = NOTEBOOK_PARAMETERS["03_edit"]
-    check_values({**{n: edit_spec[n] for n in SAMPLING}, "eta": number(0, 1)}, sampling)
+    check_values(SAMPLING_CHECKS, sampling)
     return SamplingConfig(**sampling)
 
 
 def create_segmented_session(session_dir: str | Path, image_path: str | Path, resolution: int, multiple: int,
-                             overwrite: bool, segmenter: str, **kwargs) -> tuple[Session, Partition]:
+                             overwrite: bool, segmenter: str, profile: dict | None = None,
+                             **kwargs) -> tuple[Session, Partition]:
     """A new session of one image, split into items by ``segmenter``; written only once segmentation worked
-    (a missing or broken checkpoint leaves nothing on disk, so the rerun needs no overwrite)."""
+    (a missing or broken checkpoint leaves nothing on disk, so the rerun needs no overwrite). ``profile``:
+    how the size was chosen, kept in the session."""
     session = Session.create(session_dir, image_path, resolution=resolution, multiple=multiple, overwrite=overwrite,
-                             save=False)
+                             save=False, profile=profile)
     partition = segment_session(session, 0, method=segmenter, save=False, **kwargs)
     session.save()
     return session, partition
@@ -252,3 +307,68 @@ def _open_session(parameter: str, path: str | Path) -> Session:
         return Session.open(path)
     except SessionError as exc:
         raise ParameterError(parameter, f"{exc} (01_segment makes one)") from exc
+
+
+# --- what the notebooks say between their steps (issue 23.3, 23.4) ----------------------------------------
+
+def choose_session_folder(session_dir: str | Path, overwrite: bool = False) -> tuple[Path, str | None]:
+    """01's output folder (see :func:`reruns.choose_folder`); when a rerun goes to a new numbered folder, the
+    note also names what to set in 02 and 03, which still default to the first folder."""
+    folder, note = choose_folder(session_dir, overwrite)
+    if note:
+        note += (f' 02_finetune and 03_edit default to the first folder: set session_dir="{folder.as_posix()}" '
+                 "there to use this one.")
+    return folder, note
+
+
+def check_finetuned(session: Session) -> None:
+    """03's check: the session has finished finetune weights, said before any model is loaded."""
+    state = session.finetune_state or {}
+    if not session.has_weights:
+        raise ParameterError("session_dir", f"{session.folder} is not finetuned yet: run 02_finetune on it first")
+    if not state.get("done", False):
+        raise ParameterError("session_dir", f"the finetune of {session.folder} did not finish: run 02_finetune "
+                                            "on it again to resume it")
+
+
+def check_domain(sessions: Sequence[Session], model, force: bool = False, notebook: str = "02_finetune") -> list[str]:
+    """The domain notes of ``sessions`` for ``model`` (:func:`domain.domain_notes`); in 02 a flagged image
+    stops the notebook before training unless ``force``."""
+    notes = [note for s in sessions for note in domain_notes(s, model, notebook=notebook)]
+    if notes and notebook == "02_finetune" and not force:
+        raise NotebookStop(f"stopped before training: {notes[0]} To train anyway, set force=True.")
+    return notes
+
+
+def finetune_in_notebook(model, session: Session, config, extra_sessions: Sequence[Session] = (),
+                         resume: bool = True):
+    """``finetune`` as 02 runs it: an interrupt (the kernel's stop button) ends with one line saying where
+    the weights were saved and how to resume, instead of a traceback from inside autograd."""
+    try:
+        return finetune(model, session, config, extra_sessions=list(extra_sessions), resume=resume)
+    except KeyboardInterrupt:
+        state = Session.open(session.folder).finetune_state
+        where = (f"saved at stage {state['stage']} step {state['step']}; run the cell again to resume" if state
+                 else "nothing saved yet; run the cell again to start")
+        raise NotebookStop(f"interrupted: {where}") from None
+
+
+def record_reconstruction(session: Session, original, reconstructed, model=None) -> str | None:
+    """Record the reconstruction's PSNR in the session's history (03 repeats it before editing); returns
+    :func:`domain.reconstruction_note`'s warning, or None."""
+    value = psnr(original, reconstructed)
+    session.record_edit({"kind": RECON_CHECK, "psnr": round(value, 2) if math.isfinite(value) else None})
+    return reconstruction_note(original, reconstructed, model)
+
+
+def edit_notes(session: Session, model) -> list[str]:
+    """What 03 says before it samples: the domain notes, and how well the finetune reconstructed the image."""
+    notes = check_domain([session], model, notebook="03_edit")
+    checks = [h for h in session.history if h.get("kind") == RECON_CHECK]
+    if checks:
+        value = checks[-1].get("psnr")
+        shown = "identical" if value is None else f"PSNR {value:.1f} dB"
+        low = value is not None and value < MIN_RECON_PSNR
+        notes.append(f"02_finetune's reconstruction of this session: {shown}"
+                     + (f", below {MIN_RECON_PSNR:.0f} dB: edits will not look like the image" if low else ""))
+    return notes

@@ -46,7 +46,8 @@ def choose_folder(folder: str | os.PathLike, overwrite: bool = False, marker: st
         return folder, None
     if ours and overwrite:
         return folder, None
-    folder = folder.resolve()       # '.' and '..' have no name to number
+    if folder.name in ("", ".", ".."):
+        folder = folder.resolve()   # '.' and '..' have no name to number; other paths stay as the user gave them
     n = 2
     while folder.with_name(f"{folder.name}-{n}").exists() or folder.with_name(f"{folder.name}-{n}").is_symlink():
         n += 1

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from . import conditioning as C
 from . import masks as M
 from .images import rgb_to_tensor, tensor_to_rgb
+from .profiles import SD1, resolve
 
 # Short names of common diffusers schedulers; any other diffusers scheduler class name works as well.
 SCHEDULERS = {
@@ -48,16 +49,27 @@ class SamplingConfig:
     """steps: scheduler steps; guidance: classifier-free guidance scale (<= 1 disables the unconditional pass);
     strength: share of steps during which the soft band is held to the original; edge_thickness: soft band
     width in pixels; seed: image j uses seed + j; num_images: samples per edit; eta: DDIM noise (0 = DDIM);
-    scheduler: a name of :data:`SCHEDULERS` or any diffusers scheduler class name."""
+    scheduler: a name of :data:`SCHEDULERS` or any diffusers scheduler class name. Defaults: the Stable
+    Diffusion 1.x profile; :meth:`for_model` takes another model's. ``profile`` records how for_model chose
+    the values (kept in every edit manifest)."""
 
-    steps: int = 50
-    guidance: float = 5.0
-    strength: float = 0.5
-    edge_thickness: int = 10
+    steps: int = SD1.steps
+    guidance: float = SD1.guidance
+    strength: float = SD1.strength
+    edge_thickness: int = SD1.edge_thickness
     seed: int = 0
     num_images: int = 1
     eta: float = 0.0
     scheduler: str = "ddim"
+    profile: dict | None = None
+
+    @classmethod
+    def for_model(cls, model, **settings) -> "SamplingConfig":
+        """Settings for ``model`` (a loaded model, folder, hub id or "offline"): the steps, guidance, strength
+        and soft band of its profile (:mod:`dedit_nb.profiles`) wherever ``settings`` leaves them out or None."""
+        resolved = resolve(model, {n: settings.pop(n, None) for n in ("steps", "guidance", "strength",
+                                                                       "edge_thickness")})
+        return cls(**resolved.values, **settings, profile=resolved.record())
 
     def __post_init__(self):
         for name in ("steps", "guidance", "strength", "edge_thickness", "seed", "num_images", "eta"):

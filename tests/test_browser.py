@@ -2,7 +2,8 @@
 Playwright, a notebook that shows the editor, keys, colours, a brush stroke drawn with the mouse and the wheel,
 checked in the page and from the kernel.
 
-Set DEDIT_SCREENSHOT=path to also save a screenshot of the editor and palette (used for the README).
+Set DEDIT_SCREENSHOT=path to also save a screenshot of the editor and palette, DEDIT_PANEL_SCREENSHOT=path one
+of 03's edit panel with a pending move (both used for the README).
 """
 import json
 import os
@@ -91,6 +92,61 @@ def run_cell(page, index: int) -> None:
 
 XSS = "<img src=x onerror=\"window.__dedit_xss = 1\">"
 
+# What a page of widgets must never show, at any window width: anything wider than the output area, a label,
+# button or toggle cut short ("polyg…"), a canvas not wholly in view, or a status line taller than one line.
+LAYOUT_PROBLEMS = """root => {
+  const problems = [], area = root.getBoundingClientRect();
+  const shown = el => el.offsetParent !== null && el.getBoundingClientRect().width > 0;
+  for (const el of root.querySelectorAll('.jupyter-widgets, button, canvas, input, select, label')) {
+    if (!shown(el)) continue;
+    const r = el.getBoundingClientRect();
+    if (r.right > area.right + 1 || r.left < area.left - 1)
+      problems.push(`wider than the output: ${el.tagName}.${el.className} ${r.left | 0}..${r.right | 0} of `
+                    + `${area.left | 0}..${area.right | 0} ${(el.textContent || '').trim().slice(0, 30)}`);
+  }
+  for (const el of root.querySelectorAll('button, .widget-label, label, .widget-toggle-button')) {
+    if (shown(el) && el.scrollWidth > el.clientWidth + 1 && (el.textContent || '').trim())
+      problems.push(`truncated: ${(el.textContent || '').trim()}`);
+  }
+  for (const canvas of root.querySelectorAll('canvas')) {
+    if (!shown(canvas)) continue;
+    const r = canvas.getBoundingClientRect();
+    if (Math.abs(r.width / r.height - canvas.width / canvas.height) > 0.02)
+      problems.push(`canvas distorted: ${r.width}x${r.height}`);
+    for (let up = canvas.parentElement; up && up !== document.body; up = up.parentElement) {
+      const box = up.getBoundingClientRect(), style = getComputedStyle(up);
+      if (style.overflowX !== 'visible' && (r.left < box.left - 1 || r.right > box.right + 1))
+        problems.push(`canvas clipped by ${up.className}: ${r.left | 0}..${r.right | 0} in ${box.left | 0}..${box.right | 0}`);
+    }
+  }
+  for (const status of root.querySelectorAll('.dedit-status'))
+    if (shown(status) && status.getBoundingClientRect().height > 26)
+      problems.push(`status on more than one line: ${status.getBoundingClientRect().height}px`);
+  return problems;
+}"""
+
+
+def screenshot(page, element, path: str) -> None:
+    """``element`` as a user sees it, without JupyterLab's news toast over it."""
+    page.evaluate("() => document.querySelectorAll('.Toastify').forEach(el => el.remove())")
+    element.screenshot(path=path)
+
+
+def layout_problems(page, output, widths=(900, 1500)) -> dict:
+    """LAYOUT_PROBLEMS of ``output`` with the window at each width (JupyterLab's default panels open)."""
+    found = {}
+    for width in widths:
+        page.set_viewport_size({"width": width, "height": 1100})
+        page.wait_for_timeout(1200)
+        found[width] = output.evaluate(LAYOUT_PROBLEMS)
+        if os.environ.get("DEDIT_DEBUG"):
+            print(width, *found[width], sep="\n")
+        if os.environ.get("DEDIT_DEBUG"):
+            page.screenshot(path=f"/tmp/browser-{width}.png", full_page=True)
+    page.set_viewport_size({"width": 1500, "height": 1100})
+    page.wait_for_timeout(800)
+    return {w: p for w, p in found.items() if p}
+
 
 def open_in_lab(playwright, url: str, token: str, name: str):
     """Chromium on ``name.ipynb`` in JupyterLab, the kernel idle and the first cell run."""
@@ -165,6 +221,21 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
         page.keyboard.press("b")
         page.wait_for_function(f"({active_tool})() === 'brush'", timeout=10_000)
         assert page.locator(".jp-Notebook .jp-Cell").count() == cells        # the keys did not reach JupyterLab
+        label = output.locator(".dedit-item-label input").nth(2)
+        label.click()                                                        # a text box has focus ...
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)   # ... and the pointer rests
+        page.wait_for_timeout(300)                                           # on the canvas
+        page.keyboard.type(" bag", delay=30)
+        page.wait_for_timeout(500)
+        assert page.evaluate(f"({active_tool})()") == "brush"                # no tool changed ...
+        assert label.input_value().endswith(" bag")                           # ... the letters went to the box
+        page.mouse.move(5, 5)
+        assert page.evaluate("() => document.activeElement.closest('.dedit-item-label') !== null")
+        label.fill(label.input_value()[:-4])                                 # the name as it was
+        page.keyboard.press("Enter")
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        assert layout_problems(page, output) == {}
+        box = canvas.bounding_box()
         cursor = canvas.evaluate("el => getComputedStyle(el).cursor")
         assert "data:image/svg+xml" in cursor                                # the brush outline
         overflowing = output.evaluate(
@@ -194,7 +265,7 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
         page.wait_for_timeout(1500)
         assert "unsaved changes" in output.locator(".dedit-status").inner_text()
         if os.environ.get("DEDIT_SCREENSHOT"):
-            output.screenshot(path=os.environ["DEDIT_SCREENSHOT"])
+            screenshot(page, output, os.environ["DEDIT_SCREENSHOT"])
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         page.mouse.wheel(0, -300)
         page.wait_for_timeout(1000)
@@ -244,6 +315,19 @@ def test_edit_panel_in_jupyterlab(jupyter, tmp_path, tiny_model_dirs):
         generate.wait_for(state="visible", timeout=90_000)
         prompt = output.locator("input[placeholder^='a red bag']")
         assert prompt.is_visible()
+        output.locator(".widget-toggle-buttons button[data-value='move']:visible").click()
+        coords = output.locator("input[placeholder^='dx,dy']")
+        coords.wait_for(state="visible", timeout=10_000)                     # typed moves, and every canvas
+        for name in ("undo", "clear moves", "apply"):                        # button but 'apply moves'
+            assert output.locator(f"button:text-is('{name}')").is_visible(), name
+        assert not output.locator("button:has-text('apply moves')").is_visible()
+        coords.fill("-4,2")
+        coords.press("Enter")                                                # Enter applies the box
+        page.wait_for_function("() => /pending moves: left side: dx=-4 dy=2/.test("
+                               "document.querySelector('.dedit-status').textContent)", timeout=10_000)
+        assert layout_problems(page, output.first) == {}
+        if os.environ.get("DEDIT_PANEL_SCREENSHOT"):
+            screenshot(page, output.first, os.environ["DEDIT_PANEL_SCREENSHOT"])
         output.locator(".widget-toggle-buttons button:has-text('remove')").click()
         page.wait_for_timeout(800)
         assert not prompt.is_visible()                                       # no prompt for a remove

@@ -10,7 +10,7 @@ import torch
 
 from dedit_nb.finetune import FinetuneConfig, finetune
 from dedit_nb.models import load_model
-from dedit_nb.session import Session, SessionError, atomic_write_bytes
+from dedit_nb.session import Session, SessionError, atomic_write_bytes, save_joint_weights, settle_joint
 from conftest import three_item_labels
 import session_workers as W
 
@@ -137,6 +137,58 @@ def test_joint_finetune_killed_between_member_saves_resumes_to_the_uninterrupted
             assert set(a) == set(b) and all(torch.allclose(a[n], b[n], atol=1e-6) for n in a), (folder, kind)
     generations = {Session.open(f).finetune_state["generation"] for f in folders}
     assert len(generations) == 1
+
+
+class Killed(BaseException):
+    """The process dying at a write (raised instead of os.replace, so the file keeps its old content)."""
+
+
+def joint_checkpoint(members, step):
+    """Save checkpoint ``step`` of a joint finetune of ``members`` (tensors that name the step)."""
+    meta = {"mode": "attn", "num_tokens": 1, "joint": [{"id": s.id, "folder": str(s.folder)} for s in members]}
+    tensors = {"tokens": {"0/t": torch.full((2, 4), float(step))}, "unet": {"a.attn2.to_k.weight": torch.eye(3) * step}}
+    state = {"config": {}, "stage": 2, "step": step, "done": False, "loss": {}}
+    save_joint_weights(members, tensors, "m", meta, state)
+
+
+@pytest.mark.parametrize("victim, write, settled_step", [(1, 1, 1), (0, 2, 2), (1, 2, 2)],
+                         ids=["second-member-pending", "first-member-promotion", "second-member-promotion"])
+def test_a_joint_checkpoint_is_promoted_only_once_every_member_holds_it(tmp_path, photo, monkeypatch, victim, write,
+                                                                        settled_step):
+    """Checkpoint 2 of a joint finetune is killed at the ``write``-th replacement of member ``victim``'s
+    session.json (1: its pending copy, 2: its promotion): the members settle on the newest checkpoint that
+    every one of them holds, all at the same generation, with that checkpoint's tensors."""
+    folders = [tmp_path / "m0", tmp_path / "m1"]
+    members = [make_session(f, photo) for f in folders]
+    joint_checkpoint(members, 1)
+    first = members[0].weights_generation
+    real_replace, writes = os.replace, []
+
+    def replace(src, dst):
+        if os.path.abspath(dst) == os.path.abspath(folders[victim] / "session.json"):
+            writes.append(dst)
+            if len(writes) == write:
+                raise Killed
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        joint_checkpoint(members, 2)
+    monkeypatch.undo()
+    reopened = [Session.open(f) for f in folders]
+    if settled_step == 1:                           # only member 0 holds checkpoint 2, as pending: never current
+        assert [s.weights_generation for s in reopened] == [first, first]
+    settled = settle_joint(reopened)
+    assert [s.id for s in settled] == [s.id for s in members]
+    generations = {s.weights_generation for s in settled}
+    assert len(generations) == 1 and (generations == {first}) == (settled_step == 1)
+    for folder in folders:
+        s = Session.open(folder)
+        data = json.loads((folder / "session.json").read_text())
+        assert "pending" not in data and s.finetune_state["step"] == settled_step
+        assert s.weights_generation in generations and referenced_files_exist(folder)
+        assert torch.equal(s.load_weights("tokens")["0/t"], torch.full((2, 4), float(settled_step)))
+        assert torch.equal(s.load_weights("unet")["a.attn2.to_k.weight"], torch.eye(3) * settled_step)
 
 
 def test_files_are_written_with_the_users_umask(tmp_path, photo):

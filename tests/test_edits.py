@@ -97,6 +97,47 @@ def test_mask_edits_change_the_labels_as_asked(finetuned):
     assert (moved.regions.active >= ((moved.labels == 2) | (labels == 2))).all()
 
 
+@pytest.mark.parametrize("family", ["sd"])
+def test_moved_items_stack_by_the_priority_asked_for_not_the_order_of_the_moves(finetuned):
+    model, s = finetuned
+    editor = Editor(model, s, progress=False, record=False)
+    labels = s.images[0].labels
+    w = labels.shape[1]
+    moves = {"left": (w // 4, 0), "right": (-(w // 4), 0)}       # both land on the middle columns
+    overlap = M.transform_mask(labels == 0, w // 4, 0) & M.transform_mask(labels == 1, -(w // 4), 0)
+    assert overlap.sum() > 100
+    for priority, on_top in ((["right", "left"], 0), (["left", "right"], 1)):
+        result = editor.move(0, moves, priority=priority, steps=1, guidance=1.0)
+        assert (result.labels[overlap] == on_top).all(), priority
+        assert result.manifest["params"]["priority"] == priority
+        expected, _ = M.move_items(labels, {0: M.ItemMove(dx=w // 4), 1: M.ItemMove(dx=-(w // 4))},
+                                   [s.images[0].item_index(k) for k in priority])
+        assert np.array_equal(result.labels, expected)
+    unordered = editor.move(0, moves, steps=1, guidance=1.0)      # no priority: the order of the moves
+    assert (unordered.labels[overlap] == 1).all() and unordered.manifest["params"]["priority"] == ["left", "right"]
+
+
+@pytest.mark.parametrize("family", ["sd"])
+def test_an_image_edit_regenerates_the_target_item_with_the_source_items_prompt(finetuned):
+    """Target item 1 ('right') takes item 0 of the other image: item 1's pixels change, not item 0's."""
+    model, s = finetuned
+    editor = Editor(model, s, progress=False, record=False)
+    entry, source = s.images[0], s.images[1]
+    original = entry.working
+    by_method = editor.image(0, "right", "flipped", 0, **SAMPLING)
+    by_name = run_edit(editor, "image", item="right", source_image="flipped", source_item=0, **SAMPLING)
+    for result in (by_method, by_name):
+        r = result.regions
+        assert np.array_equal(r.active, entry.labels == 1)
+        assert result.manifest["prompts"] == {"left": entry.items[0].prompt(), "right": source.items[0].prompt(),
+                                              "top": entry.items[2].prompt()}
+        assert result.manifest["params"]["item_index"] == 1 and result.manifest["params"]["source_item_index"] == 0
+        image = result.images[0]
+        assert np.array_equal(image[r.hard], original[r.hard]) and (r.hard & (entry.labels == 0)).any()
+        assert not np.array_equal(image[r.active], original[r.active])
+    assert np.array_equal(by_method.images[0], by_name.images[0])
+
+
 def test_same_seed_after_reopening_gives_identical_output(finetuned, tiny_model_dirs, family, tmp_path):
     model, s = finetuned
     first = Editor(model, s, progress=False).text(0, "left", "a red bag", seed=7, **{**SAMPLING})

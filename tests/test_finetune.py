@@ -1,4 +1,6 @@
 """Two-stage finetune: exactly the intended parameters change; interrupted runs resume to the same weights."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -188,6 +190,35 @@ def test_one_model_serves_many_sessions_as_fresh_models_would(tmp_path, photo, t
     state = shared.unet.state_dict()
     assert list(state) == list(pristine)
     assert all(torch.equal(state[n], pristine[n]) for n in pristine)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["attn", "lora"])
+def test_an_edit_after_another_sessions_finetune_uses_its_own_weights_again(tmp_path, photo, tiny_model_dirs, lora):
+    """Edit A, finetune B on the same model, edit A again: every finetune starts by resetting the UNet, so
+    the model must not go on believing A's delta is in place (it would sample A with B's weights)."""
+    from dedit_nb.edits import Editor
+    folder = str(tiny_model_dirs["sd"])
+    cfg = FinetuneConfig(stage1_steps=1, stage2_steps=2, stage2_lr=1e-1, lora=lora, lora_lr=1e-1, **FAST)
+    sampling = dict(steps=2, guidance=3.0)
+    shared = load_model(folder)
+    a, b = make_session(tmp_path, photo, shared, "a"), make_session(tmp_path, photo[::-1].copy(), shared, "b")
+    finetune(shared, a, cfg, progress=False)
+    editor = Editor(shared, a, progress=False, record=False)
+    before = editor.reconstruct(0, **sampling).images[0]
+    finetune(shared, b, dataclasses.replace(cfg, seed=1), progress=False)
+    learned, in_place = a.load_weights("unet"), []
+
+    def check(step):
+        params = dict(shared.unet.named_parameters())
+        in_place.append(all(torch.equal(params[n], v.to(params[n])) for n, v in learned.items()))
+
+    after = editor.reconstruct(0, callback_on_step_end=check, **sampling).images[0]
+    assert in_place == [True, True]
+    assert np.array_equal(after, before)
+    alone = Editor(load_model(folder), Session.open(a.folder), progress=False, record=False)
+    assert np.array_equal(alone.reconstruct(0, **sampling).images[0], before)
+    b_unet = b.load_weights("unet")
+    assert not all(torch.equal(b_unet[n], learned[n]) for n in learned)     # B's weights would have shown
 
 
 def test_gradient_checkpointing_trains_the_same_weights(tmp_path, photo, tiny_model_dirs):

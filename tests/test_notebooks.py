@@ -6,22 +6,23 @@ import pytest
 
 from dedit_nb.batch import expand, run_batch
 from dedit_nb.session import Session
+from dedit_nb.profiles import EXAMPLES, PROFILES
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "notebooks"
 
 
-def execute(name, out, **parameters):
+def execute(name, out, cwd=NB, **parameters):
     import papermill as pm
-    return pm.execute_notebook(str(NB / name), str(out), parameters=parameters, cwd=str(NB), progress_bar=False)
+    return pm.execute_notebook(str(NB / name), str(out), parameters=parameters, cwd=str(cwd), progress_bar=False)
 
 
 @pytest.fixture(scope="module")
 def finetuned_session(tmp_path_factory, tiny_model_dirs):
     tmp = tmp_path_factory.mktemp("nb")
     session_dir = tmp / "session"
-    execute("01_segment.ipynb", tmp / "01.ipynb", image_path=str(ROOT / "examples" / "scene_a.png"),
+    execute("01_segment.ipynb", tmp / "01.ipynb", image_path=str(EXAMPLES / "scene_a.png"),
             session_dir=str(session_dir), resolution=32, multiple=8, num_items=3, interactive=False)
     s = Session.open(session_dir)
     assert len(s.images[0].items) == 3 and s.images[0].labels.shape == (32, 32)
@@ -59,20 +60,21 @@ def test_a_wrong_parameter_fails_early_and_names_it(finetuned_session):
     for bad, name in [({"edit": "recolour"}, "edit"), ({"item": "chair"}, "item"),
                       ({"edit": "image", "source_item": 0, "source_session": str(tmp)}, "source_session"),
                       ({"strength": 2.0}, "strength"), ({"steps": 1.5}, "steps"), ({"guidance": "high"}, "guidance"),
-                      ({"steps": "10"}, "steps"), ({"strenght": 0.8}, "strenght")]:
+                      ({"steps": "10"}, "steps"), ({"strenght": 0.8}, "strenght"),
+                      ({"model": "offline"}, "model")]:              # finetuned on another model: before loading
         with pytest.raises(pm.PapermillExecutionError) as err:
-            execute("03_edit.ipynb", tmp / "bad.ipynb", session_dir=str(session_dir), model=model,
-                    output_dir=str(tmp / "bad"), interactive=False, **bad)
+            execute("03_edit.ipynb", tmp / "bad.ipynb", **{"session_dir": str(session_dir), "model": model,
+                                                            "output_dir": str(tmp / "bad"), "interactive": False, **bad})
         assert f"parameter '{name}'" in str(err.value)
-        # after parameters and injected parameters: the check cell, before any model loads
-        assert err.value.exec_count == 3
+        # after the setup cell, parameters and injected parameters: the check cell, before any model loads
+        assert err.value.exec_count == 4
     assert (session_dir / "session.json").read_bytes() == before
     assert not (tmp / "bad").exists()
 
 
 def test_segment_notebook_with_a_missing_checkpoint_creates_nothing(tmp_path):
     import papermill as pm
-    params = dict(image_path=str(ROOT / "examples" / "scene_a.png"), session_dir=str(tmp_path / "s"), resolution=32,
+    params = dict(image_path=str(EXAMPLES / "scene_a.png"), session_dir=str(tmp_path / "s"), resolution=32,
                   multiple=8, segmenter="sam", checkpoint=str(tmp_path / "sam_vit_b_01ec64.pth"), interactive=False)
     with pytest.raises(pm.PapermillExecutionError, match="parameter 'checkpoint'"):
         execute("01_segment.ipynb", tmp_path / "01.ipynb", **params)
@@ -98,7 +100,7 @@ def test_batch_continues_past_a_failed_run_and_reports_it(finetuned_session):
     results = run_batch(spec)
     assert len(Session.open(session_dir).history) == recorded + 4       # 2 workers at once: no record lost
     assert [r.ok for r in results] == [True, True, True, True, False]
-    assert "parameter 'item'" in results[-1].error and results[-1].failed_cell == 3
+    assert "parameter 'item'" in results[-1].error and results[-1].failed_cell == 4
     report = json.loads((tmp / "batch" / "report.json").read_text())
     assert report["ok"] == 4 and report["failed"] == 1
     index = (tmp / "batch" / "index.md").read_text()
@@ -141,3 +143,78 @@ def test_edit_notebook_refuses_a_grid_that_would_run_itself(finetuned_session):
         execute("03_edit.ipynb", tmp / "03-itself.ipynb", session_dir=str(session_dir), model=model, edit="recon",
                 steps=2, num_images=1, output_dir=str(tmp / "edit-itself"), interactive=False, batch_grid=str(grid))
     assert not (tmp / "itself").exists()
+
+
+def printed(executed: Path) -> str:
+    """What the cells of an executed notebook printed."""
+    texts = [o.get("text", "") for c in json.loads(executed.read_text())["cells"] for o in c.get("outputs", [])]
+    return "".join("".join(t) if isinstance(t, list) else t for t in texts)
+
+
+def test_only_model_set_takes_the_model_profile(tmp_path, tiny_model_dirs):
+    """01 and 02 with nothing but ``model`` set: the working size follows the model, and the finetune trains
+    with the SD 1.x profile's schedule, learning rates and batch (read back from the session), not the
+    offline model's."""
+    sd = str(tiny_model_dirs["sd"])
+    execute("01_segment.ipynb", tmp_path / "01.ipynb", model=sd, interactive=False, cwd=tmp_path)
+    session = Session.open(tmp_path / "runs" / "session_a")
+    assert min(session.images[0].labels.shape) == 64                  # the tiny UNet's 32 latents x the VAE's 2
+    assert session.profile["profile"] == "sd1" and set(session.profile["sources"].values()) == {"profile"}
+    execute("02_finetune.ipynb", tmp_path / "02.ipynb", model=sd, cwd=tmp_path)
+    config = Session.open(tmp_path / "runs" / "session_a").finetune_state["config"]
+    sd1 = PROFILES["sd1"]
+    assert {k: config[k] for k in ("stage1_lr", "stage2_lr", "lora_lr", "stage1_steps", "stage2_steps",
+                                   "batch_size")} == \
+        {"stage1_lr": sd1.stage1_lr, "stage2_lr": sd1.stage2_lr, "lora_lr": sd1.lora_lr,
+         "stage1_steps": sd1.stage1_steps, "stage2_steps": sd1.stage2_steps, "batch_size": sd1.batch_size}
+    assert config["profile"]["profile"] == "sd1" and config["profile"]["values"]["recon_steps"] == sd1.steps
+    line = printed(tmp_path / "02.ipynb")
+    assert "model profile 'sd1'" in line and "stage2_lr=5e-05 [profile]" in line
+
+
+@pytest.fixture(scope="module")
+def installed_package(tmp_path_factory):
+    """The package installed NON-editable into a fresh folder (what `pip install git+...` gives a Colab
+    user): a copy of the sources built there, so nothing is written into the checkout."""
+    import shutil
+    import subprocess
+    import sys
+    tmp = tmp_path_factory.mktemp("installed")
+    source = tmp / "source"
+    for name in ("dedit_nb", "widgets"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    target = tmp / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(source)], check=True)
+    return target
+
+
+def test_every_notebook_runs_with_defaults_from_an_empty_folder_on_the_installed_package(
+        tmp_path, installed_package, monkeypatch):
+    """Where Colab opens a notebook: no checkout beside it (the bundled example and the offline model come
+    from the installed package), runs written under the working folder, default parameters."""
+    import shutil
+    import subprocess
+    import sys
+    monkeypatch.setenv("PYTHONPATH", str(installed_package))
+    where = subprocess.run([sys.executable, "-c", "import dedit_nb; print(dedit_nb.__file__)"], check=True,
+                           capture_output=True, text=True, cwd=tmp_path).stdout
+    assert where.startswith(str(installed_package))
+    for name in ("01_segment", "02_finetune", "03_edit"):
+        shutil.copy(NB / f"{name}.ipynb", tmp_path / f"{name}.ipynb")
+        import papermill as pm
+        pm.execute_notebook(str(tmp_path / f"{name}.ipynb"), str(tmp_path / f"{name}.out.ipynb"), cwd=str(tmp_path),
+                            progress_bar=False)
+    session = Session.open(tmp_path / "runs" / "session_a")
+    offline = PROFILES["offline"]
+    assert session.images[0].labels.shape == (offline.resolution, offline.resolution)
+    config = session.finetune_state["config"]
+    assert (config["stage1_lr"], config["stage2_lr"], config["batch_size"]) == \
+        (offline.stage1_lr, offline.stage2_lr, offline.batch_size)
+    manifest = json.loads((tmp_path / "runs" / "edit" / "manifest.json").read_text())
+    assert {k: manifest["sampling"][k] for k in ("steps", "guidance", "strength", "edge_thickness")} == \
+        {"steps": offline.steps, "guidance": offline.guidance, "strength": offline.strength,
+         "edge_thickness": offline.edge_thickness}
+    assert manifest["sampling"]["profile"]["profile"] == "offline"

@@ -1,4 +1,5 @@
-"""pyproject.toml and environment.yml list the same packages; the package layering holds."""
+"""pyproject.toml and environment.yml list the same packages (core and every extra), and make env installs
+every extra; the package layering holds; the notebooks start with the Colab setup cell."""
 import ast
 import re
 import tomllib
@@ -15,7 +16,7 @@ def names(requirements):
 
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = names(project["dependencies"]) | names(project["optional-dependencies"]["dev"])
+    wanted = names(project["dependencies"]).union(*map(names, project["optional-dependencies"].values()))
     env = yaml.safe_load((ROOT / "environment.yml").read_text())["dependencies"]
     conda = [d for d in env if isinstance(d, str)]
     pip = next(d["pip"] for d in env if isinstance(d, dict))
@@ -43,9 +44,9 @@ def test_dedit_nb_imports_no_ui():
 SESSION_LAYERS = ["items", "schema", "store", "checkpoints", "core"]
 
 
-def dedit_nb_imports() -> dict[str, set[str]]:
-    """Each module of dedit_nb -> the dedit_nb modules it imports, lazily inside functions too, but not under
-    ``if TYPE_CHECKING:`` (read by type checkers only, never run)."""
+def dedit_nb_imports(lazy: bool) -> dict[str, set[str]]:
+    """Each module of dedit_nb -> the dedit_nb modules it imports as it is loaded, and with ``lazy`` also those
+    imported inside its functions; never those under ``if TYPE_CHECKING:`` (read by type checkers only)."""
     graph = {}
     for path in (ROOT / "dedit_nb").rglob("*.py"):
         parts = list(path.relative_to(ROOT).with_suffix("").parts)
@@ -53,12 +54,12 @@ def dedit_nb_imports() -> dict[str, set[str]]:
         parts = parts[:-1] if is_package else parts
         package, name = (parts if is_package else parts[:-1]), ".".join(parts)
         tree = ast.parse(path.read_text())
-        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-                       and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
-                       for n in ast.walk(node)}
+        skipped = {id(n) for node in ast.walk(tree) for n in ast.walk(node)
+                   if (isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"))
+                   or (not lazy and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)))}
         graph[name] = set()
         for node in ast.walk(tree):
-            if id(node) in typing_only or not isinstance(node, (ast.Import, ast.ImportFrom)):
+            if id(node) in skipped or not isinstance(node, (ast.Import, ast.ImportFrom)):
                 continue
             if isinstance(node, ast.Import):
                 graph[name] |= {a.name for a in node.names if a.name.split(".")[0] == "dedit_nb"}
@@ -71,7 +72,7 @@ def dedit_nb_imports() -> dict[str, set[str]]:
 
 
 def test_dedit_nb_imports_have_no_cycles():
-    graph = dedit_nb_imports()
+    graph = dedit_nb_imports(lazy=False)
     done, path = set(), []
 
     def visit(module):
@@ -88,7 +89,7 @@ def test_dedit_nb_imports_have_no_cycles():
 
 
 def test_session_modules_import_only_the_layers_below_them():
-    graph = dedit_nb_imports()
+    graph = dedit_nb_imports(lazy=True)
     modules = {m.rsplit(".", 1)[1] for m in graph if m.startswith("dedit_nb.session.")}
     assert modules == set(SESSION_LAYERS), f"place every module of dedit_nb.session in SESSION_LAYERS: {modules}"
     for k, layer in enumerate(SESSION_LAYERS):
@@ -103,3 +104,47 @@ def test_no_pickle_loading():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path}: {line.strip()}"
             assert "allow_pickle=True" not in line, f"{path}: {line.strip()}"
+
+
+def test_make_env_installs_every_extra_and_core_fits_colab():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert f"-e '.[{','.join(extras)}]'" in (ROOT / "Makefile").read_text()
+    core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not names(core) & {"jupyterlab", "dask", "distributed", "playwright"}    # what Colab does not need
+    torch = next(r for r in core if names([r]) == {"torch"})
+    assert "==" not in torch and "<" not in torch and "~=" not in torch            # Colab's own torch stays
+
+
+def test_every_notebook_starts_with_the_colab_setup_cell():
+    import json
+
+    from dedit_nb.colab import NOTEBOOKS, REPOSITORY_URL, colab_url, setup_cell_source
+    readme = (ROOT / "README.md").read_text()
+    assert setup_cell_source() in readme and all(colab_url(name) in readme for name in NOTEBOOKS)
+    for name in NOTEBOOKS:
+        cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+        assert "".join(cells[0]["source"]) == setup_cell_source(), f"{name}: run python -m dedit_nb.colab"
+        assert sum("google.colab" in "".join(c["source"]) for c in cells) == 1
+        assert cells[0]["outputs"] == []
+    assert f"git+{REPOSITORY_URL}" in setup_cell_source()
+
+
+def test_the_setup_cell_does_nothing_outside_colab_and_installs_inside(monkeypatch, capsys):
+    import subprocess
+    import sys
+    import types
+
+    from dedit_nb.colab import REPOSITORY_URL, setup_cell_source
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a[0]))
+    exec(setup_cell_source(), {})
+    assert calls == [] and capsys.readouterr().out == ""                          # not Colab: nothing
+    enabled = []
+    colab = types.ModuleType("google.colab")
+    colab.output = types.SimpleNamespace(enable_custom_widget_manager=lambda: enabled.append(True))
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    exec(setup_cell_source(), {})
+    assert len(calls) == 1 and f"dedit-workbench @ git+{REPOSITORY_URL}" in calls[0] and enabled == [True]
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and "installed dedit-workbench" in said[0] and "widget manager" in said[0]

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from dedit_nb.profiles import EXAMPLES
 from dedit_nb.notebook import NOTEBOOK_PARAMETERS, ParameterError, check_parameters, create_segmented_session
 from dedit_nb.session import Session
+from dedit_nb.profiles import EXAMPLES
 
 NB = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -36,8 +38,8 @@ def test_every_parameter_of_every_notebook_is_checked_and_its_default_passes(nam
 
 
 @pytest.mark.parametrize("injected, name, message", [
-    ("steps = 1.5", "steps", "an integer >= 1, got 1.5"),
-    ("guidance = 'high'", "guidance", "a number >= 0, got 'high'"),
+    ("steps = 1.5", "steps", "an integer >= 1 or None (the model profile's value), got 1.5"),
+    ("guidance = 'high'", "guidance", "a number >= 0 or None (the model profile's value), got 'high'"),
     ("steps = '10'", "steps", "papermill's -r passes values as text; pass it with -p steps 10"),
     ("strength = 1.5", "strength", "between 0 and 1"),
     ("num_images = True", "num_images", "an integer >= 1, got True"),
@@ -72,7 +74,7 @@ def test_a_failed_segmentation_leaves_nothing_on_disk_so_the_rerun_works(tmp_pat
     broken = tmp_path / "sam_vit_b.pth"
     broken.write_bytes(b"not a checkpoint")
     folder = tmp_path / "session"
-    image = NB.parent / "examples" / "scene_a.png"
+    image = EXAMPLES / "scene_a.png"
     with pytest.raises(Exception):
         create_segmented_session(folder, image, 32, 8, False, "sam", checkpoint=str(broken))
     assert not folder.exists() or not any(folder.iterdir())
@@ -82,7 +84,7 @@ def test_a_failed_segmentation_leaves_nothing_on_disk_so_the_rerun_works(tmp_pat
 
 def test_sampling_keywords_from_python_are_checked_by_name(tmp_path):
     from dedit_nb.notebook import check_edit_params
-    s = Session.create(tmp_path / "s", NB.parent / "examples" / "scene_a.png", resolution=32, multiple=8)
+    s = Session.create(tmp_path / "s", EXAMPLES / "scene_a.png", resolution=32, multiple=8)
     assert check_edit_params(s, "recon", steps=3, eta=0.5).steps == 3
     with pytest.raises(ParameterError, match="parameter 'step': unknown parameter; did you mean 'steps'"):
         check_edit_params(s, "recon", step=3)
@@ -105,3 +107,42 @@ def test_a_grid_refuses_a_top_level_scheduler_before_running(tmp_path):
     with pytest.raises(ValueError, match="dask_scheduler"):
         run_batch(spec, tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+BOUNDED = [(notebook, name, check) for notebook, spec in NOTEBOOK_PARAMETERS.items() for name, check in spec.items()
+           if check.low is not None or check.high is not None]
+
+
+@pytest.mark.parametrize("notebook, name, check", BOUNDED, ids=[f"{nb}-{name}" for nb, name, _ in BOUNDED])
+def test_each_documented_bound_itself_is_accepted_and_just_past_it_refused(notebook, name, check):
+    """strength=1 is a documented maximum: refusing it is as wrong as accepting 1.01."""
+    step = 1 if int in check.kinds and float not in check.kinds else 1e-6
+    for bound, outside in ((check.low, -step), (check.high, step)):
+        if bound is None:
+            continue
+        if bound == check.low and check.low_open:
+            with pytest.raises(ParameterError):
+                check_parameters(notebook, namespace(notebook, f"{name} = {bound!r}"))
+        else:
+            check_parameters(notebook, namespace(notebook, f"{name} = {bound!r}"))
+        with pytest.raises(ParameterError) as err:
+            check_parameters(notebook, namespace(notebook, f"{name} = {bound + outside!r}"))
+        assert err.value.name == name
+
+
+def test_the_maximums_strength_1_and_eta_1_pass_the_notebook_check_and_the_api(tmp_path):
+    from dedit_nb.notebook import check_edit_params
+    from dedit_nb.sampler import SamplingConfig
+    assert ("03_edit", "strength") in {(nb, name) for nb, name, check in BOUNDED if check.high == 1}
+    s = Session.create(tmp_path / "s", EXAMPLES / "scene_a.png", resolution=32, multiple=8)
+    lowest = dict(steps=1, guidance=0.0, edge_thickness=0, seed=0, num_images=1)
+    config = check_edit_params(s, "recon", strength=1.0, eta=1.0, **lowest)
+    assert (config.strength, config.eta, config.steps, config.edge_thickness) == (1.0, 1.0, 1, 0)
+    assert check_edit_params(s, "recon", strength=0, eta=0).strength == 0
+    for name, value in (("strength", 1.000001), ("eta", 1.000001), ("strength", -1e-6), ("eta", -1e-6)):
+        with pytest.raises(ParameterError) as err:
+            check_edit_params(s, "recon", **{name: value})
+        assert err.value.name == name
+    assert SamplingConfig(strength=1.0, eta=1.0, **lowest).strength == 1.0
+    with pytest.raises(ValueError, match="strength is a share of the steps"):
+        SamplingConfig(strength=1.000001)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from dedit_nb import masks as M
-from dedit_nb.images import rgb_to_tensor
+from dedit_nb.images import rgb_to_tensor, tensor_to_rgb
 from dedit_nb.models import load_model
-from dedit_nb.sampler import (SamplingConfig, classifier_free_guidance, latent_regions, make_scheduler,
-                              masked_sample)
+from dedit_nb.sampler import (SCHEDULERS, LatentPreview, SamplingConfig, classifier_free_guidance, latent_regions,
+                              make_scheduler, masked_sample)
 from sampler_cases import REFERENCE, REFERENCE_FAMILIES, gradient_image, reference_case, run_recording_latents
 
 
@@ -58,16 +58,20 @@ def test_latent_cells_take_the_most_changing_region_of_their_pixels():
     assert soft_cells.tolist() == [[False, True, False], [False, False, True]]
 
 
+@pytest.mark.parametrize("scheduler_name", sorted(SCHEDULERS))
 @pytest.mark.parametrize("strength, held", [(0.5, [True, True, False, False]), (0.25, [True, False, False, False]),
                                             (1.0, [True] * 4), (0.0, [False] * 4)])
-def test_hard_cells_hold_the_noised_original_and_the_soft_band_only_for_the_strength_share(sd, strength, held):
+def test_hard_cells_hold_the_noised_original_and_the_soft_band_only_for_the_strength_share(sd, strength, held,
+                                                                                          scheduler_name):
+    """Under every scheduler, noised as that scheduler noises (its own add_noise, in its own latent space)."""
     cond, labels, original, regions, _ = reference_case(sd)
-    config = SamplingConfig(steps=4, guidance=3.0, strength=strength, edge_thickness=3, seed=5)
-    _, steps = record_steps(sd, cond, labels, original, regions, config)
+    config = SamplingConfig(steps=4, guidance=3.0, strength=strength, edge_thickness=3, seed=5,
+                            scheduler=scheduler_name)
+    images, steps = record_steps(sd, cond, labels, original, regions, config)
     hard, soft = latent_regions(sd, regions)
     active = ~(hard | soft)
     assert hard.any() and soft.any() and active.any()
-    scheduler = make_scheduler(sd)
+    scheduler = make_scheduler(sd, scheduler_name)
     scheduler.set_timesteps(4)
     noise = torch.randn((1, 4, *labels.shape), generator=torch.Generator().manual_seed(5))
     clean = sd.encode_images(rgb_to_tensor(original))
@@ -81,6 +85,7 @@ def test_hard_cells_hold_the_noised_original_and_the_soft_band_only_for_the_stre
         assert not same[:, soft].any() or held[s.step], s.step
         assert not same[:, active].any(), s.step
     assert steps[-1].timestep == scheduler.timesteps[-1]
+    assert np.array_equal(images[0][regions.hard], original[regions.hard])
 
 
 def test_soft_pixels_are_exactly_the_originals_at_strength_1_in_pixel_space(pixel_model):
@@ -205,3 +210,69 @@ def test_eta_with_a_scheduler_without_it_is_refused(sd):
     with pytest.raises(ValueError, match="eta=0.5 has no meaning for DPMSolverMultistepScheduler"):
         masked_sample(sd, cond, labels, original, regions, SamplingConfig(steps=2, eta=0.5, scheduler="dpm++"),
                       progress=False)
+
+
+def region_noise_levels(model, scheduler):
+    """Sample the pixel model, whose exact denoiser points at the (flat grey) original itself, in 6 steps of
+    ``scheduler`` at strength 1 (the soft band held at every step); per step but the last, the standard
+    deviation of the latents over the hard, soft and active regions. The active region follows the scheduler's
+    own trajectory, so it has the scheduler's noise level."""
+    cond, labels, _, regions, _ = reference_case(model)
+    original = np.full((*labels.shape, 3), 128, np.uint8)
+    exact_denoiser(model, rgb_to_tensor(original))
+    levels = []
+
+    def measure(step):
+        if step.step + 1 < step.num_steps:
+            levels.append({r: float(step.latents[0][:, getattr(regions, r)].std())
+                           for r in ("hard", "soft", "active")})
+
+    image = masked_sample(model, cond, labels, original, regions,
+                          SamplingConfig(steps=6, guidance=1.0, strength=1.0, edge_thickness=3, scheduler=scheduler,
+                                         seed=4),
+                          progress=False, callback_on_step_end=measure)[0]
+    return levels, image, original, regions
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_held_regions_carry_the_noise_level_of_the_schedulers_own_trajectory(pixel_model, scheduler):
+    """Euler-type schedulers sample in sigma space (init_noise_sigma ~ 15, scaled model input): a blend that
+    noised the original on another scale would leave the hard region far noisier or cleaner than the rest."""
+    levels, image, original, regions = region_noise_levels(pixel_model, scheduler)
+    assert len(levels) == 5
+    for i, level in enumerate(levels):
+        for region in ("hard", "soft"):
+            assert 0.9 < level[region] / level["active"] < 1.1, (i, region, level)
+    assert levels[0]["active"] > 2 * levels[-1]["active"]           # the level falls as sampling goes on
+    assert np.array_equal(image[~regions.active], original[~regions.active])
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++"])      # x0 from the scheduler's step, and estimated
+def test_the_live_preview_shows_the_clean_estimate_not_the_noisy_latents(sd, pixel_model, scheduler):
+    """With an exact denoiser the x0 estimate is the target at every step, while the latents are noise."""
+    cond, labels, original, _, _ = reference_case(pixel_model)
+    target_image = gradient_image(*labels.shape)
+    exact_denoiser(pixel_model, rgb_to_tensor(target_image))
+    everything = M.edit_regions(np.ones(labels.shape, bool), 0)
+    _, steps = record_steps(pixel_model, cond, labels, np.zeros_like(original), everything,
+                            SamplingConfig(steps=4, guidance=1.0, scheduler=scheduler))
+    for s in steps:
+        assert np.abs(s.preview[0].astype(int) - target_image).mean() <= 2, s.step
+    noisy = tensor_to_rgb(steps[0].latents)[0]
+    assert np.abs(noisy.astype(int) - target_image).mean() > 30              # what a latents preview would show
+
+    cond, labels, original, _, _ = reference_case(sd)
+    clean = sd.encode_images(rgb_to_tensor(original))
+    exact_denoiser(sd, clean)
+    everything = M.edit_regions(np.ones(original.shape[:2], bool), 0)
+    seen = []
+    masked_sample(sd, cond, labels, original, everything, SamplingConfig(steps=4, guidance=1.0, scheduler=scheduler),
+                  progress=False,
+                  callback_on_step_end=lambda s: seen.append((s.preview()[0], s.preview(decode=True)[0],
+                                                              s.latents.clone())))
+    fitted = LatentPreview(sd, original)
+    expected, decoded = fitted(clean)[0], tensor_to_rgb(sd.decode_latents(clean))[0]
+    for preview, full, _ in seen:
+        assert preview.shape == (*labels.shape, 3) and np.abs(preview.astype(int) - expected).mean() <= 1
+        assert full.shape == original.shape and np.abs(full.astype(int) - decoded).mean() <= 1
+    assert np.abs(fitted(seen[0][2])[0].astype(int) - expected).mean() > 10

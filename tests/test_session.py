@@ -39,6 +39,7 @@ def test_create_takes_the_session_id_that_names_its_tokens(tmp_path, photo):
             Session.create(tmp_path / "bad", photo, resolution=64, multiple=32, session_id=bad)
         assert not (tmp_path / "bad").exists()
 
+
 def test_roundtrip_of_items_and_history(tmp_path, photo):
     s = Session.create(tmp_path / "s", photo, resolution=128, multiple=32)
     h, w = s.images[0].labels.shape
@@ -171,31 +172,6 @@ def _fake_weights(s):
     s.save_weights({"tokens": {"t/0": torch.zeros(2, 4)}, "unet": {"a.attn2.to_k.weight": torch.ones(3, 3)}}, "m",
                    {"mode": "attn", "num_tokens": 1, "joint": [{"id": s.id, "folder": str(s.folder)}]}, state)
 
-
-
-@pytest.mark.parametrize("reached", ["a-current", "b-pending", "a-pending"])
-def test_settle_joint_brings_members_to_the_newest_checkpoint_all_of_them_hold(tmp_path, photo, reached):
-    """A joint save killed at ``reached`` (the last member write that happened before the kill) in its second
-    checkpoint: members are settled to the second when every one holds it, else back to the first."""
-    import safetensors.torch
-    import torch
-
-    from dedit_nb.session import save_joint_weights, settle_joint
-    members = [Session.create(tmp_path / n, photo, resolution=64, multiple=32) for n in "ab"]
-    meta = {"mode": "attn", "num_tokens": 1, "joint": [{"id": m.id, "folder": str(m.folder)} for m in members]}
-    save_joint_weights(members, {"tokens": {"t/0": torch.zeros(2, 4)}}, "m", meta, {"stage": 1, "step": 1})
-    first = members[0].weights_generation
-    second = {**meta, "model_id": "m", "finetune": {"stage": 1, "step": 2, "generation": "second"}}
-    blobs = {"tokens": safetensors.torch.save({"t/0": torch.ones(2, 4)})}
-    writes = [lambda m: m.save_pending(blobs, second)] * 2 + [lambda m: m.promote_pending()]
-    steps = {"a-pending": 1, "b-pending": 2, "a-current": 3}[reached]
-    for write, member in list(zip(writes, [*members, members[0]]))[:steps]:
-        write(Session.open(member.folder))
-    settled = settle_joint(members)
-    expected = "second" if steps >= 2 else first
-    assert [m.weights_generation for m in settled] == [expected] * 2
-    assert [Session.open(m.folder).weights_generation for m in members] == [expected] * 2
-    assert all(m.pending is None for m in settled)
 
 def _edit_json(change):
     def corrupt(folder):

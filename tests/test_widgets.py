@@ -1,4 +1,6 @@
 """Widgets driven through their public methods and simulated canvas events; masks checked exactly."""
+from html.parser import HTMLParser
+
 import numpy as np
 import pytest
 import torch
@@ -294,7 +296,7 @@ def test_a_click_on_a_zoomed_view_paints_the_pixel_under_it(state):
 def test_shortcuts_over_the_canvas_need_no_click_and_buttons_follow_the_history(state):
     editor = MaskEditor(state)
     before = state.labels.copy()
-    assert editor._keys is not None and "keydown" in editor._keys.watched_events   # ipyevents: keys on hover
+    assert editor._keys in editor.children and editor._keys.canvas_class == editor.css_class   # keys on hover
     assert editor.undo_button.disabled and editor.redo_button.disabled
     editor.handle_event({"type": "keydown", "key": "e"})
     assert editor.tool.value == "eraser" and np.array_equal(state.labels, before)  # no painting click
@@ -332,13 +334,12 @@ def test_a_pending_move_is_refused_on_save_until_applied_or_cleared(tmp_path):
     labels[:, 32:] = 1
     s.set_items(0, labels, ["left", "right"])
     ui = ItemsEditor(s)
-    ui.editor.tool.value = "move"
-    ui.editor.mouse_down(40, 10); ui.editor.mouse_up(36, 10)
+    ui.state.set_move(1, dx=-4)                 # through the API: 01's editor has no move tool (issue 23.6)
     before = (tmp_path / "s" / "session.json").read_bytes()
     assert not ui.save() and "pending move" in ui.message.value and "apply moves" in ui.message.value
     assert (tmp_path / "s" / "session.json").read_bytes() == before
     expected = ui.state.preview_moves()[0].copy()
-    ui.editor.apply_moves_button.click()
+    ui.state.apply_moves()
     assert ui.state.moves == {} and np.array_equal(ui.state.labels, expected)
     assert ui.save() and np.array_equal(Session.open(tmp_path / "s").images[0].labels, expected)
 
@@ -454,12 +455,44 @@ def test_gallery_cards_are_readable_in_a_grid(tmp_path):
         assert "rgb({},{},{})".format(*rgb) in legend
 
 
+class _Tags(HTMLParser):
+    """The start tags of an HTML fragment, each with its attributes (unescaped, as a browser reads them)."""
+
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.feed(fragment)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_a_card_tooltip_keeps_hostile_labels_and_prompts_inside_its_attribute(tmp_path):
+    """The card title's tooltip carries the item label and prompt in a quoted attribute: a quote in them must
+    not close it and open attributes of its own (escaped in element text only is not enough there)."""
+    from dedit_nb.display import edit_summary
+    from dedit_nb.edits import EditResult
+    s = Session.create(tmp_path / "s", data.coffee(), resolution=32, multiple=8)
+    original = s.images[0].working
+    params = {"item": "cup' onmouseover='alert(1)", "prompt": 'a "bag" onclick="alert(2)" <script>',
+              "source_item": "x'/><img src=x onerror=alert(3)>"}
+    regions = M.edit_regions(np.eye(*original.shape[:2], dtype=bool), 1)
+    card = ResultGallery(s).add(EditResult("image", [original], original, s.images[0].labels, regions,
+                                           {"kind": "image", "params": params}))
+    tags = _Tags(card.title.value).tags
+    assert [tag for tag, _ in tags] == ["div", "b"]
+    attributes = tags[0][1]
+    assert set(attributes) == {"class", "title", "style"}
+    assert attributes["title"] == edit_summary("image", params)
+    assert "onmouseover='alert(1)" in attributes["title"] and 'onclick="alert(2)"' in attributes["title"]
+
+
 def test_edit_panel_shares_the_selection_and_hides_what_does_not_apply(tmp_path, tiny_model_dirs):
-    from dedit_nb.display import EDIT_DEFAULTS
+    from dedit_nb.display import edit_defaults
     from widgets import EditPanel
     model, s, _ = finetuned_halves(tmp_path, tiny_model_dirs["sd"], ["left", "<b>right</b>"])
     panel = EditPanel(model, s)
-    assert panel.sampling() == EDIT_DEFAULTS
+    assert panel.sampling() == edit_defaults(model) and panel.sampling()["steps"] == 50   # the SD 1.x profile
     panel.strength.value = 0.1 + 0.2                                         # 0.30000000000000004
     assert panel.sampling()["strength"] == 0.3
     panel.canvas.mouse_down(24, 10); panel.canvas.mouse_up(24, 10)           # a click on item 1 in the canvas
@@ -653,3 +686,216 @@ def test_the_palette_shows_each_item_as_it_looks_in_the_photo_beside_its_name():
     editor.tool.value = "fill"
     editor.apply_coordinates("46,40")            # the blue square joins the red item
     assert thumbnail(red).shape != before.shape or not np.array_equal(thumbnail(red), before)
+
+
+# --- round 3 in the browser (issue 23) and widget faults (issue 27.5) ----------------------------------------
+
+def shown_in(root, widget) -> bool:
+    """True when ``widget`` is inside ``root`` and neither it nor any box around it is hidden."""
+    if root is widget:
+        return root.layout.display != "none"
+    if getattr(root.layout, "display", None) == "none":
+        return False
+    return any(shown_in(child, widget) for child in getattr(root, "children", ()))
+
+
+def test_hiding_one_canvas_button_hides_no_other(state):
+    editor = MaskEditor(state, tools=("move",))
+    editor.apply_moves_button.layout.display = "none"                      # what 03's panel does
+    for control in (editor.undo_button, editor.redo_button, editor.reset_button, editor.clear_moves_button,
+                    editor.zoom_in_button, editor.zoom_out_button, editor.fit_button, editor.coords,
+                    editor.apply_coords_button):
+        assert shown_in(editor, control)
+
+
+def test_enter_in_the_coordinates_box_applies_it_with_the_typed_text(state):
+    editor = MaskEditor(state)
+    editor.tool.value = "move"
+    state.selected = 1
+    editor._keys._handle_custom_msg({"type": "submit", "value": "-5, 3"}, [])   # as the page sends it
+    assert state.moves[1] == M.ItemMove(dx=-5, dy=3) and editor.coords.value == "-5, 3"
+    editor._key_event({"type": "submit", "value": "oops"})
+    assert "x,y pairs" in editor.message.value
+    editor._key_event({"type": "keydown", "key": "e"})                      # a key over the canvas
+    assert editor.tool.value == "eraser"
+
+
+def test_the_segmentation_editor_has_no_move_tool(tmp_path):
+    s = Session.create(tmp_path / "s", data.coffee(), resolution=64, multiple=8)
+    ui = ItemsEditor(s)
+    assert "move" not in [v for _, v in ui.editor.tool.options]
+    ui.editor.handle_event({"type": "keydown", "key": "m"})
+    assert ui.editor.tool.value == "brush"
+
+
+def test_random_pointer_and_key_events_never_raise(state):
+    """2,000 handler calls in random order (tool keys mid-drag included), as a page can send them."""
+    editor = MaskEditor(state, display_width=96)
+    rng = np.random.default_rng(1)
+    keys = list("befplms[]+-0") + ["Enter", "Escape", " ", "ArrowLeft", "z"]
+    for _ in range(2000):
+        u, v = rng.uniform(-20, 120, 2)
+        kind = rng.integers(0, 6)
+        if kind == 0:
+            editor._canvas_down(u, v)
+        elif kind == 1:
+            editor._canvas_move(u, v)
+        elif kind == 2:
+            editor._canvas_up(u, v)
+        elif kind == 3:
+            editor.handle_event({"type": "keydown", "key": str(rng.choice(keys)), "ctrlKey": bool(rng.random() < .2)})
+        elif kind == 4:
+            editor.handle_event({"type": "keyup", "key": " "})
+        else:
+            editor.handle_event({"type": "wheel", "deltaY": float(rng.choice([-1, 1])), "relativeX": u,
+                                 "relativeY": v, "boundingRectWidth": 48})
+        assert_partition(state)
+
+
+def test_a_tool_key_mid_drag_ends_the_drag(state):
+    editor = MaskEditor(state)
+    editor.tool.value = "move"
+    editor.mouse_down(10, 5)
+    editor.handle_event({"type": "keydown", "key": "e"})
+    editor.mouse_move(20, 5)
+    editor.mouse_up(20, 5)                                                  # an IndexError before
+    assert editor.tool.value == "eraser" and state.moves == {}
+
+
+def test_two_editors_on_one_session_never_overwrite_each_other_silently(tmp_path):
+    s = Session.create(tmp_path / "s", data.coffee(), resolution=64, multiple=8)
+    first, second = ItemsEditor(s), ItemsEditor(s)
+    first.state.add_item("cup")
+    first.editor.size.value = 5
+    first.editor.mouse_down(20, 20); first.editor.mouse_up(20, 20)
+    assert first.save()
+    assert "changed since this editor loaded" in second.editor.status.value     # not "saved" any more
+    second.state.add_item("bag")
+    second.editor.mouse_down(40, 20); second.editor.mouse_up(40, 20)
+    on_disk = (tmp_path / "s" / "session.json").read_bytes()
+    assert not second.save()
+    assert "reload" in second.message.value and "save over" in second.message.value
+    assert (tmp_path / "s" / "session.json").read_bytes() == on_disk             # the first save stands
+    assert second.reload_button.layout.display != "none"
+    assert second.reload()
+    assert second.state.names == ["image", "cup"] and np.array_equal(second.state.labels, first.state.labels)
+    assert "changed since" not in second.editor.status.value and second.reload_button.layout.display == "none"
+    second.state.undo()                                                      # the work from before the reload
+    assert second.state.names == ["image", "bag"]
+    assert second.save(replace_newer=True)                                   # "save over", knowingly
+    assert [i.label for i in Session.open(tmp_path / "s").images[0].items] == ["image", "bag"]
+    assert "changed since" in first.editor.status.value
+
+
+@pytest.mark.parametrize("fault", [OSError(30, "Read-only file system"), "deleted"])
+def test_saves_into_a_gone_or_read_only_session_say_so(tmp_path, fault):
+    import shutil
+    from dedit_nb.edits import EditResult
+    from dedit_nb.session import SessionError
+    s = Session.create(tmp_path / "s", data.coffee(), resolution=32, multiple=8)
+    ui = ItemsEditor(s)
+    ui.editor.mouse_down(5, 5); ui.editor.mouse_up(5, 5)
+    ui.state.add_item("x")
+    ui.editor.mouse_down(5, 5); ui.editor.mouse_up(5, 5)
+    original = s.images[0].working
+    result = EditResult("text", [original], original, s.images[0].labels,
+                        M.edit_regions(np.eye(*original.shape[:2], dtype=bool), 1), {"kind": "text", "params": {}})
+    gallery = ResultGallery(s)
+    gallery.add(result).selected.value = True
+    if fault == "deleted":
+        shutil.rmtree(tmp_path / "s")
+        s.save = lambda: (_ for _ in ()).throw(SessionError(f"{tmp_path / 's'} was deleted"))  # session.py's answer
+    else:
+        s.save = lambda: (_ for _ in ()).throw(fault)
+        result.save = lambda folder: (_ for _ in ()).throw(fault)
+    assert not ui.save() and "dedit-error" in ui.message.value and "not saved" in ui.message.value
+    assert gallery.save_selected() == []                                     # no exception out of the button
+    assert "dedit-error" in gallery.message.value
+    assert ("no longer holds a session" if fault == "deleted" else "Read-only") in gallery.message.value
+    assert fault != "deleted" or not (tmp_path / "s").exists()               # nothing recreated
+
+
+def test_panel_state_follows_the_edit(tmp_path, tiny_model_dirs):
+    """03's panel: it starts from the parameters, hides what an edit does not use, keeps every canvas control
+    of a move, clears its error on any change, shows pending moves only for a move, has no saved marker,
+    and a double-click runs one edit."""
+    from widgets import EditPanel
+    model, s, _ = finetuned_halves(tmp_path, tiny_model_dirs["sd"], ["left", "right"])
+    panel = EditPanel(model, s, edit="text", item="right", prompt="a red bag")
+    assert panel.item.value == 1 and panel.state.selected == 1 and panel.prompt.value == "a red bag"
+    assert "saved" not in panel.canvas.status.value                          # nothing to save in 03
+    panel.kind.value = "move"
+    for control in (panel.canvas.undo_button, panel.canvas.clear_moves_button, panel.canvas.coords,
+                    panel.canvas.apply_coords_button, panel.canvas.scale):
+        assert shown_in(panel, control)
+    assert not shown_in(panel, panel.canvas.apply_moves_button)
+    panel.canvas.apply_coordinates("-4, 2")
+    assert "pending moves" in panel.canvas.status.value
+    moved = panel.canvas.render_array()
+    panel.kind.value = "text"
+    assert "pending moves" not in panel.canvas.status.value
+    assert not np.array_equal(panel.canvas.render_array(), moved)           # the preview is off for a text edit
+    panel.kind.value = "recon"
+    assert not shown_in(panel, panel.strength) and not shown_in(panel, panel.edge)
+    panel.kind.value = "text"
+    assert shown_in(panel, panel.strength) and shown_in(panel, panel.edge)
+    panel.prompt.value = ""
+    panel.generate.click()
+    assert "needs a prompt" in panel.error.value
+    panel.seed.value = 3
+    assert panel.error.value == ""                                           # any change clears the error
+    import time
+    from widgets.edit_panel import QUEUED_CLICK_S
+    time.sleep(QUEUED_CLICK_S)                                               # a later click, not a queued one
+    runs = []
+    real = panel.run
+    panel.run = lambda: runs.append(1) or real()
+    panel.prompt.value, panel.steps.value = "a red bag", 2
+    panel.generate.click(); panel.generate.click()                           # the second click was queued
+    assert len(runs) == 1 and len(panel.gallery.cards) == 1
+    assert panel.gallery.cards[0].split.description.startswith("after")      # value 0 shows the result
+
+
+def test_item_scale_follows_the_moves_and_polygons_draw_thin(state):
+    editor = MaskEditor(state)
+    editor.tool.value = "move"
+    state.selected = 2
+    editor.scale.value = 0.5
+    state.apply_moves()
+    assert editor.scale.value == 1.0 and state.moves == {}                  # nothing pending: back to 1
+    editor.tool.value = "brush"
+    editor.size.value = 20
+    editor.mouse_down(10, 40); editor.mouse_move(30, 40); editor.mouse_up(30, 40)
+    editor.tool.value = "polygon"
+    editor.mouse_down(60, 30); editor.mouse_down(70, 30)
+    assert editor.canvas.line_width == 1
+
+
+def test_a_brush_too_large_for_a_cursor_is_outlined_in_the_canvas(state):
+    from widgets.mask_editor import MAX_CURSOR
+    editor = MaskEditor(state, display_width=384)                            # 4 screen px per image pixel
+    drawn = []
+    editor.canvas.stroke_circle = lambda u, v, r: drawn.append((u, v, r))
+    editor.size.value = 10                                                  # 80 px across: a cursor image
+    editor._canvas_move(50, 60)
+    assert "data:image/svg+xml" in editor.cursor_style.value and drawn == []
+    editor.size.value = 20                                                  # 160 px: too large for a cursor
+    assert "data:image/svg+xml" not in editor.cursor_style.value and 2 * 20 * 4 > MAX_CURSOR
+    editor._canvas_move(50, 60)
+    assert drawn == [(50, 60, 80)]                                         # the outline, at the brush's size
+
+
+def test_an_editor_on_another_session_object_of_the_folder_is_refused_too(tmp_path):
+    """As between a notebook editor and another kernel or a batch: the session's own change check refuses."""
+    Session.create(tmp_path / "s", data.coffee(), resolution=64, multiple=8)
+    first, second = ItemsEditor(Session.open(tmp_path / "s")), ItemsEditor(Session.open(tmp_path / "s"))
+    first.state.add_item("cup")
+    first.editor.mouse_down(20, 20); first.editor.mouse_up(20, 20)
+    assert first.save() and "changed since" in second.editor.status.value
+    second.state.rename(0, "whole")
+    on_disk = (tmp_path / "s" / "session.json").read_bytes()
+    assert not second.save() and "changed by another process" in second.message.value
+    assert (tmp_path / "s" / "session.json").read_bytes() == on_disk
+    assert second.reload() and second.state.names == ["image", "cup"]      # from the folder, not its old object
+    second.state.rename(0, "whole")
+    assert second.save() and [i.label for i in Session.open(tmp_path / "s").images[0].items] == ["whole", "cup"]

@@ -11,7 +11,7 @@ import ipywidgets as W
 import numpy as np
 
 from dedit_nb.display import edit_summary, region_legend_html, region_picture, tidy_numbers
-from dedit_nb.session import png_bytes
+from dedit_nb.session import SESSION_FILE, SessionError, png_bytes
 
 CARD_WIDTH = 320
 
@@ -37,8 +37,8 @@ class ResultCard(W.VBox):
         self.result = result
         self.choice = W.Dropdown(options=list(range(len(result.images))), value=0, description="image",
                                  layout=W.Layout(width="130px"), style={"description_width": "initial"})
-        # 0: the whole result; slide right to uncover the original from the left
-        self.split = W.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.01, description="before ◀▶ after",
+        # 0: the whole result; slide right to uncover the original from the left (each end names what it shows)
+        self.split = W.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.01, description="after ◀▶ before",
                                    readout=False, style={"description_width": "initial"},
                                    layout=W.Layout(width="180px"))
         self.picture = W.Image(format="png", layout=W.Layout(width=f"{width}px"))
@@ -91,17 +91,33 @@ class ResultGallery(W.VBox):
         self.box.children = tuple(self.box.children) + (card,)
         return card
 
+    def say(self, text: str, error: bool = False) -> None:
+        self.message.value = (f"<span class='dedit-error' style='color:#b00020'>⚠ {html.escape(text)}</span>" if error
+                              else f"<span class='dedit-note'>{html.escape(text)}</span>")
+
     def save_selected(self) -> list[Path]:
+        """Write the ticked results under the session's results/ folder; a session that is gone or cannot be
+        written is said in the panel (nothing raised out of the button, no folder made for a deleted one)."""
         if self.session is None:
-            self.message.value = "no session to save into"
+            self.say("no session to save into", error=True)
+            return []
+        if not (self.session.folder / SESSION_FILE).is_file():
+            self.say(f"not saved: {self.session.folder} no longer holds a session (deleted or moved?)", error=True)
             return []
         saved = []
-        for card in self.cards:
-            if card.selected.value:
-                stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-                folder = card.result.save(self.session.folder / "results" / f"{stamp}-{card.result.kind}")
-                self.session.record_edit({"kind": "saved-result", "of": card.result.kind, "folder": str(folder)})
-                card.selected.value = False
-                saved.append(folder)
-        self.message.value = f"saved {len(saved)} result(s)" if saved else "tick 'save this result' on a card first"
+        try:
+            for card in self.cards:
+                if card.selected.value:
+                    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+                    folder = card.result.save(self.session.folder / "results" / f"{stamp}-{card.result.kind}")
+                    self.session.record_edit({"kind": "saved-result", "of": card.result.kind, "folder": str(folder)})
+                    card.selected.value = False
+                    saved.append(folder)
+        except (SessionError, OSError, ValueError) as exc:
+            self.say(f"not saved{f' (after {len(saved)} saved)' if saved else ''}: {exc}", error=True)
+            return saved
+        if saved:
+            self.say(f"saved {len(saved)} result(s)")
+        else:
+            self.say("tick 'save this result' on a card first")
         return saved

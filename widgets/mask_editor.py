@@ -8,10 +8,10 @@ turned into image coordinates (pixel (floor(y), floor(x))); the public ``mouse_d
 ``mouse_up`` take image coordinates. While the mouse is down only client-side preview shapes are drawn; the
 stroke is applied to the label map as one operation on release and the view is sent once.
 
-Keys (ipyevents, active while the pointer is over the canvas, no click needed): ``b e f p l m s`` choose a
-tool, ``[`` ``]`` brush size, ctrl+z / ctrl+shift+z / ctrl+y undo and redo, ``+`` ``-`` ``0`` zoom, arrows
+Keys (active while the pointer is over the canvas, no click needed, and never while a text box has focus:
+:class:`widgets.keys.CanvasKeys`): ``b e f p l m s`` choose a tool, ``[`` ``]`` brush size, ctrl+z / ctrl+shift+z / ctrl+y undo and redo, ``+`` ``-`` ``0`` zoom, arrows
 pan, Enter closes a polygon, Escape cancels one. Every action also has a path without the mouse: the
-coordinates box applies the current tool at typed image coordinates.
+coordinates box applies the current tool at typed image coordinates (Enter or its *apply* button).
 """
 from __future__ import annotations
 
@@ -28,9 +28,11 @@ from PIL import Image
 
 from dedit_nb.display import OVERLAY_MODES, item_colour, item_overlay
 
+from .keys import CanvasKeys
 from .state import ItemState, disk_stroke
 
 TOOLS = ("brush", "eraser", "fill", "polygon", "lasso", "move", "sam")
+MASK_TOOLS = tuple(t for t in TOOLS if t != "move")   # segmentation: moving an item is 03's edit, not a mask tool
 KEYS = {"b": "brush", "e": "eraser", "f": "fill", "p": "polygon", "l": "lasso", "m": "move", "s": "sam"}
 TOOL_TIPS = {
     "brush": "brush (b): paint pixels into the selected item",
@@ -50,6 +52,7 @@ COORD_HINTS = {
     "move": "dx,dy  (shift of the selected item)",
     "sam": "x,y …  points, or x0,y0,x1,y1 in box mode",
 }
+MAX_CURSOR = 128       # browsers ignore cursor images larger than this; a larger brush is drawn in the canvas
 CURSORS = {"fill": "cell", "polygon": "crosshair", "lasso": "crosshair", "move": "move", "sam": "crosshair"}
 MAX_ZOOM = 16.0
 _ids = itertools.count()
@@ -78,16 +81,20 @@ def parse_points(text: str) -> list[tuple[float, float]]:
 class MaskEditor(W.VBox):
     """Edit an :class:`ItemState` on a canvas. Every change goes through the state (undoable, observable)."""
 
-    def __init__(self, state: ItemState, display_width: int = 640, prompter=None, tools=TOOLS, **kwargs):
+    def __init__(self, state: ItemState, display_width: int = 640, prompter=None, tools=TOOLS,
+                 save_marker: bool = True, **kwargs):
         self.state = state
+        self.save_marker = save_marker      # "saved / unsaved changes" in the status, where there is a save
+        self.show_moves = True              # draw pending moves (03 shows them only for its move edit)
         self.prompter = prompter            # a dedit_nb.segment.sam.SamPrompter for click/box prompts
         h, w = state.labels.shape
         self.view_width, self.view_height = int(display_width), max(1, round(display_width * h / w))
         self.base_scale = self.view_width / w           # screen pixels per image pixel at zoom 1
         self.zoom, self.origin = 1.0, (0.0, 0.0)        # the view: magnification and top-left image point
         self.css_class = f"dedit-canvas-{next(_ids)}"
+        # at most as wide as the page allows; ipycanvas maps pointer positions through the shown size
         self.canvas = Canvas(width=self.view_width, height=self.view_height,
-                             layout=W.Layout(width=f"{self.view_width}px", height=f"{self.view_height}px"))
+                             layout=W.Layout(width=f"{self.view_width}px", max_width="100%", height="auto"))
         self.canvas.add_class(self.css_class)
         self.cursor_style = W.HTML(layout=W.Layout(display="none"))  # a <style> for the canvas cursor
         # the view travels as a lossless PNG that we encode fast (put_image_data would send RGB as JPEG,
@@ -110,8 +117,9 @@ class MaskEditor(W.VBox):
                                                   "a click adds a point outside the object",
                                                   "drag a box around the object"],
                                         style={"button_width": "76px"})
-        auto = W.Layout(width="auto")
-        button = lambda text, icon, tip: W.Button(description=text, icon=icon, tooltip=tip, layout=auto)  # noqa: E731
+        # every button its own Layout: hiding one (03 hides 'apply moves') must not hide the others
+        button = lambda text, icon, tip: W.Button(description=text, icon=icon, tooltip=tip,  # noqa: E731
+                                                  layout=W.Layout(width="auto", flex="0 0 auto"))
         self.undo_button = button("undo", "undo", "undo (ctrl+z)")
         self.redo_button = button("redo", "repeat", "redo (ctrl+shift+z or ctrl+y)")
         self.reset_button = button("reset to saved", "refresh", "back to the last saved items (undoable)")
@@ -122,8 +130,10 @@ class MaskEditor(W.VBox):
         self.fit_button = button("fit", "expand", "show the whole image (0)")
         self.coords = W.Text(placeholder=COORD_HINTS["brush"], layout=W.Layout(width="260px"),
                              continuous_update=False)
+        self.coords.add_class(f"{self.css_class}-coords")
         self.apply_coords_button = button("apply", "keyboard-o", "apply the current tool at these image coordinates")
-        self.status = W.HTML()
+        self.status = W.HTML(layout=W.Layout(width="100%", margin="0"))  # one line, cut at the canvas width
+        self.status.add_class(f"{self.css_class}-status")
         self.message = W.HTML()
         self._message_version = -1
         self.undo_button.on_click(lambda _: self.state.undo())
@@ -140,12 +150,15 @@ class MaskEditor(W.VBox):
         self.tool.observe(self._tool_changed, names="value")
         self.tool.layout.display = "none" if len(tools) == 1 else None
         self.size.observe(self._size_changed, names="value")
-        self.state.observe(lambda _: self.render(), names="version")
+        self.state.observe(self._state_changed, names="version")
         self.state.observe(self._selection_changed, names="selected")
         self.canvas.on_mouse_down(self._canvas_down)
         self.canvas.on_mouse_move(self._canvas_move)
         self.canvas.on_mouse_up(self._canvas_up)
-        self._keys = self._watch_keys()
+        self.canvas.on_mouse_out(lambda u, v: self._draw_brush_outline(None, None) if self.brush_in_canvas else None)
+        self._keys = CanvasKeys(self._key_event, canvas_class=self.css_class,
+                                submit_class=f"{self.css_class}-coords")
+        self._wheel = self._watch_wheel()
         self._pressed = False
         self._panning: tuple[float, float] | None = None
         self._space = False
@@ -154,32 +167,37 @@ class MaskEditor(W.VBox):
         self._sam_points: list[tuple[float, float]] = []
         self._sam_labels: list[int] = []
         self._drag_start: tuple[float, float] | None = None
+        row = lambda children: W.HBox(children, layout=W.Layout(flex_flow="row wrap"))  # noqa: E731 - wraps, never overflows
         self.rows = {
-            "size": W.HBox([self.size]),
-            "fill": W.HBox([self.tolerance]),
-            "move": W.HBox([self.scale, self.apply_moves_button, self.clear_moves_button]),
-            "sam": W.HBox([W.Label("SAM prompt:"), self.sam_mode]),
+            "size": row([self.size]),
+            "fill": row([self.tolerance]),
+            "move": row([self.scale, self.apply_moves_button, self.clear_moves_button]),
+            "sam": row([W.Label("SAM prompt:"), self.sam_mode]),
         }
-        self.coords_row = W.HBox([W.Label("coordinates:"), self.coords, self.apply_coords_button])
-        rows = [W.HBox([self.tool]), *self.rows.values(),
-                W.HBox([W.Label("show items as"), self.overlay_mode, self.zoom_in_button, self.zoom_out_button,
-                        self.fit_button]),
-                W.HBox([self.undo_button, self.redo_button, self.reset_button]),
+        self.coords_row = row([W.Label("coordinates:"), self.coords, self.apply_coords_button])
+        rows = [row([self.tool]), *self.rows.values(),
+                row([W.Label("show items as"), self.overlay_mode, self.zoom_in_button, self.zoom_out_button,
+                     self.fit_button]),
+                row([self.undo_button, self.redo_button, self.reset_button]),
                 self.coords_row]
-        super().__init__([self.cursor_style, self.canvas, self.status, self.message, *rows], **kwargs)
+        kwargs.setdefault("layout", W.Layout(width=f"{self.view_width}px", max_width="100%", flex="0 1 auto"))
+        super().__init__([self.cursor_style, self._keys, self.canvas, self.status, self.message, *rows], **kwargs)
         self._tool_changed()
 
-    def _watch_keys(self):
-        """Keys and the wheel while the pointer is over the canvas (ipyevents focuses it on hover)."""
-        try:
-            from ipyevents import Event
-        except ImportError:  # without ipyevents the canvas still works, keys need a click (ipycanvas)
-            self.canvas.on_key_down(self.key_down)
-            return None
-        events = Event(source=self.canvas, watched_events=["keydown", "keyup", "wheel"],
-                       prevent_default_action=True, ignore_modifier_key_events=True)
+    def _watch_wheel(self):
+        """The wheel over the canvas (ipyevents; wheel events take no focus, unlike its key events)."""
+        from ipyevents import Event
+        events = Event(source=self.canvas, watched_events=["wheel"], prevent_default_action=True)
         events.on_dom_event(self.handle_event)
         return events
+
+    def _key_event(self, event: dict) -> None:
+        """A message of :class:`CanvasKeys`: Enter in the coordinates box, or a key over the canvas."""
+        if event.get("type") == "submit":
+            self.coords.value = str(event.get("value", ""))
+            self._guard(lambda: self.apply_coordinates(self.coords.value))
+        else:
+            self.handle_event(event)
 
     # --- the view ------------------------------------------------------------------------------------
     @property
@@ -224,10 +242,10 @@ class MaskEditor(W.VBox):
     def render_array(self) -> np.ndarray:
         """The whole image as drawn, at image size: items in their colours (outline or solid, hidden
         items plain) over the pending moves' preview, its active region (moved items + refilled pixels)
-        brightened."""
-        labels, active = self.state.preview_moves()
+        brightened (without the preview when ``show_moves`` is off)."""
+        labels, active = self.state.preview_moves() if self.show_moves else (self.state.labels, None)
         picture = item_overlay(self.state.image, labels, self.overlay_mode.value, self.state.visible)
-        if active.any():
+        if active is not None and active.any():
             picture[active] = (0.6 * picture[active] + 0.4 * 255).astype(np.uint8)
         return picture
 
@@ -257,19 +275,30 @@ class MaskEditor(W.VBox):
         self.status.value = self.status_html()
 
     def status_html(self) -> str:
+        """One line, never wider than the canvas (the rest is cut with … and shown whole as its tooltip)."""
         state, k = self.state, self.state.selected
         r, g, b = item_colour(k)
-        moves = ", ".join(f"{html.escape(state.names[i])}: dx={m.dx:g} dy={m.dy:g} ×{m.scale:g}"
-                          for i, m in state.moves.items())
+        moves = ", ".join(f"{state.names[i]}: dx={m.dx:g} dy={m.dy:g} ×{m.scale:g}" for i, m in state.moves.items())
         tool = self.tool.value
         detail = f" {self.size.value}px" if tool in ("brush", "eraser") else (
             f" ({self.sam_mode.value})" if tool == "sam" else "")
-        saved = ("<span class='dedit-dirty' style='color:#c05000'>● unsaved changes</span>" if state.dirty
-                 else "<span class='dedit-clean' style='color:#2e7d32'>saved</span>")
-        return (f"<span class='dedit-status'>tool <b class='dedit-tool'>{tool}{detail}</b> · item {k} "
+        if not self.save_marker:
+            saved = ""
+        elif state.stale:
+            saved = (" · <span class='dedit-stale' style='color:#b00020'>⚠ the session's items changed since "
+                     "this editor loaded them</span>")
+        elif state.dirty:
+            saved = " · <span class='dedit-dirty' style='color:#c05000'>● unsaved changes</span>"
+        else:
+            saved = " · <span class='dedit-clean' style='color:#2e7d32'>saved</span>"
+        pending = f" · pending moves: {html.escape(moves)}" if moves and self.show_moves else ""
+        tool_part = f"tool <b class='dedit-tool'>{tool}{detail}</b> · " if len(self.tool.options) > 1 else ""
+        line = (f"{tool_part}item {k} "
                 f"<span style='display:inline-block;width:10px;height:10px;background:rgb({r},{g},{b})'></span> "
-                f"<b>{html.escape(state.names[k])}</b> ({state.areas()[k]} px) · zoom ×{self.zoom:g} · {saved}"
-                + (f" · pending moves: {moves}" if moves else "") + "</span>")
+                f"<b>{html.escape(state.names[k])}</b> ({state.areas()[k]} px) · zoom ×{self.zoom:g}{saved}{pending}")
+        whole = re.sub(r"<[^>]*>", "", line)         # the tooltip: the same line as text (still escaped)
+        return (f"<div class='dedit-status' title='{whole}' style='white-space:nowrap;overflow:hidden;"
+                f"text-overflow:ellipsis;line-height:20px'>{line}</div>")
 
     def say(self, text: str, error: bool = False) -> None:
         """Show a message (escaped) until the items change again."""
@@ -285,12 +314,17 @@ class MaskEditor(W.VBox):
             self.say(str(exc), error=True)
             return None
 
+    @property
+    def brush_in_canvas(self) -> bool:
+        """True when the brush outline is too large for a cursor image and is drawn in the canvas instead."""
+        return self.tool.value in ("brush", "eraser") and 2 * self.size.value * self.view_scale + 2 > MAX_CURSOR
+
     def _update_cursor(self) -> None:
         """A CSS cursor: the brush outline at its current size on screen, else a tool cursor."""
         tool = self.tool.value
         if self._space:
             cursor = "grab"
-        elif tool in ("brush", "eraser") and 2 * self.size.value * self.view_scale + 2 <= 128:
+        elif tool in ("brush", "eraser") and not self.brush_in_canvas:
             d = 2 * self.size.value * self.view_scale
             n = int(np.ceil(d)) + 2
             svg = (f"<svg xmlns='http://www.w3.org/2000/svg' width='{n}' height='{n}'>"
@@ -300,7 +334,8 @@ class MaskEditor(W.VBox):
         else:
             cursor = CURSORS.get(tool, "crosshair")
         self.cursor_style.value = (f"<style>.{self.css_class}, .{self.css_class} canvas {{cursor: {cursor}; "
-                                   f"image-rendering: pixelated}}</style>")
+                                   f"image-rendering: pixelated}} .{self.css_class}-status .widget-html-content "
+                                   f"{{min-width: 0; width: 100%}}</style>")   # lets the status line end in …
 
     def _preview_dot(self, x: float, y: float) -> None:
         r, g, b = item_colour(self.state.selected)
@@ -319,7 +354,21 @@ class MaskEditor(W.VBox):
             self.pan_by(self._panning[0] - u, self._panning[1] - v)
             self._panning = (u, v)
             return
+        if not self._pressed and self.brush_in_canvas:
+            self._draw_brush_outline(u, v)
         self.mouse_move(*self.to_image(u, v))
+
+    def _draw_brush_outline(self, u: float | None, v: float | None) -> None:
+        """The brush's outline around the pointer (none once it left), in the canvas (the view is redrawn from
+        the image already in the page: nothing but the drawing commands travels)."""
+        with hold_canvas(self.canvas):
+            self.canvas.clear()
+            self.canvas.draw_image(self.frame, 0, 0)
+            if u is None:
+                return
+            self.canvas.line_width = 1.5
+            self.canvas.stroke_style = "white"
+            self.canvas.stroke_circle(u, v, self.size.value * self.view_scale)
 
     def _canvas_up(self, u: float, v: float) -> None:
         if self._panning is not None:
@@ -332,8 +381,11 @@ class MaskEditor(W.VBox):
         kind = event.get("type")
         if kind == "wheel":
             factor = 1.25 if event.get("deltaY", 0) < 0 else 0.8
-            self.zoom_by(factor, (event.get("relativeX", self.view_width / 2),
-                                  event.get("relativeY", self.view_height / 2)))
+            # relativeX/Y are CSS pixels of the canvas as shown, which is narrower than its pixels on a small page
+            ratio = self.view_width / (event.get("boundingRectWidth") or self.view_width)
+            about = ((event["relativeX"] * ratio, event["relativeY"] * ratio) if "relativeX" in event
+                     else (self.view_width / 2, self.view_height / 2))
+            self.zoom_by(factor, about)
         elif kind == "keydown":
             self.key_down(event.get("key", ""), event.get("shiftKey", False), event.get("ctrlKey", False),
                           event.get("metaKey", False))
@@ -356,6 +408,7 @@ class MaskEditor(W.VBox):
                 self.close_polygon()
             else:
                 self._polygon.append((x, y))
+                self.canvas.line_width = 1                  # not the width a brush stroke left behind
                 self.canvas.stroke_style = "white"
                 self.canvas.fill_style = "white"
                 if len(self._polygon) > 1:
@@ -493,6 +546,7 @@ class MaskEditor(W.VBox):
             row.layout.display = None if shown[name] else "none"
         self.coords.placeholder = COORD_HINTS[tool]
         self._polygon, self._points = [], []
+        self._pressed, self._drag_start = False, None   # a tool key mid-drag ends the drag: later moves are ignored
         self._update_cursor()
         self.render()
 
@@ -503,6 +557,11 @@ class MaskEditor(W.VBox):
     def _selection_changed(self, change) -> None:
         self._sam_points, self._sam_labels = [], []
         move = self.state.moves.get(change["new"])
+        self._set_scale_quietly(move.scale if move else 1.0)
+        self.render()
+
+    def _state_changed(self, change) -> None:
+        move = self.state.moves.get(self.state.selected)      # 'apply moves', undo...: the slider follows
         self._set_scale_quietly(move.scale if move else 1.0)
         self.render()
 

@@ -17,19 +17,27 @@ COLUMNS = (  # (header, width, tooltip)
     ("", "28px", "tick items to merge them"),
     ("item", "46px", "the item's colour on the canvas; click to select it"),
     ("photo", "40px", "the item as it looks in the photo (what a name like 'red, centre' describes)"),
-    ("label", "160px", "the item's name (used in edits and manifests)"),
-    ("prompt template", "170px", "text around the item's learned tokens: * stands for the item, "
+    ("label", "130px", "the item's name (used in edits and manifests)"),
+    ("prompt template", "130px", "text around the item's learned tokens: * stands for the item, "
                                  "e.g. 'a photo of *'; plain * uses the tokens alone"),
     ("area", "56px", "share of the image"),
     ("show", "50px", "show the item's colour on the canvas"),
 )
 
 THUMB_SIZE = 28
+TEXT_COLUMNS = {"label", "prompt template"}   # these give way on a narrow page; the other columns never shrink
+
+
+def _cell(header: str, width: str) -> W.Layout:
+    """One column's cell layout, the same in the header and every row so that they line up."""
+    if header in TEXT_COLUMNS:
+        return W.Layout(flex=f"1 1 {width}", width="auto", min_width="90px")
+    return W.Layout(width=width, flex="0 0 auto")
 
 
 def _header() -> W.HBox:
     cells = [W.HTML(f"<b title='{html.escape(tip)}' style='font-size:12px'>{html.escape(text)}</b>",
-                    layout=W.Layout(width=width)) for text, width, tip in COLUMNS]
+                    layout=_cell(text, width)) for text, width, tip in COLUMNS]
     return W.HBox(cells, layout=W.Layout(border_bottom="1px solid #ccc"))
 
 
@@ -37,15 +45,15 @@ class ItemPalette(W.VBox):
     def __init__(self, state: ItemState, **kwargs):
         self.state = state
         self.rows = W.VBox()
-        auto = W.Layout(width="auto")
-        self.add_button = W.Button(description="add item", icon="plus", layout=auto,
+        auto = lambda: W.Layout(width="auto", flex="0 0 auto")  # noqa: E731 - a Layout each: hiding one hides one
+        self.add_button = W.Button(description="add item", icon="plus", layout=auto(),
                                    tooltip="a new empty item, selected: paint its pixels")
-        self.merge_button = W.Button(description="merge ticked", icon="compress", layout=auto,
+        self.merge_button = W.Button(description="merge ticked", icon="compress", layout=auto(),
                                      tooltip="merge the ticked items into the first ticked one")
-        self.split_button = W.Button(description="split selected", icon="scissors", layout=auto,
+        self.split_button = W.Button(description="split selected", icon="scissors", layout=auto(),
                                      tooltip="split the selected item into its connected parts")
         self.delete_button = W.Button(description="delete selected", icon="trash", button_style="danger",
-                                      layout=auto, tooltip="delete the selected item; its pixels go to its "
+                                      layout=auto(), tooltip="delete the selected item; its pixels go to its "
                                                            "nearest neighbours")
         self.message = W.HTML()
         self._message_version = -1
@@ -55,8 +63,10 @@ class ItemPalette(W.VBox):
         self.delete_button.on_click(lambda _: self._guard(lambda: self.state.delete(self.state.selected)))
         self._checks: list[W.Checkbox] = []
         state.observe(lambda _: self.refresh(), names=["version", "selected"])
-        super().__init__([_header(), self.rows, W.HBox([self.add_button, self.merge_button, self.split_button,
-                                                        self.delete_button]), self.message], **kwargs)
+        buttons = W.HBox([self.add_button, self.merge_button, self.split_button, self.delete_button],
+                         layout=W.Layout(flex_flow="row wrap"))
+        kwargs.setdefault("layout", W.Layout(max_width="100%", min_width="0"))
+        super().__init__([_header(), self.rows, buttons, self.message], **kwargs)
         self.refresh()
 
     def say(self, text: str, error: bool = False) -> None:
@@ -92,31 +102,31 @@ class ItemPalette(W.VBox):
         total = max(int(areas.sum()), 1)
         old_checked = set(self.checked()) if len(self._checks) == self.state.num_items else set()
         rows, self._checks = [], []
-        widths = [width for _, width, _ in COLUMNS]
+        columns = [(header, width) for header, width, _ in COLUMNS]
         thumbs = item_thumbnails(self.state.image, self.state.labels, self.state.num_items, size=THUMB_SIZE)
         for k, name in enumerate(self.state.names):
             rgb = item_colour(k)
             selected = k == self.state.selected
-            swatch = W.Button(description=str(k), layout=W.Layout(width=widths[1], border="2px solid #2196f3"
-                                                                  if selected else "2px solid transparent"),
+            swatch = W.Button(description=str(k), layout=_cell(*columns[1]),
                               style={"button_color": "rgb({},{},{})".format(*rgb), "text_color": text_colour_on(rgb)},
                               tooltip=f"select item {k}")
+            swatch.layout.border = "2px solid #2196f3" if selected else "2px solid transparent"
             swatch.add_class("dedit-swatch")
             swatch.on_click(lambda _, k=k: setattr(self.state, "selected", k))
             photo = W.Image(value=png_bytes(thumbs[k]), format="png",
-                            layout=W.Layout(width=widths[2], height=f"{THUMB_SIZE}px", object_fit="contain",
-                                            flex="0 0 auto"))
+                            layout=_cell(*columns[2]))
+            photo.layout.height, photo.layout.object_fit = f"{THUMB_SIZE}px", "contain"
             photo.add_class("dedit-item-photo")
-            label = W.Text(value=name, continuous_update=False, layout=W.Layout(width=widths[3]))
+            label = W.Text(value=name, continuous_update=False, layout=_cell(*columns[3]))
             label.add_class("dedit-item-label")
             label.observe(lambda ch, k=k: self.state.rename(k, ch["new"]), names="value")
             template = W.Text(value=self.state.templates[k], continuous_update=False, placeholder="a photo of *",
-                              layout=W.Layout(width=widths[4]))
+                              layout=_cell(*columns[4]))
             template.observe(lambda ch, k=k: self.state.set_template(k, ch["new"]), names="value")
-            area = W.Label(f"{areas[k] / total:.1%}", layout=W.Layout(width=widths[5]))
-            visible = W.Checkbox(value=self.state.visible[k], indent=False, layout=W.Layout(width=widths[6]))
+            area = W.Label(f"{areas[k] / total:.1%}", layout=_cell(*columns[5]))
+            visible = W.Checkbox(value=self.state.visible[k], indent=False, layout=_cell(*columns[6]))
             visible.observe(lambda ch, k=k: self.state.set_visible(k, ch["new"]), names="value")
-            check = W.Checkbox(value=k in old_checked, indent=False, layout=W.Layout(width=widths[0]))
+            check = W.Checkbox(value=k in old_checked, indent=False, layout=_cell(*columns[0]))
             self._checks.append(check)
             row = W.HBox([check, swatch, photo, label, template, area, visible])
             if selected:

@@ -19,9 +19,14 @@ from dedit_nb import masks as M
 MAX_UNDO = 50
 
 
+class ItemsChangedError(ValueError):
+    """The session's items are no longer the ones this state was loaded from (another editor saved)."""
+
+
 class ItemState(traitlets.HasTraits):
     version = traitlets.Int(0)       # bumped on every change of labels, names, templates or visibility
     selected = traitlets.Int(0)      # the item that painting assigns pixels to (one selection for every view)
+    stale = traitlets.Bool(False)    # the session's items were saved by someone else since they were loaded
 
     @traitlets.validate("selected")
     def _valid_selection(self, proposal):
@@ -73,6 +78,24 @@ class ItemState(traitlets.HasTraits):
     @property
     def can_redo(self) -> bool:
         return bool(self._redo)
+
+    def is_saved_base(self, session, image=0) -> bool:
+        """True when the session's items of ``image`` are still the ones this state was loaded from or last
+        saved (another editor on the session has not saved over them)."""
+        entry = session.image(image)
+        labels, names, templates = self.saved
+        return ([i.label for i in entry.items] == names and [i.template for i in entry.items] == templates
+                and np.array_equal(entry.labels, labels))
+
+    def load(self, labels: np.ndarray, names: Sequence[str], templates: Sequence[str]) -> None:
+        """Start again from these items (a session's current ones) as the saved base; undoable."""
+        labels = M.check_labels(np.asarray(labels), len(names), shape=self.image.shape[:2])
+        before = self._snapshot()
+        self.labels, self.names, self.templates = labels.copy(), list(names), list(templates)
+        self.visible, self.moves = [True] * len(names), {}
+        self.saved = (self.labels.copy(), list(self.names), list(self.templates))
+        self.stale = False
+        self._commit(before)
 
     @property
     def dirty(self) -> bool:
@@ -319,9 +342,16 @@ class ItemState(traitlets.HasTraits):
         if empty:
             raise M.PartitionError(f"items {empty} have no pixels; paint them or delete them before saving")
 
-    def save_to_session(self, session, image=0) -> None:
+    def save_to_session(self, session, image=0, replace_newer: bool = False) -> None:
         """Write the items into the session (validated first; nothing is written on error). Pending moves
-        are refused: apply them (``apply_moves``) or clear them first, so none is silently dropped."""
+        are refused: apply them (``apply_moves``) or clear them first, so none is silently dropped. Items
+        that someone else saved into the session since this state loaded them are not overwritten unless
+        ``replace_newer`` (an :class:`ItemsChangedError` says so; a change by another process is refused by
+        the session's own save)."""
+        if not replace_newer and not self.is_saved_base(session, image):
+            raise ItemsChangedError("the session's items were changed (by another editor) since this editor "
+                                    "loaded them: press 'reload' to continue from them, or 'save over' to "
+                                    "replace them with these")
         if self.moves:
             moved = ", ".join(repr(self.names[k]) for k in self.moves)
             raise ValueError(f"{len(self.moves)} pending move(s) ({moved}) are not part of the items yet: "
@@ -329,6 +359,7 @@ class ItemState(traitlets.HasTraits):
         self.check()
         session.set_items(image, self.labels, self.names, self.templates)
         self.saved = (self.labels.copy(), list(self.names), list(self.templates))
+        self.stale = False
         self.version += 1
 
 

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import masks as M
-from ..display import ITEM_COLOURS, item_colour, item_overlay
+from ..display import ITEM_COLOURS, item_colour, item_colour_name, item_overlay
 
 PALETTE = ITEM_COLOURS
 
@@ -96,7 +96,9 @@ def overlay_figure(image: np.ndarray, partition: Partition, title: str | None = 
     for ax in axes:
         ax.axis("off")
     total = partition.labels.size
-    handles = [Patch(color=np.array(item_colour(k)) / 255, label=f"{k}: {name} ({a / total:.0%})")
+    # a name such as "red, middle left" describes the photo, not the chip beside it: say the chip's colour too
+    handles = [Patch(color=np.array(item_colour(k)) / 255,
+                     label=f"{k}: {name} ({a / total:.0%}), drawn {item_colour_name(k)}")
                for k, (name, a) in enumerate(zip(partition.item_labels, partition.areas()))]
     axes[1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()

@@ -16,9 +16,10 @@ import numpy as np
 
 from .. import masks as M
 from ..images import fit_working_size, to_rgb_array
+from ..profiles import SD1
 from .checkpoints import _generation, save_joint_weights
 from .items import DEFAULT_TEMPLATE, ImageEntry, Item, SessionError, _slug, unique_names
-from .schema import FORMAT, SESSION_FILE, SessionRecord, _check_session, _load_images, _read_json
+from .schema import FORMAT, SESSION_FILE, SessionRecord, _check_session, _load_images, _read_json, _read_weights_file
 from .store import (LOCK_FILE, _check_new_folder, _collect_garbage, _copy_folder, _merge, _referenced, _refuse_gone,
                     _remove_stale_temporaries, _staged_name, _state, atomic_write_bytes, npy_bytes, png_bytes,
                     session_lock)
@@ -44,21 +45,25 @@ class Session:
 
     # --- creation ------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, folder: str | os.PathLike, image, name: str | None = None, resolution: int = 512,
-               multiple: int = 64, labels: np.ndarray | None = None, item_labels: Sequence[str] | None = None,
-               overwrite: bool = False, save: bool = True, session_id: str | None = None) -> "Session":
+    def create(cls, folder: str | os.PathLike, image, name: str | None = None, resolution: int = SD1.resolution,
+               multiple: int = SD1.multiple, labels: np.ndarray | None = None, item_labels: Sequence[str] | None = None,
+               overwrite: bool = False, save: bool = True, profile: dict | None = None,
+               session_id: str | None = None) -> "Session":
         """Start a session in a new folder from an image (path, PIL image or array).
 
         The image is worked on at a size whose short side is about ``resolution``, aspect ratio kept, sides
         cropped down to multiples of ``multiple`` (the model's latent factor: 8 fits SD and SDXL); the
         session records the resize and crop. Until items are set, one item covers the whole image. With
-        ``save=False`` nothing is written until :meth:`save`. ``session_id`` (random when not given) starts the
-        names of the session's learned tokens: two sessions with one id train the same token names.
+        ``save=False`` nothing is written until :meth:`save`. ``profile``: how the size was chosen
+        (:meth:`dedit_nb.profiles.Resolved.record`), kept in session.json. ``session_id`` (random when not given)
+        starts the names of the session's learned tokens: two sessions with one id train the same token names.
         """
         folder = Path(folder)
         _check_new_folder(folder, overwrite)
         data = {"format": FORMAT, "id": secrets.token_hex(3), "resolution": int(resolution), "multiple": int(multiple),
                 "model_id": None, "images": [], "weights": None, "finetune": None, "history": []}
+        if profile is not None:
+            data["profile"] = profile
         if session_id is not None:
             if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
                 raise SessionError(f"session_id {session_id!r} is not 1 to 16 lowercase letters and digits (it "
@@ -109,6 +114,11 @@ class Session:
     @property
     def multiple(self) -> int:
         return self._data["multiple"]
+
+    @property
+    def profile(self) -> dict | None:
+        """How the working size was chosen (the model profile, each value's source), when it was recorded."""
+        return self._data.get("profile")
 
     @property
     def history(self) -> list[dict]:
@@ -305,7 +315,6 @@ class Session:
         """Learned tensors of one kind ('tokens', 'unet', 'optimizer'); empty when none was saved."""
         if kind in self._weights_cache:
             return self._weights_cache[kind]
-        from safetensors.torch import load_file
         path = self.weights_file(kind)
         if path is None:
             return {}
@@ -314,18 +323,7 @@ class Session:
                 self._refuse_replaced_weights(_read_json(self.folder))
                 raise SessionError(f"learned weights file {path} is missing; restore it or finetune the session "
                                    "again (resume=False)")
-            try:
-                tensors = load_file(str(path))
-            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-                raise SessionError(f"{path} (the learned {kind} weights) is not a readable safetensors file "
-                                   f"({exc}); restore it from a backup, or finetune the session again "
-                                   "(resume=False)") from exc
-        import torch
-        broken = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
-        if broken:
-            raise SessionError(f"{path} (the learned {kind} weights) holds NaN or infinite values ({broken[0]}"
-                               f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}); edits would come out "
-                               "flat: restore it from a backup, or finetune the session again (resume=False)")
+            tensors = _read_weights_file(path, kind)
         self._weights_cache[kind] = tensors
         return tensors
 

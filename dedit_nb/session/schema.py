@@ -188,6 +188,25 @@ def _load_images(folder: Path, records: list[ImageRecord]) -> list[ImageEntry]:
     return images
 
 
+def _read_weights_file(path: Path, kind: str) -> dict:
+    """The tensors of a learned weights file of ``kind``, checked: readable, and finite (NaN or infinite weights
+    would make every edit come out flat)."""
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise SessionError(f"{path} (the learned {kind} weights) is not a readable safetensors file "
+                           f"({exc}); restore it from a backup, or finetune the session again "
+                           "(resume=False)") from exc
+    import torch
+    broken = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if broken:
+        raise SessionError(f"{path} (the learned {kind} weights) holds NaN or infinite values ({broken[0]}"
+                           f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}); edits would come out "
+                           "flat: restore it from a backup, or finetune the session again (resume=False)")
+    return tensors
+
+
 def _check_weight_files(folder: Path, data: dict) -> None:
     """Every learned weights file exists and has a readable safetensors header."""
     from safetensors import safe_open
