@@ -40,6 +40,16 @@ def test_create_takes_the_session_id_that_names_its_tokens(tmp_path, photo):
         assert not (tmp_path / "bad").exists()
 
 
+def test_reload_drops_unsaved_changes_and_leaves_a_session_never_saved_as_it_is(tmp_path, photo):
+    new = Session.create(tmp_path / "new", photo, resolution=64, multiple=32, save=False)
+    new.reload()                                    # nothing on disk to read (settle_joint reloads every member)
+    assert len(new.images) == 1 and not (tmp_path / "new").exists()
+    s = Session.create(tmp_path / "s", photo, resolution=64, multiple=32)
+    s.rename_item(0, 0, "cup", save=False)
+    s.reload()
+    assert [it.label for it in s.images[0].items] == ["image"]
+
+
 def test_roundtrip_of_items_and_history(tmp_path, photo):
     s = Session.create(tmp_path / "s", photo, resolution=128, multiple=32)
     h, w = s.images[0].labels.shape
