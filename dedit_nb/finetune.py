@@ -281,9 +281,8 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
         return _finetune(model, session, sessions, config, state, callback, progress)
     except BaseException:
         for s in sessions:  # the unsaved discard and token names must not reach a later save
-            if s._base is not None:
-                with contextlib.suppress(Exception):
-                    s._reload()
+            with contextlib.suppress(Exception):
+                s.reload()
         raise
     finally:
         _clear_gradients(model)     # an interrupted backward pass must not reach the next finetune on this model

@@ -61,7 +61,7 @@ def joint_finetune_killed(model_dir, folders, config, victim, when):
                 os.kill(os.getpid(), signal.SIGKILL)
         return real_replace(src, dst)
 
-    S.os.replace = replace
+    os.replace = replace
     sessions = [S.Session.open(f) for f in folders]
     finetune(load_model(model_dir), sessions[0], FinetuneConfig(**config), extra_sessions=sessions[1:],
              progress=False)

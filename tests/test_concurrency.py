@@ -10,7 +10,6 @@ import torch
 
 from dedit_nb.finetune import FinetuneConfig, finetune
 from dedit_nb.models import load_model
-from dedit_nb import session as S
 from dedit_nb.session import Session, SessionError, atomic_write_bytes, save_joint_weights, settle_joint
 from conftest import three_item_labels
 import session_workers as W
@@ -28,8 +27,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_session(folder, photo, labels=three_item_labels):
-    s = Session.create(folder, photo, resolution=32, multiple=16)
+def make_session(folder, photo, labels=three_item_labels, session_id=None):
+    s = Session.create(folder, photo, resolution=32, multiple=16, session_id=session_id)
     h, w = s.images[0].labels.shape
     s.set_items(0, labels(h, w), ["left", "right", "top"])
     return s
@@ -99,9 +98,7 @@ def test_records_made_during_a_finetune_in_another_process_never_dangle(tmp_path
     counts = [json.loads((tmp_path / f"records-{i}.json").read_text()) for i in range(2)]
     assert sum(counts) >= 2 and len(s.history) == sum(counts)
     # the weights are those of the finetune, not of the session the recorders opened before it ended
-    reference = make_session(tmp_path / "ref", photo)
-    reference._data["id"] = s.id
-    reference.save()
+    reference = make_session(tmp_path / "ref", photo, session_id=s.id)
     finetune(load_model(str(tiny_model_dirs["sd"])), reference, FinetuneConfig(**{**CFG, "seed": 3}), progress=False)
     ours, theirs = s.load_weights("unet"), reference.load_weights("unet")
     assert all(torch.allclose(ours[n], theirs[n], atol=1e-6) for n in theirs)
@@ -118,9 +115,7 @@ def test_joint_finetune_killed_between_member_saves_resumes_to_the_uninterrupted
 
     folders = [tmp_path / "b0", tmp_path / "b1"]
     for folder, twin, image, labels in zip(folders, straight, (photo, photo[::-1]), (three_item_labels, flipped)):
-        s = make_session(folder, image, labels)
-        s._data["id"] = twin.id                     # same token names, so the runs are comparable
-        s.save()
+        make_session(folder, image, labels, session_id=twin.id)  # same token names, so the runs are comparable
     child = mp.get_context("spawn").Process(target=W.joint_finetune_killed,
                                             args=(model_dir, [str(f) for f in folders], CFG, str(folders[1]), when))
     child.start()
@@ -176,7 +171,7 @@ def test_a_joint_checkpoint_is_promoted_only_once_every_member_holds_it(tmp_path
                 raise Killed
         return real_replace(src, dst)
 
-    monkeypatch.setattr(S.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(Killed):
         joint_checkpoint(members, 2)
     monkeypatch.undo()

@@ -13,8 +13,8 @@ from conftest import three_item_labels
 FAST = dict(num_tokens=2, batch_size=1, checkpoint_every=2)
 
 
-def make_session(tmp_path, photo, model, name="s"):
-    s = Session.create(tmp_path / name, photo, resolution=32, multiple=model.latent_factor * 2)
+def make_session(tmp_path, photo, model, name="s", session_id=None):
+    s = Session.create(tmp_path / name, photo, resolution=32, multiple=model.latent_factor * 2, session_id=session_id)
     h, w = s.images[0].labels.shape
     s.set_items(0, three_item_labels(h, w), ["left", "right", "top"])
     return s
@@ -95,9 +95,7 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, photo, tiny_
     full = finetune(model_a, straight, cfg, progress=False)
 
     model_b = load_model(str(tiny_model_dirs["sd"]), dtype=dtype)
-    interrupted = make_session(tmp_path, photo, model_b, "interrupted")
-    interrupted._data["id"] = straight.id          # same token names, so the runs are comparable
-    interrupted.save()
+    interrupted = make_session(tmp_path, photo, model_b, "interrupted", session_id=straight.id)  # same token names
     for stop_at in [("stage1", 2), ("stage2", 0)]:
         part = finetune(model_b, interrupted, cfg, progress=False,
                         callback=lambda stage, step, loss, stop_at=stop_at: (stage, step) != stop_at)
@@ -169,9 +167,7 @@ def test_one_model_serves_many_sessions_as_fresh_models_would(tmp_path, photo, t
     finetune(shared, b, FinetuneConfig(stage1_steps=2, stage2_steps=2, lora=True, lora_lr=1e-2, **FAST),
              progress=False)
     a = make_session(tmp_path, photo[::-1].copy(), shared, "a")
-    reference = make_session(tmp_path, photo[::-1].copy(), shared, "a-fresh")
-    reference._data["id"] = a.id                    # same token names: comparable runs
-    reference.save()
+    reference = make_session(tmp_path, photo[::-1].copy(), shared, "a-fresh", session_id=a.id)  # comparable runs
     finetune(shared, a, cfg_a, progress=False, callback=lambda stage, step, loss: (stage, step) != ("stage2", 1))
     b_between = Editor(shared, b, progress=False).reconstruct(0, **sampling).images[0]
     assert finetune(shared, a, cfg_a, progress=False).completed                  # resumed after B ran

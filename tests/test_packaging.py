@@ -40,6 +40,63 @@ def test_dedit_nb_imports_no_ui():
             assert not {m.split(".")[0] for m in mods} & banned, f"{path} imports {mods}"
 
 
+# the session package, bottom to top: each module imports only those before it
+SESSION_LAYERS = ["items", "schema", "store", "checkpoints", "core"]
+
+
+def dedit_nb_imports(lazy: bool) -> dict[str, set[str]]:
+    """Each module of dedit_nb -> the dedit_nb modules it imports as it is loaded, and with ``lazy`` also those
+    imported inside its functions; never those under ``if TYPE_CHECKING:`` (read by type checkers only)."""
+    graph = {}
+    for path in (ROOT / "dedit_nb").rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        parts = parts[:-1] if is_package else parts
+        package, name = (parts if is_package else parts[:-1]), ".".join(parts)
+        tree = ast.parse(path.read_text())
+        skipped = {id(n) for node in ast.walk(tree) for n in ast.walk(node)
+                   if (isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"))
+                   or (not lazy and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)))}
+        graph[name] = set()
+        for node in ast.walk(tree):
+            if id(node) in skipped or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            if isinstance(node, ast.Import):
+                graph[name] |= {a.name for a in node.names if a.name.split(".")[0] == "dedit_nb"}
+            elif node.level:
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                graph[name] |= {base} if node.module else {f"{base}.{a.name}" for a in node.names}
+            elif (node.module or "").split(".")[0] == "dedit_nb":
+                graph[name].add(node.module)
+    return {m: {d for d in deps if d in graph} for m, deps in graph.items()}
+
+
+def test_dedit_nb_imports_have_no_cycles():
+    graph = dedit_nb_imports(lazy=False)
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module):] + [module]))
+        if module not in done:
+            path.append(module)
+            for dep in sorted(graph[module]):
+                visit(dep)
+            path.pop()
+            done.add(module)
+    for module in sorted(graph):
+        visit(module)
+
+
+def test_session_modules_import_only_the_layers_below_them():
+    graph = dedit_nb_imports(lazy=True)
+    modules = {m.rsplit(".", 1)[1] for m in graph if m.startswith("dedit_nb.session.")}
+    assert modules == set(SESSION_LAYERS), f"place every module of dedit_nb.session in SESSION_LAYERS: {modules}"
+    for k, layer in enumerate(SESSION_LAYERS):
+        imported = {d for d in graph[f"dedit_nb.session.{layer}"] if d.startswith("dedit_nb.session")}
+        upward = imported - {f"dedit_nb.session.{below}" for below in SESSION_LAYERS[:k]}
+        assert not upward, f"dedit_nb.session.{layer} imports {sorted(upward)}, which are not below it"
+
 def test_no_pickle_loading():
     """Untrusted files are never unpickled: every torch.load passes weights_only=True."""
     for path in list((ROOT / "dedit_nb").rglob("*.py")) + list((ROOT / "widgets").rglob("*.py")):

@@ -350,7 +350,7 @@ def test_write_report_grows_linearly_with_the_runs(tmp_path, monkeypatch):
 
 # --- 5: interrupts, deleted folders, unique names -----------------------------------------------------------
 def test_an_interrupt_after_a_record_is_written_does_not_write_it_twice(tmp_path, monkeypatch):
-    from dedit_nb import session as S
+    from dedit_nb.session import core as S     # where Session.save looks the collection up
     s = _session(tmp_path / "s")
     collect = S._collect_garbage
 

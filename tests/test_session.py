@@ -30,6 +30,26 @@ def test_create_keeps_the_original_and_works_at_multiples_without_cropping(tmp_p
     assert (entry.labels == 0).all() and [i.label for i in entry.items] == ["image"]
 
 
+def test_create_takes_the_session_id_that_names_its_tokens(tmp_path, photo):
+    s = Session.create(tmp_path / "s", photo, resolution=64, multiple=32, session_id="ab12")
+    assert s.id == Session.open(tmp_path / "s").id == "ab12"
+    assert all(t.startswith("<ab120.") for t in s.assign_tokens(1))
+    for bad in ["", "AB", "a b", "<a>", "a" * 17, 12]:      # not a token name's start: refused, nothing written
+        with pytest.raises(SessionError, match="session_id .* lowercase letters and digits"):
+            Session.create(tmp_path / "bad", photo, resolution=64, multiple=32, session_id=bad)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_reload_drops_unsaved_changes_and_leaves_a_session_never_saved_as_it_is(tmp_path, photo):
+    new = Session.create(tmp_path / "new", photo, resolution=64, multiple=32, save=False)
+    new.reload()                                    # nothing on disk to read (settle_joint reloads every member)
+    assert len(new.images) == 1 and not (tmp_path / "new").exists()
+    s = Session.create(tmp_path / "s", photo, resolution=64, multiple=32)
+    s.rename_item(0, 0, "cup", save=False)
+    s.reload()
+    assert [it.label for it in s.images[0].items] == ["image"]
+
+
 def test_roundtrip_of_items_and_history(tmp_path, photo):
     s = Session.create(tmp_path / "s", photo, resolution=128, multiple=32)
     h, w = s.images[0].labels.shape
@@ -77,18 +97,18 @@ def test_atomic_save_survives_a_crash_mid_write(tmp_path, photo, monkeypatch):
     s = Session.create(tmp_path / "s", photo, resolution=128, multiple=32)
     before = (tmp_path / "s" / "session.json").read_bytes()
     h, w = s.images[0].labels.shape
-    import dedit_nb.session as S
-    real = S.os.replace
+    import os
+    real = os.replace
 
     def crash(src, dst):
         if str(dst).endswith("session.json"):
             raise OSError("disk full")
         return real(src, dst)
 
-    monkeypatch.setattr(S.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
         s.set_items(0, three_item_labels(h, w), ["a", "b", "c"])
-    monkeypatch.setattr(S.os, "replace", real)
+    monkeypatch.setattr(os, "replace", real)
     assert (tmp_path / "s" / "session.json").read_bytes() == before
     assert not [p for p in (tmp_path / "s").rglob("*.tmp")]
     reopened = Session.open(tmp_path / "s")
@@ -254,7 +274,7 @@ def _refuse_lock(monkeypatch, folder, error):
             if os.path.dirname(self.lock_file) == str(folder):
                 raise error
             return super().acquire(*args, **kwargs)
-    monkeypatch.setattr("dedit_nb.session.FileLock", Refused)
+    monkeypatch.setattr("dedit_nb.session.store.FileLock", Refused)
 
 
 @contextlib.contextmanager
