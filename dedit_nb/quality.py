@@ -166,6 +166,32 @@ def seam_score(edited: np.ndarray, preserved: np.ndarray) -> float | None:
     return float((across.mean() + 1) / ((near.mean() if near.size else 0.0) + 1))
 
 
+def quality_summary(record: Mapping | None) -> dict[str, str]:
+    """The main figures of a record as short display strings, by column title (gallery cards, batch index);
+    empty for an edit without a record."""
+    if not record:
+        return {}
+
+    def number(key: str, spec: str) -> str:
+        value = record.get(key)
+        return "–" if value is None else format(value, spec)
+
+    def decibels(convention: str) -> str:
+        if record.get(f"mse_{convention}") == 0:
+            return "∞"                       # identical pixels
+        return number(f"psnr_{convention}", ".2f")
+
+    summary = {"preserved px changed": number("preserved_pixels_changed", "d"),
+               "PSNR preserved (dB)": decibels("preserved"), "SSIM preserved": number("ssim_preserved", ".4f"),
+               "PSNR PIE-Bench (dB)": decibels("piebench"), "seam": number("seam_score", ".2f"),
+               "soft band shift": number("soft_colour_shift", ".1f"),
+               "active changed": number("active_changed_share", ".0%")}
+    scores = record.get("weight_scores")
+    if isinstance(scores, Mapping):
+        summary.update({name: "–" if value is None else f"{value:.2f}" for name, value in scores.items()})
+    return summary
+
+
 class WeightedScorer:
     """Scores that need network weights, loaded once from local folders: ``weights`` maps a name of
     :data:`WEIGHTED_SCORES` to a folder. Nothing is downloaded."""
