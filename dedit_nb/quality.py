@@ -169,12 +169,16 @@ def seam_score(edited: np.ndarray, preserved: np.ndarray) -> float | None:
 def quality_summary(record: Mapping | None) -> dict[str, str]:
     """The main figures of a record as short display strings, by column title (gallery cards, batch index);
     empty for an edit without a record."""
-    if not record:
+    if not isinstance(record, Mapping) or not record:     # none, or not a record (a manifest edited by hand)
         return {}
 
+    def shown(value, spec: str) -> str:
+        if value is None:
+            return "–"
+        return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
     def number(key: str, spec: str) -> str:
-        value = record.get(key)
-        return "–" if value is None else format(value, spec)
+        return shown(record.get(key), spec)
 
     def decibels(convention: str) -> str:
         if record.get(f"mse_{convention}") == 0:
@@ -188,7 +192,7 @@ def quality_summary(record: Mapping | None) -> dict[str, str]:
                "active changed": number("active_changed_share", ".0%")}
     scores = record.get("weight_scores")
     if isinstance(scores, Mapping):
-        summary.update({name: "–" if value is None else f"{value:.2f}" for name, value in scores.items()})
+        summary.update({str(name): shown(value, ".2f") for name, value in scores.items()})
     return summary
 
 
