@@ -87,10 +87,10 @@ def test_seam_colour_shift_and_active_change_on_hand_built_edits():
     assert r["soft_colour_shift"] == pytest.approx(10 * math.sqrt(3))
     assert r["active_changed_share"] == 1.0 and r["active_mean_abs_diff"] == pytest.approx(10)
     edited = original.copy()
-    edited[soft] += np.array([3, 0, 0], np.uint8)
+    edited[soft] = original[soft] + np.array([3, 0, -2])      # a signed drift: red up, blue down
     edited[10:15, 10:20, 1] += 6                    # half the active pixels, one channel
     r = Q.quality_record(original, edited, regions(active, soft))
-    assert r["soft_colour_shift_rgb"] == pytest.approx([3, 0, 0]) and r["soft_colour_shift"] == pytest.approx(3)
+    assert r["soft_colour_shift_rgb"] == pytest.approx([3, 0, -2]) and r["soft_colour_shift"] == pytest.approx(13 ** .5)
     assert r["active_changed_share"] == 0.5 and r["active_mean_abs_diff"] == pytest.approx(6 * 0.5 / 3)
     assert Q.seam_score(original, ~(active | soft)) == 1.0        # no step anywhere: no seam
 
