@@ -45,6 +45,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from .notebook import NOTEBOOK_PARAMETERS, ParameterError, check_values
+from .quality import quality_summary
 from .reruns import BATCH_MARKER, choose_folder
 from .session import atomic_write_bytes, png_bytes
 
@@ -68,6 +69,7 @@ class RunResult:
     error: str | None = None
     failed_cell: int | None = None
     seconds: float = 0.0
+    quality: dict | None = None     # the quality record of the run's first image (its manifest's)
 
 
 def load_grid(path: str | Path) -> dict:
@@ -192,6 +194,7 @@ def run_one(notebook: str, folder: str, parameters: dict, kernel_name: str | Non
         result.failed_cell = getattr(exc, "exec_count", None)
     result.seconds = round(time.time() - start, 1)
     result.images = _written_images(out) if result.ok else []
+    result.quality = _first_quality(out) if result.ok else None
     atomic_write_bytes(out / "run.json", json.dumps(asdict(result), indent=2, default=str).encode())
     return result
 
@@ -210,6 +213,15 @@ def _written_images(out: Path) -> list[str]:
         return list(json.loads((out / "manifest.json").read_text())["files"]["images"])
     except (OSError, ValueError, KeyError, TypeError):
         return []
+
+
+def _first_quality(out: Path) -> dict | None:
+    """The quality record of the first image this run's edit wrote (None without one)."""
+    try:
+        record = json.loads((out / "manifest.json").read_text())["quality"][0]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _short_error(exc: Exception) -> str:
@@ -275,28 +287,32 @@ def write_report(results: list[RunResult], output: Path) -> None:
         {"runs": [asdict(r) for r in results], "ok": ok, "failed": len(results) - ok}, indent=2, default=str).encode())
     keys = sorted({k for r in results for k in r.parameters})
     varying = [k for k in keys if len({json.dumps(r.parameters.get(k), default=str) for r in results}) > 1]
+    summaries = [quality_summary(r.quality) for r in results]
+    figures = list(dict.fromkeys(k for summary in summaries for k in summary))     # quality columns, in order
     lines = [f"# Batch: {ok} of {len(results)} runs succeeded", "",
              "![contact sheet](contact_sheet.png)", ""]
     if len(results) > CONTACT_SHEET_TILES:
         lines += [f"The contact sheet shows the first {CONTACT_SHEET_TILES} runs; the table lists all.", ""]
     lines += [
-             "| run | " + " | ".join(md_escape(k) for k in varying) + " | status | images |",
-             "|---|" + "---|" * len(varying) + "---|---|"]
+             "| run | " + " | ".join(md_escape(k) for k in varying + figures) + " | status | images |",
+             "|---|" + "---|" * len(varying + figures) + "---|---|"]
     rows_html = []
-    for r in results:
+    for r, summary in zip(results, summaries):
         status = "ok" if r.ok else f"FAILED (cell {r.failed_cell}): {r.error}"
         name, link = md_escape(r.name), quote(f"{r.name}/notebook.ipynb")
         images = " ".join(f"![]({quote(f'{r.name}/{img}')})" for img in r.images)
-        lines.append(f"| [{name}]({link}) | " + " | ".join(md_escape(r.parameters.get(k)) for k in varying)
+        lines.append(f"| [{name}]({link}) | " + " | ".join([md_escape(r.parameters.get(k)) for k in varying]
+                                                           + [md_escape(summary.get(k, "")) for k in figures])
                      + f" | {md_escape(status)} | {images} |")
         imgs = "".join(f"<img src='{html.escape(quote(f'{r.name}/{img}'))}' width='96' "
                        "style='image-rendering:pixelated'>" for img in r.images)
         rows_html.append(f"<tr><td><a href='{html.escape(link)}'>{html.escape(r.name)}</a></td>" +
                          "".join(f"<td>{html.escape(str(r.parameters.get(k)))}</td>" for k in varying) +
+                         "".join(f"<td>{html.escape(summary.get(k, ''))}</td>" for k in figures) +
                          f"<td style='color:{'green' if r.ok else '#b00'}'>{html.escape(status)}</td>"
                          f"<td>{imgs}</td></tr>")
     atomic_write_bytes(output / "index.md", ("\n".join(lines) + "\n").encode())
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in varying)
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in varying + figures)
     atomic_write_bytes(output / "index.html", (
         f"<html><body><h1>Batch: {ok} of {len(results)} runs succeeded</h1><img src='contact_sheet.png'>"
         f"<table border='1' cellpadding='4'><tr><th>run</th>{head}<th>status</th><th>images</th></tr>"

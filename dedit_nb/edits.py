@@ -18,6 +18,7 @@ import numpy as np
 from . import conditioning as C
 from . import masks as M
 from .display import region_legend_handles, region_picture
+from .quality import WeightedScorer, quality_record
 from .reruns import EDIT_MARKER, choose_folder
 from .sampler import SamplingConfig, masked_sample
 from .session import Session, SessionError, atomic_write_bytes, npy_bytes, png_bytes
@@ -114,9 +115,13 @@ class Editor:
     scheduler), and ``callback_on_step_end``: a function called after every sampling step with a
     :class:`sampler.SamplingStep` (step index, number of steps, timestep, latents, and ``preview()`` for
     RGB images of the current estimate), e.g. for live previews.
+
+    Every manifest holds a ``quality`` record per image (:func:`quality.quality_record`); ``metrics_weights``
+    (e.g. ``{"clip": "path/to/clip"}``, local folders) adds the scores that need networks.
     """
 
-    def __init__(self, model, session: Session, progress: bool = True, record: bool = True):
+    def __init__(self, model, session: Session, progress: bool = True, record: bool = True,
+                 metrics_weights: Mapping[str, str | Path] | None = None):
         if not session.has_weights:
             raise SessionError("this session has no learned weights yet; run finetune(model, session) first")
         session.check_model(model)
@@ -125,6 +130,7 @@ class Editor:
             raise SessionError("this session's finetune did not finish; "
                                "call finetune(model, session) again to resume it")
         self.model, self.session, self.progress, self.record = model, session, progress, record
+        self.scorer = WeightedScorer(metrics_weights) if metrics_weights else None
         try:
             model.use_session(session)
         except KeyError as exc:     # names this UNet lacks: the file is not of this session's model
@@ -231,7 +237,9 @@ class Editor:
                     "sampling": asdict(config), "seeds": [config.seed + j for j in range(config.num_images)],
                     "prompts": {it.label: p for it, p in zip(entry.items, cond.encoded)},
                     "dropped": {it.label: d for it, d in zip(entry.items, cond.dropped) if d},
-                    "region_pixels": {r: int(getattr(regions, r).sum()) for r in ("hard", "soft", "active")}}
+                    "region_pixels": {r: int(getattr(regions, r).sum()) for r in ("hard", "soft", "active")},
+                    "quality": [quality_record(entry.working, img, regions, params.get("prompt") or
+                                               params.get("template"), self.scorer) for img in images]}
         if self.record:
             self.session.record_edit(manifest)
         return EditResult(kind, images, entry.working, labels, regions, manifest)

@@ -319,5 +319,11 @@ def masked_sample(model, cond: C.Conditioning, labels: torch.Tensor, original: n
 
     images = tensor_to_rgb(model.decode_latents(latents))
     if freeze:
-        images = np.where(regions.hard[None, ..., None], original[None], images)
+        images = paste_hard_region(images, original, regions.hard)
     return [img for img in images]
+
+
+def paste_hard_region(images: np.ndarray, original: np.ndarray, hard: np.ndarray) -> np.ndarray:
+    """``images`` (N, H, W, 3) with the ``original``'s pixels over the ``hard`` region: exactly the original's,
+    where the latent blend alone leaves the VAE's round-trip error."""
+    return np.where(hard[None, ..., None], original[None], images)

@@ -43,6 +43,40 @@ def test_index_md_and_html_escape_parameters_and_errors(tmp_path):
     check_page((tmp_path / "index.html").read_text(), 5)
 
 
+def test_index_has_the_quality_columns_of_each_runs_first_image_escaped(tmp_path):
+    import json
+    import numpy as np
+    from dedit_nb import masks as M
+    from dedit_nb.batch import _first_quality
+    from dedit_nb.edits import EditResult
+    from dedit_nb.quality import quality_record, quality_summary
+    original = np.zeros((24, 24, 3), np.uint8)
+    active = np.zeros((24, 24), bool)
+    active[8:16, 8:16] = True
+    regions = M.edit_regions(active, 2)
+    edited = original.copy()
+    edited[active] = 200
+    leaked = edited + 1
+    records = [quality_record(original, img, regions) for img in (edited, leaked)]
+    EditResult("text", [edited, leaked], original, np.zeros((24, 24), np.int32), regions,
+               {"quality": records}).save(tmp_path / "run-000")
+    first = _first_quality(tmp_path / "run-000")
+    assert first == json.loads(json.dumps(records[0]))
+    hostile = dict(first, weight_scores={HOSTILE: HOSTILE})
+    results = [RunResult("run-000", {"seed": 0}, True, str(tmp_path / "run-000"), quality=first),
+               RunResult("run-001", {"seed": 1}, True, str(tmp_path / "run-001"), quality=hostile),
+               RunResult("run-002", {"seed": 2}, False, str(tmp_path / "run-002"), error="boom")]
+    write_report(results, tmp_path)
+    columns = len(quality_summary(hostile))                 # the plain figures and the hostile score
+    md = (tmp_path / "index.md").read_text()
+    rendered = mistune.create_markdown(escape=False, plugins=["table"])(md)
+    check_page(rendered, 4 + columns)                       # run, seed, figures, status, images
+    page = (tmp_path / "index.html").read_text()
+    check_page(page, 4 + columns)
+    assert "preserved px changed" in md and "<td>0</td>" in page and "<td>∞</td>" in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
 def test_a_rerun_into_the_same_folder_lists_only_its_own_images(tmp_path):
     import numpy as np
     from dedit_nb import masks as M

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dedit_nb import masks as M
+from dedit_nb import sampler
 from dedit_nb.edits import Editor, run_edit
 from dedit_nb.images import rgb_to_tensor
 from dedit_nb.finetune import FinetuneConfig, finetune
@@ -60,6 +61,7 @@ def test_every_edit_holds_the_hard_region_in_latents_and_keeps_its_pixels_exactl
         for img in result.images:
             assert img.shape == original.shape and img.dtype == np.uint8
             assert np.array_equal(img[r.hard], original[r.hard]), name
+        assert [q["preserved_pixels_changed"] for q in result.manifest["quality"]] == [0], name
         assert M.check_labels(result.labels, 3) is not None
     assert [h["kind"] for h in Session.open(s.folder).history] == \
         ["text", "text", "image", "image", "move", "move", "move", "remove"]
@@ -74,8 +76,26 @@ def test_run_edit_passes_the_step_hook_and_scheduler_through(finetuned):
         result = run_edit(editor, kind, **extra, steps=3, guidance=2.0, scheduler="euler",
                           callback_on_step_end=lambda step: seen.append((step.step, step.num_steps)))
         assert seen == [(0, 3), (1, 3), (2, 3)], kind
+        assert [q["preserved_pixels_changed"] for q in result.manifest["quality"]] == [0], kind
         assert result.manifest["sampling"]["scheduler"] == "euler" and "callback_on_step_end" not in \
             result.manifest["sampling"]
+
+
+def test_the_quality_record_sees_preserved_pixels_change_without_the_final_composite(finetuned, monkeypatch,
+                                                                                    tmp_path):
+    model, s = finetuned
+    editor = Editor(model, s, progress=False, record=False)
+    result = editor.remove(0, "top", **SAMPLING)
+    saved = json.loads((result.save(tmp_path / "out") / "manifest.json").read_text())
+    assert saved["quality"] == json.loads(json.dumps(result.manifest["quality"]))
+    assert saved["quality"][0]["preserved_pixels_changed"] == 0 and saved["quality"][0]["mse_preserved"] == 0
+    monkeypatch.setattr(sampler, "paste_hard_region", lambda images, original, hard: images)
+    for name in ("text", "image", "move", "remove"):
+        record = EDITS[name](editor).manifest["quality"][0]
+        if model.vae is None:   # pixel space: the latent blend alone holds the preserved pixels exactly
+            assert record["preserved_pixels_changed"] == 0, (name, record)
+        else:                   # the VAE's round trip shows, and the record says so
+            assert record["preserved_pixels_changed"] > 0 and record["mse_preserved"] > 0, (name, record)
 
 
 def test_recon_and_num_images(finetuned):

@@ -10,7 +10,7 @@ from dedit_nb import masks as M
 from dedit_nb.images import resize_rgb
 from dedit_nb.session import Session
 from widgets import ItemPalette, ItemsEditor, ItemState, MaskEditor, ResultGallery, disk_stroke
-from widgets.gallery import CARD_WIDTH, before_after
+from widgets.gallery import CARD_WIDTH, ResultCard, before_after
 
 
 @pytest.fixture
@@ -192,6 +192,30 @@ def test_gallery_before_after_and_saving(tmp_path):
     saved = gallery.save_selected()
     assert len(saved) == 1 and (saved[0] / "manifest.json").exists() and (saved[0] / "image_0.png").exists()
     assert Session.open(tmp_path / "s").history[-1]["kind"] == "saved-result"
+
+
+def test_gallery_card_shows_the_chosen_images_quality_escaped():
+    from dedit_nb.edits import EditResult
+    from dedit_nb.quality import quality_record
+    original = data.coffee()[:40, :48].copy()
+    active = np.zeros(original.shape[:2], bool)
+    active[10:20, 10:30] = True
+    regions = M.edit_regions(active, 2)
+    kept, leaked = original.copy(), original.copy()
+    kept[active] = 0
+    leaked[~active] = 255 - leaked[~active]
+    records = [quality_record(original, img, regions) for img in (kept, leaked)]
+    records[1]["weight_scores"] = {"<b onmouseover=x>": 1.5}
+    card = ResultCard(EditResult("text", [kept, leaked], original, np.zeros(active.shape, int), regions,
+                                 {"kind": "text", "params": {}, "quality": records}))
+    assert card.quality in card.children
+    assert "<td style='padding:0 4px'>0</td>" in card.quality.value and "∞" in card.quality.value
+    card.choice.value = 1
+    changed = records[1]["preserved_pixels_changed"]
+    assert changed > 0 and f"<td style='padding:0 4px'>{changed}</td>" in card.quality.value
+    assert "&lt;b onmouseover=x&gt;" in card.quality.value and "<b onmouseover" not in card.quality.value
+    no_record = ResultCard(EditResult("text", [kept], original, np.zeros(active.shape, int), regions, {}))
+    assert no_record.quality.value == ""
 
 
 def finetuned_halves(tmp_path, model_dir, names):

@@ -11,6 +11,7 @@ import ipywidgets as W
 import numpy as np
 
 from dedit_nb.display import edit_summary, region_legend_html, region_picture, tidy_numbers
+from dedit_nb.quality import quality_summary
 from dedit_nb.session import SESSION_FILE, SessionError, png_bytes
 
 CARD_WIDTH = 320
@@ -61,6 +62,8 @@ class ResultCard(W.VBox):
                           W.HBox([self.regions, legend]), W.Accordion([details], titles=("manifest",)),
                           self.selected], layout=W.Layout(border="1px solid #ddd", padding="4px"))
         self.add_class("dedit-card")
+        self.quality = W.HTML()          # the chosen image's quality record (manifest "quality"), drawn with it
+        self.children += (self.quality,)
         self.width = width
         self.draw()
 
@@ -68,6 +71,20 @@ class ResultCard(W.VBox):
         after = self.result.images[self.choice.value]
         picture = before_after(self.result.original, after, self.split.value)
         self.picture.value = png_bytes(upscale(picture, self.width))
+        records = self.result.manifest.get("quality") or []
+        self.quality.value = quality_table(records[self.choice.value] if self.choice.value < len(records) else None)
+
+
+def quality_table(record) -> str:
+    """A small HTML table of a quality record's main figures (every text escaped); empty without one."""
+    summary = quality_summary(record)
+    if not summary:
+        return ""
+
+    def cells(tag, texts):
+        return "".join(f"<{tag} style='padding:0 4px'>{html.escape(t)}</{tag}>" for t in texts)
+    return (f"<table class='dedit-card-quality' style='font-size:10px;border-collapse:collapse'>"
+            f"<tr>{cells('th', summary)}</tr><tr>{cells('td', summary.values())}</tr></table>")
 
 
 class ResultGallery(W.VBox):
