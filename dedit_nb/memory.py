@@ -431,7 +431,8 @@ def model_from_configs(model: str, dtype: str | torch.dtype = "fp16", device: st
     are padded to fixed lengths, so shapes are the real ones."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    from .models import DEditModel, EncoderSlot, TextConditioner, _tiny_clip_tokenizer, pick_dtype, vae_dtype
+    from .models import DEditModel, EncoderSlot, TextConditioner, pick_dtype, vae_dtype
+    from .testing import _tiny_clip_tokenizer
     spec = FAMILIES[model] if model in FAMILIES else _folder_spec(model)
     from diffusers.utils import logging as diffusers_logging
     dt = pick_dtype(torch.device("cuda"), dtype)

@@ -38,7 +38,7 @@ def test_pristine_qkv_copies_live_on_the_cpu(tiny_model_dirs):
         before = mem.allocated
         model.remember_pristine(names)
         assert mem.lower == before
-        assert {v.device.type for v in model._pristine.values()} == {"cpu"}
+        assert {v.device.type for v in model.delta._pristine.values()} == {"cpu"}
         model.reset_unet()                                  # and they go back onto the model's device
     assert {p.device.type for n, p in model.unet.named_parameters() if n in names} == {"meta"}
 
