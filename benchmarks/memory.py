@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dedit_nb import memory  # noqa: E402
-from dedit_nb.models import build_tiny_model, load_model  # noqa: E402
+from dedit_nb.models import load_model  # noqa: E402
+from dedit_nb.testing import build_tiny_model  # noqa: E402
 
 FAMILIES = ["sd", "sd2", "sdxl"]
 SIZES = {"tiny": 64, "reduced": 192}

@@ -8,10 +8,10 @@ cross-attention) underneath. No UI code lives here.
 from .edits import EDIT_KINDS, Editor, EditResult, run_edit
 from .finetune import FinetuneConfig, FinetuneResult, finetune
 from .masks import ItemMove, PartitionError
-from .models import DEditModel, ModelLoadError, build_tiny_model, load_model
+from .models import DEditModel, ModelLoadError, load_model
 from .sampler import SamplingConfig
 from .session import Session, SessionError
 
 __all__ = ["EDIT_KINDS", "Editor", "EditResult", "run_edit", "FinetuneConfig", "FinetuneResult", "finetune",
-           "ItemMove", "PartitionError", "DEditModel", "ModelLoadError", "build_tiny_model", "load_model",
+           "ItemMove", "PartitionError", "DEditModel", "ModelLoadError", "load_model",
            "SamplingConfig", "Session", "SessionError"]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dedit_nb.models import build_tiny_model, load_model
+from dedit_nb.models import load_model
+from dedit_nb.testing import build_tiny_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

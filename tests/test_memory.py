@@ -38,7 +38,7 @@ def test_pristine_qkv_copies_live_on_the_cpu(tiny_model_dirs):
         before = mem.allocated
         model.remember_pristine(names)
         assert mem.lower == before
-        assert {v.device.type for v in model._pristine.values()} == {"cpu"}
+        assert {v.device.type for v in model.delta._pristine.values()} == {"cpu"}
         model.reset_unet()                                  # and they go back onto the model's device
     assert {p.device.type for n, p in model.unet.named_parameters() if n in names} == {"meta"}
 
@@ -137,8 +137,8 @@ def _fake_estimate(edit_gib=1.0):
 ])
 def test_auto_memory_turns_options_on_in_the_stated_order(monkeypatch, tmp_path, free_gib, expected):
     from dedit_nb import FinetuneConfig
-    monkeypatch.setattr(memory, "estimate", _fake_estimate())
-    monkeypatch.setattr(memory, "available_bytes", lambda device: int(free_gib * memory.GiB))
+    monkeypatch.setattr(memory.fit, "estimate", _fake_estimate())
+    monkeypatch.setattr(memory.fit, "available_bytes", lambda device: int(free_gib * memory.GiB))
     session = memory._synthetic_session(tmp_path / "s", 64, 48, 3)
     config, line = memory.fit_finetune(_FakeCudaModel(), [session], FinetuneConfig(batch_size=4), capability=(7, 5))
     assert (config.gradient_checkpointing, config.lora, config.batch_size) == expected[:3]
@@ -148,12 +148,12 @@ def test_auto_memory_turns_options_on_in_the_stated_order(monkeypatch, tmp_path,
 
 def test_auto_memory_off_refuses_naming_the_options_and_edits_get_vae_tiling(monkeypatch, tmp_path):
     from dedit_nb import FinetuneConfig
-    monkeypatch.setattr(memory, "available_bytes", lambda device: 7 * memory.GiB)
+    monkeypatch.setattr(memory.fit, "available_bytes", lambda device: 7 * memory.GiB)
     session = memory._synthetic_session(tmp_path / "s", 64, 48, 3)
-    monkeypatch.setattr(memory, "estimate", _fake_estimate())
+    monkeypatch.setattr(memory.fit, "estimate", _fake_estimate())
     with pytest.raises(memory.MemoryFitError, match="gradient checkpointing, LoRA, a smaller batch, the text encoders"):
         memory.fit_finetune(_FakeCudaModel(), [session], FinetuneConfig(), auto_memory=False, capability=(7, 5))
-    monkeypatch.setattr(memory, "estimate", _fake_estimate(edit_gib=8))
+    monkeypatch.setattr(memory.fit, "estimate", _fake_estimate(edit_gib=8))
     model = _FakeCudaModel()
     _, line = memory.fit_finetune(model, [session], FinetuneConfig(), capability=(7, 5))
     assert model.tiled and line.endswith("VAE tiling for the edits")
@@ -174,8 +174,8 @@ def test_fit_on_the_cpu_only_reports(tiny_model_dirs, tmp_path):
 
 def test_a_finetune_to_resume_keeps_its_settings(monkeypatch, tmp_path):
     from dedit_nb import FinetuneConfig
-    monkeypatch.setattr(memory, "estimate", _fake_estimate())
-    monkeypatch.setattr(memory, "available_bytes", lambda device: int(6.5 * memory.GiB))
+    monkeypatch.setattr(memory.fit, "estimate", _fake_estimate())
+    monkeypatch.setattr(memory.fit, "available_bytes", lambda device: int(6.5 * memory.GiB))
     session = memory._synthetic_session(tmp_path / "s", 64, 48, 3)
     session._data["finetune"] = {"stage": 1, "step": 10}
     with pytest.raises(memory.MemoryFitError, match="resume=False"):

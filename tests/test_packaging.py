@@ -5,6 +5,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +41,10 @@ def test_dedit_nb_imports_no_ui():
             assert not {m.split(".")[0] for m in mods} & banned, f"{path} imports {mods}"
 
 
-# the session package, bottom to top: each module imports only those before it
-SESSION_LAYERS = ["items", "schema", "store", "checkpoints", "core"]
+# the packages of dedit_nb, bottom to top: each module imports only those before it
+LAYERS = {"session": ["items", "schema", "store", "checkpoints", "core"],
+          "models": ["devices", "text", "delta", "core", "loading"],
+          "memory": ["allocator", "tracker", "configs", "kernels", "workload", "fit", "__main__"]}
 
 
 def dedit_nb_imports(lazy: bool) -> dict[str, set[str]]:
@@ -88,14 +91,15 @@ def test_dedit_nb_imports_have_no_cycles():
         visit(module)
 
 
-def test_session_modules_import_only_the_layers_below_them():
-    graph = dedit_nb_imports(lazy=True)
-    modules = {m.rsplit(".", 1)[1] for m in graph if m.startswith("dedit_nb.session.")}
-    assert modules == set(SESSION_LAYERS), f"place every module of dedit_nb.session in SESSION_LAYERS: {modules}"
-    for k, layer in enumerate(SESSION_LAYERS):
-        imported = {d for d in graph[f"dedit_nb.session.{layer}"] if d.startswith("dedit_nb.session")}
-        upward = imported - {f"dedit_nb.session.{below}" for below in SESSION_LAYERS[:k]}
-        assert not upward, f"dedit_nb.session.{layer} imports {sorted(upward)}, which are not below it"
+@pytest.mark.parametrize("package", sorted(LAYERS))
+def test_package_modules_import_only_the_layers_below_them(package):
+    graph, layers = dedit_nb_imports(lazy=True), LAYERS[package]
+    modules = {m.rsplit(".", 1)[1] for m in graph if m.startswith(f"dedit_nb.{package}.")}
+    assert modules == set(layers), f"place every module of dedit_nb.{package} in LAYERS: {modules}"
+    for k, layer in enumerate(layers):
+        imported = {d for d in graph[f"dedit_nb.{package}.{layer}"] if d.startswith(f"dedit_nb.{package}")}
+        upward = imported - {f"dedit_nb.{package}.{below}" for below in layers[:k]}
+        assert not upward, f"dedit_nb.{package}.{layer} imports {sorted(upward)}, which are not below it"
 
 def test_no_pickle_loading():
     """Untrusted files are never unpickled: every torch.load passes weights_only=True."""

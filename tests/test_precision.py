@@ -6,7 +6,8 @@ import torch
 
 from dedit_nb.edits import Editor
 from dedit_nb.finetune import FinetuneConfig, finetune
-from dedit_nb.models import build_tiny_model, load_model
+from dedit_nb.models import load_model
+from dedit_nb.testing import build_tiny_model
 from dedit_nb.session import Session
 from conftest import three_item_labels
 

@@ -7,7 +7,8 @@ from dataclasses import asdict
 import pytest
 
 from dedit_nb import FinetuneConfig, SamplingConfig, Session, finetune, load_model
-from dedit_nb.models import ModelLoadError, build_tiny_model
+from dedit_nb.models import ModelLoadError
+from dedit_nb.testing import build_tiny_model
 from dedit_nb.notebook import ParameterError, check_session_model, create_segmented_session, resolve_parameters
 from dedit_nb.profiles import EXAMPLES, PROFILES, SD1, example_image, model_facts, resolve
 
