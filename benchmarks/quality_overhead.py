@@ -21,7 +21,7 @@ from pathlib import Path
 from skimage import data
 
 from dedit_nb import Editor, FinetuneConfig, Session, finetune, load_model
-from dedit_nb.models import build_tiny_model
+from dedit_nb.testing import build_tiny_model
 from dedit_nb.quality import quality_record
 
 
