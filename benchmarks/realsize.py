@@ -366,7 +366,7 @@ def main(argv=None) -> None:
     if "edits" in phases:
         editor = Editor(model, session, progress=False)
         sampling = dict(steps=args.sample_steps, guidance=5.0)
-        items = [it.label for it in session.images[0].items]
+        items = [it.name for it in session.images[0].items]
         original = session.images[0].working
         for name, run in [("recon", lambda: editor.reconstruct(0, **sampling)),
                           ("text", lambda: editor.text(0, items[1], "a golden *", **sampling)),

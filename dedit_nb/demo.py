@@ -24,8 +24,8 @@ SAMPLING = dict(steps=25, guidance=3.0, strength=0.5, edge_thickness=2, num_imag
 
 
 def _item(session, colour: str) -> str:
-    """The label of the item named after a colour by the offline segmenter (e.g. 'red, middle left')."""
-    labels = [it.label for it in session.images[0].items]
+    """The name of the item named after a colour by the offline segmenter (e.g. 'red, middle left')."""
+    labels = [it.name for it in session.images[0].items]
     for label in labels:
         if label.startswith(colour):
             return label

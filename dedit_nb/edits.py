@@ -161,7 +161,7 @@ class Editor:
         prompts[k] = entry.items[k].prompt(prompt) if "*" in prompt else prompt
         lengths[k] = C.TEXT_PROMPT_LENGTH
         return self._run("text", image, prompts, lengths, entry.labels, entry.labels == k, sampling,
-                         {"item": entry.items[k].label, "item_index": k, "prompt": prompt})
+                         {"item": entry.items[k].name, "item_index": k, "prompt": prompt})
 
     def image(self, image: int | str, item: int | str, source_image: int | str, source_item: int | str,
               template: str | None = None, source_session: Session | None = None, **sampling) -> EditResult:
@@ -181,9 +181,9 @@ class Editor:
         if template:
             lengths[k] = C.TEXT_PROMPT_LENGTH
         return self._run("image", image, prompts, lengths, entry.labels, entry.labels == k, sampling,
-                         {"item": entry.items[k].label, "item_index": k, "source_image": source.name,
+                         {"item": entry.items[k].name, "item_index": k, "source_image": source.name,
                           "source_session": str(source_session.folder) if source_session is not None else None,
-                          "source_item": source.items[sk].label, "source_item_index": sk, "template": template})
+                          "source_item": source.items[sk].name, "source_item_index": sk, "template": template})
 
     def move(self, image: int | str, moves: Mapping, priority=None, **sampling) -> EditResult:
         """Move, resize or redraw items: ``moves`` maps an item to ``(dx, dy[, scale])``, a dict of
@@ -194,9 +194,9 @@ class Editor:
         order = [entry.item_index(k) for k in priority] if priority is not None else None
         labels, active = M.move_items(entry.labels, resolved, order)
         prompts = [it.prompt() for it in entry.items]
-        params = {"moves": {entry.items[k].label: {"dx": m.dx, "dy": m.dy, "scale": m.scale,
+        params = {"moves": {entry.items[k].name: {"dx": m.dx, "dy": m.dy, "scale": m.scale,
                                                    "mask": m.mask is not None} for k, m in resolved.items()},
-                  "priority": [entry.items[k].label for k in (order or resolved)]}
+                  "priority": [entry.items[k].name for k in (order or resolved)]}
         return self._run("move", image, prompts, [self.item_prompt_length] * len(prompts), labels, active,
                          sampling, params)
 
@@ -207,13 +207,13 @@ class Editor:
         labels, freed = M.remove_item(entry.labels, k)
         prompts = [it.prompt() for it in entry.items]
         return self._run("remove", image, prompts, [self.item_prompt_length] * len(prompts), labels, freed,
-                         sampling, {"item": entry.items[k].label, "item_index": k})
+                         sampling, {"item": entry.items[k].name, "item_index": k})
 
     # --- machinery -----------------------------------------------------------------------------------
     @staticmethod
     def _require_pixels(entry, k: int) -> None:
         if not (entry.labels == k).any():
-            raise M.PartitionError(f"item {entry.items[k].label!r} has no pixels in image {entry.name!r}")
+            raise M.PartitionError(f"item {entry.items[k].name!r} has no pixels in image {entry.name!r}")
 
     def _run(self, kind, image, prompts, lengths, labels, active, sampling: dict, params: dict) -> EditResult:
         sampling = dict(sampling)
@@ -228,15 +228,15 @@ class Editor:
         areas = M.item_areas(labels, n).astype(float).tolist()
         self.session.check_weights_current()
         self.model.use_session(self.session)
-        cond = C.encode_items(self.model, prompts, lengths, areas, [it.label for it in entry.items])
+        cond = C.encode_items(self.model, prompts, lengths, areas, [it.name for it in entry.items])
         images = masked_sample(self.model, cond, C.latent_labels(self.model, labels, n), entry.working,
                                regions, config, progress=self.progress, callback_on_step_end=callback_on_step_end)
         manifest = {"kind": kind, "session": str(self.session.folder), "session_id": self.session.id,
                     "image": entry.name, "fit": entry.fit, "model_id": self.model.model_id,
                     "weights_generation": self.session.weights_generation, "params": params,
                     "sampling": asdict(config), "seeds": [config.seed + j for j in range(config.num_images)],
-                    "prompts": {it.label: p for it, p in zip(entry.items, cond.encoded)},
-                    "dropped": {it.label: d for it, d in zip(entry.items, cond.dropped) if d},
+                    "prompts": {it.name: p for it, p in zip(entry.items, cond.encoded)},
+                    "dropped": {it.name: d for it, d in zip(entry.items, cond.dropped) if d},
                     "region_pixels": {r: int(getattr(regions, r).sum()) for r in ("hard", "soft", "active")},
                     "quality": [quality_record(entry.working, img, regions, params.get("prompt") or
                                                params.get("template"), self.scorer) for img in images]}
@@ -252,7 +252,7 @@ def run_edit(editor: Editor, kind: str, image=0, item=None, prompt=None, dx=0.0,
     if kind not in EDIT_KINDS:
         raise ValueError(f"unknown edit {kind!r}; choose one of {EDIT_KINDS}")
     if kind != "recon" and item is None:
-        raise ValueError(f"the {kind} edit needs an item (index or label)")
+        raise ValueError(f"the {kind} edit needs an item (index or name)")
     if kind == "recon":
         return editor.reconstruct(image, **sampling)
     if kind == "text":

@@ -386,7 +386,7 @@ def _encode_images(model, sessions: Sequence[Session]) -> list[_ImageData]:
         labels = C.latent_labels(model, entry.labels, len(entry.items))
         areas = np.bincount(entry.labels.ravel(), minlength=len(entry.items)).astype(float).tolist()
         images.append(_ImageData(latents, labels, [it.prompt() for it in entry.items],
-                                 [it.label for it in entry.items], areas))
+                                 [it.name for it in entry.items], areas))
     return images
 
 

@@ -100,7 +100,7 @@ def text(optional: bool = False, choices: tuple = ()) -> Check:
 
 
 FLAG = Check((bool,), "True or False")
-ITEM = Check((int, str), "an item index or label", low=0, optional=True)
+ITEM = Check((int, str), "an item index or name", low=0, optional=True)
 IMAGE = Check((int, str), "an image index (>= 0) or name", low=0)
 
 NOTEBOOK_PARAMETERS: dict[str, dict[str, Check]] = {
@@ -234,7 +234,7 @@ def check_edit_params(session: Session, edit: str, item=None, prompt: str = "", 
     entry = session.image(image)
     if edit != "recon":
         if item is None or item == "":
-            raise ParameterError("item", f"the {edit} edit needs an item; items: {[i.label for i in entry.items]}")
+            raise ParameterError("item", f"the {edit} edit needs an item; items: {[i.name for i in entry.items]}")
         try:
             entry.item_index(item)
         except Exception as exc:  # noqa: BLE001

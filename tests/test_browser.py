@@ -202,7 +202,7 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
         output = page.locator(".jp-OutputArea-output").first
         assert page.evaluate("window.__dedit_xss") is None                   # the label's handler never ran
         assert "<img src=x" in output.locator(".dedit-status").inner_text()  # shown as text, not markup
-        output.locator(".dedit-item-label input").first.fill("cup")         # rename it in the palette
+        output.locator(".dedit-item-name input").first.fill("cup")         # rename it in the palette
         page.keyboard.press("Enter")
         output.locator(".dedit-swatch").nth(4).click()                       # select the new item
         page.wait_for_function("() => /stroke/.test(document.querySelector('.dedit-status').textContent) && "
@@ -221,7 +221,7 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
         page.keyboard.press("b")
         page.wait_for_function(f"({active_tool})() === 'brush'", timeout=10_000)
         assert page.locator(".jp-Notebook .jp-Cell").count() == cells        # the keys did not reach JupyterLab
-        label = output.locator(".dedit-item-label input").nth(2)
+        label = output.locator(".dedit-item-name input").nth(2)
         label.click()                                                        # a text box has focus ...
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)   # ... and the pointer rests
         page.wait_for_timeout(300)                                           # on the canvas
@@ -230,7 +230,7 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
         assert page.evaluate(f"({active_tool})()") == "brush"                # no tool changed ...
         assert label.input_value().endswith(" bag")                           # ... the letters went to the box
         page.mouse.move(5, 5)
-        assert page.evaluate("() => document.activeElement.closest('.dedit-item-label') !== null")
+        assert page.evaluate("() => document.activeElement.closest('.dedit-item-name') !== null")
         label.fill(label.input_value()[:-4])                                 # the name as it was
         page.keyboard.press("Enter")
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)

@@ -97,4 +97,4 @@ def test_an_item_index_one_past_the_last_is_refused_naming_the_range(tmp_path, p
             entry.item_index(bad)
     with pytest.raises(SessionError, match=r"items 0\.\.2; got 3"):
         s.rename_item(0, 3, "bag")
-    assert [it.label for it in Session.open(tmp_path / "s").images[0].items] == ["left", "right", "top"]
+    assert [it.name for it in Session.open(tmp_path / "s").images[0].items] == ["left", "right", "top"]

@@ -45,7 +45,7 @@ def test_every_parameter_of_every_notebook_is_checked_and_its_default_passes(nam
     ("num_images = True", "num_images", "an integer >= 1, got True"),
     ("edit = 'recolour'", "edit", "is not one of"),
     ("strenght = 0.8", "strenght", "03_edit has no such parameter; did you mean 'strength'?"),
-    ("item = 1.0", "item", "an item index or label"),
+    ("item = 1.0", "item", "an item index or name"),
     ("scheduler = 'dpm'", "scheduler", "is not one of"),
 ])
 def test_edit_parameters_fail_by_name(injected, name, message):
@@ -79,7 +79,7 @@ def test_a_failed_segmentation_leaves_nothing_on_disk_so_the_rerun_works(tmp_pat
         create_segmented_session(folder, image, 32, 8, False, "sam", checkpoint=str(broken))
     assert not folder.exists() or not any(folder.iterdir())
     session, partition = create_segmented_session(folder, image, 32, 8, False, "offline", num_items=3)
-    assert len(Session.open(folder).images[0].items) == len(partition.item_labels) == 3
+    assert len(Session.open(folder).images[0].items) == len(partition.item_names) == 3
 
 
 def test_sampling_keywords_from_python_are_checked_by_name(tmp_path):

@@ -15,7 +15,7 @@ from conftest import three_item_labels
 def _session(folder, photo=None):
     image = photo if photo is not None else np.full((64, 96, 3), 120, np.uint8)
     return Session.create(folder, image, resolution=64, multiple=8,
-                          labels=three_item_labels(*image.shape[:2]), item_labels=["a", "b", "c"])
+                          labels=three_item_labels(*image.shape[:2]), item_names=["a", "b", "c"])
 
 
 # --- 1: garbage collection only of the session's own files ---------------------------------------------
@@ -383,11 +383,13 @@ def test_a_session_whose_folder_was_deleted_is_not_recreated_by_a_save(tmp_path,
 def test_item_names_stay_unique_and_an_edit_by_name_never_hits_another_item(tmp_path):
     s = _session(tmp_path / "s")
     s.set_items(0, three_item_labels(64, 96), ["cup", "cup", "cup-2"])
-    assert [it.label for it in s.images[0].items] == ["cup", "cup-3", "cup-2"]
+    assert [it.name for it in s.images[0].items] == ["cup", "cup-3", "cup-2"]
     with pytest.raises(SessionError, match="already has an item named 'cup'"):
         s.rename_item(0, 2, "cup")
     data = json.loads((tmp_path / "s" / "session.json").read_text())
-    data["images"][0]["items"][1]["label"] = "cup"                      # written by an older version
+    for item in data["images"][0]["items"]:                              # written by an older version: "label"
+        item["label"] = item.pop("name")
+    data["images"][0]["items"][1]["label"] = "cup"
     (tmp_path / "s" / "session.json").write_text(json.dumps(data))
     with pytest.raises(SessionError, match=r"2 items named 'cup' \(indexes \[0, 1\]\)"):
         Session.open(tmp_path / "s").images[0].item_index("cup")

@@ -24,7 +24,7 @@ def test_overlaps_go_to_the_higher_score_then_the_smaller_mask():
     shape = (20, 20)
     big, small = box(shape, 0, 20, 0, 12), box(shape, 5, 10, 5, 15)
     p = partition_from_masks([big, small], [0.9, 0.8], ["big", "small"], min_area_fraction=0)
-    assert p.item_labels == ["big", "small", "background"]
+    assert p.item_names == ["big", "small", "background"]
     assert (p.labels[5:10, 5:12] == 0).all() and (p.labels[5:10, 12:15] == 1).all()
     tie = partition_from_masks([big, small], [0.9, 0.9], ["big", "small"], min_area_fraction=0)
     assert (tie.labels[5:10, 5:15] == 1).all()            # equal scores: the small mask stays on top
@@ -34,10 +34,10 @@ def test_uncovered_pixels_become_background_or_join_the_nearest_item():
     shape = (20, 20)
     left, right = box(shape, 0, 20, 0, 9), box(shape, 0, 20, 11, 20)
     p = partition_from_masks([left, right], [0.9, 0.9], ["l", "r"], min_area_fraction=0, background_min_fraction=0.5)
-    assert p.item_labels == ["l", "r"]                      # 10% uncovered < 50%: nearest item
+    assert p.item_names == ["l", "r"]                      # 10% uncovered < 50%: nearest item
     assert (p.labels[:, 9] == 0).all() and (p.labels[:, 10] == 1).all()
     q = partition_from_masks([left, right], [0.9, 0.9], ["l", "r"], min_area_fraction=0, background_min_fraction=0.05)
-    assert q.item_labels == ["l", "r", "background"] and (q.labels[:, 9:11] == 2).all()
+    assert q.item_names == ["l", "r", "background"] and (q.labels[:, 9:11] == 2).all()
 
 
 def test_fragments_join_neighbours_and_empty_items_are_dropped():
@@ -47,7 +47,7 @@ def test_fragments_join_neighbours_and_empty_items_are_dropped():
     hidden = box(shape, 3, 4, 3, 4)
     p = partition_from_masks([main, speck, hidden], [0.5, 0.9, 0.1], ["main", "speck", "hidden"],
                              min_area_fraction=0.01)
-    assert p.item_labels == ["main"] and (p.labels == 0).all()
+    assert p.item_names == ["main"] and (p.labels == 0).all()
 
 
 def test_partition_type_validates():
@@ -72,7 +72,7 @@ def test_offline_method_gives_usable_items_on_photos(name):
         sizes = np.bincount(comp.ravel())[1:]
         assert sizes.max() >= 0.95 * sizes.sum()                        # connected or nearly so
     assert np.array_equal(segment(img).labels, p.labels)                # deterministic
-    assert len(set(p.item_labels)) == p.num_items
+    assert len(set(p.item_names)) == p.num_items
 
 
 def test_any_image_kind_is_accepted_by_segment():
@@ -88,7 +88,7 @@ def test_segment_session_stores_items_and_failure_changes_nothing(tmp_path):
     p = segment_session(s, 0, num_items=5)
     again = Session.open(tmp_path / "s")
     assert np.array_equal(again.images[0].labels, p.labels)
-    assert [i.label for i in again.images[0].items] == p.item_labels
+    assert [i.name for i in again.images[0].items] == p.item_names
     before = (tmp_path / "s" / "session.json").read_bytes()
     with pytest.raises(ValueError, match="unknown segmenter"):
         segment_session(s, 0, method="magic")
@@ -257,7 +257,7 @@ def test_panoptic_names_items_by_class(tmp_path):
     p = segment(img, method="panoptic", model=str(tmp_path / "m2f"), threshold=0.0,
                 mask_threshold=0.0, overlap_mask_area_threshold=0.0)   # random weights: keep every segment
     assert p.areas().sum() == 48 * 64 and (p.areas() > 0).all()
-    assert p.num_items >= 1 and {n.split(" ")[0] for n in p.item_labels} <= {"cup", "table", "wall", "background"}
+    assert p.num_items >= 1 and {n.split(" ")[0] for n in p.item_names} <= {"cup", "table", "wall", "background"}
 
 
 def test_text_prompted_items_and_the_nothing_found_fallback(tmp_path, tiny_sam_path):
@@ -282,9 +282,9 @@ def test_text_prompted_items_and_the_nothing_found_fallback(tmp_path, tiny_sam_p
                 box_threshold=0.0, text_threshold=0.0, max_items=3)
     assert p.areas().sum() == 48 * 64 and (p.areas() > 0).all()
     assert all(n.split(" ")[0] in {"cup", "table", "background"} or n.startswith("cup") or n.startswith("table")
-               for n in p.item_labels)
+               for n in p.item_names)
     with pytest.warns(UserWarning, match="nothing detected"):
         none = segment(img, method="text", text="cup.", sam=sam, detector=str(tmp_path / "gd"), box_threshold=1.1)
-    assert none.item_labels == ["image"] and (none.labels == 0).all()
+    assert none.item_names == ["image"] and (none.labels == 0).all()
     with pytest.raises(SamLoadError, match="needs SAM"):
         segment(img, method="text", text="cup.", detector=str(tmp_path / "gd"))

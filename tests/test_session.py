@@ -27,7 +27,7 @@ def test_create_keeps_the_original_and_works_at_multiples_without_cropping(tmp_p
     w, h = entry.size
     assert w % 64 == 0 and h % 64 == 0 and min(w, h) == 256         # resolution is the short side
     assert w / h == photo.shape[1] / photo.shape[0]                  # aspect kept (600x400 -> 384x256)
-    assert (entry.labels == 0).all() and [i.label for i in entry.items] == ["image"]
+    assert (entry.labels == 0).all() and [i.name for i in entry.items] == ["image"]
 
 
 def test_create_takes_the_session_id_that_names_its_tokens(tmp_path, photo):
@@ -47,7 +47,7 @@ def test_reload_drops_unsaved_changes_and_leaves_a_session_never_saved_as_it_is(
     s = Session.create(tmp_path / "s", photo, resolution=64, multiple=32)
     s.rename_item(0, 0, "cup", save=False)
     s.reload()
-    assert [it.label for it in s.images[0].items] == ["image"]
+    assert [it.name for it in s.images[0].items] == ["image"]
 
 
 def test_roundtrip_of_items_and_history(tmp_path, photo):
@@ -58,7 +58,7 @@ def test_roundtrip_of_items_and_history(tmp_path, photo):
     s.record_edit({"kind": "recon"})
     again = Session.open(tmp_path / "s")
     assert np.array_equal(again.images[0].labels, s.images[0].labels)
-    assert [i.label for i in again.images[0].items] == ["left", "right", "top"]
+    assert [i.name for i in again.images[0].items] == ["left", "right", "top"]
     assert again.images[0].items[1].template == "a photo of *"
     assert again.image("flipped").size == s.images[1].size
     assert again.history[0]["kind"] == "recon"
@@ -319,7 +319,7 @@ def test_a_read_only_session_opens_edits_unrecorded_refuses_writes_and_copies_ou
         before = folder_digest(folder)
         opened = Session.open(folder)
         assert np.array_equal(opened.images[0].labels, s.images[0].labels)
-        assert [i.label for i in opened.images[0].items] == ["left", "right", "top"]
+        assert [i.name for i in opened.images[0].items] == ["left", "right", "top"]
         result = Editor(model, opened, progress=False, record=False).reconstruct(0, steps=2, guidance=1.0)
         assert result.images[0].shape == (h, w, 3)
         with pytest.raises(SessionError, match=r"cannot be written .*copy_to"):

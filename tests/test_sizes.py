@@ -27,7 +27,7 @@ def test_a_session_crops_instead_of_stretching_and_records_it(tmp_path, photo):
     rgb = np.ascontiguousarray(photo[:, :590])                          # 590 x 400
     labels = np.zeros(rgb.shape[:2], np.int32)
     labels[:, 295:] = 1
-    s = Session.create(tmp_path / "s", rgb, resolution=64, multiple=8, labels=labels, item_labels=["l", "r"])
+    s = Session.create(tmp_path / "s", rgb, resolution=64, multiple=8, labels=labels, item_names=["l", "r"])
     entry = Session.open(tmp_path / "s").images[0]
     assert entry.size == (88, 64)                                       # 94.4 px resized to 94, cropped to 88
     assert entry.fit == {"source": [590, 400], "resized": [94, 64], "crop": [3, 0, 91, 64],

@@ -153,7 +153,7 @@ def test_items_editor_saves_into_the_session_and_refuses_empty_items(tmp_path):
     ui.editor.mouse_down(20, 20); ui.editor.mouse_up(20, 20)
     assert ui.save()
     again = Session.open(tmp_path / "s")
-    assert [i.label for i in again.images[0].items] == ["image", "cup"]
+    assert [i.name for i in again.images[0].items] == ["image", "cup"]
     assert np.array_equal(again.images[0].labels, ui.state.labels)
     ui.state.reset()
     assert np.array_equal(ui.state.labels, again.images[0].labels)
@@ -692,7 +692,7 @@ def test_the_palette_shows_each_item_as_it_looks_in_the_photo_beside_its_name():
     from dedit_nb.segment.offline import colour_name, segment_offline
     scene = render("white", [SceneObject("red", "circle", 20, 22, 10), SceneObject("blue", "square", 46, 40, 9)], 64)
     part = segment_offline(scene.image, num_items=3)
-    state = ItemState(scene.image, part.labels, part.item_labels)
+    state = ItemState(scene.image, part.labels, part.item_names)
     palette = ItemPalette(state)
     assert "photo" in palette.children[0].children[2].value
 
@@ -807,7 +807,7 @@ def test_two_editors_on_one_session_never_overwrite_each_other_silently(tmp_path
     second.state.undo()                                                      # the work from before the reload
     assert second.state.names == ["image", "bag"]
     assert second.save(replace_newer=True)                                   # "save over", knowingly
-    assert [i.label for i in Session.open(tmp_path / "s").images[0].items] == ["image", "bag"]
+    assert [i.name for i in Session.open(tmp_path / "s").images[0].items] == ["image", "bag"]
     assert "changed since" in first.editor.status.value
 
 
@@ -922,4 +922,4 @@ def test_an_editor_on_another_session_object_of_the_folder_is_refused_too(tmp_pa
     assert (tmp_path / "s" / "session.json").read_bytes() == on_disk
     assert second.reload() and second.state.names == ["image", "cup"]      # from the folder, not its old object
     second.state.rename(0, "whole")
-    assert second.save() and [i.label for i in Session.open(tmp_path / "s").images[0].items] == ["whole", "cup"]
+    assert second.save() and [i.name for i in Session.open(tmp_path / "s").images[0].items] == ["whole", "cup"]

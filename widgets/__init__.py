@@ -92,7 +92,7 @@ class ItemsEditor(W.VBox):
         try:
             fresh = Session.open(self.session.folder)      # what is on disk, whoever saved it
             entry = fresh.image(self.image)
-            self.state.load(entry.labels, [i.label for i in entry.items], [i.template for i in entry.items])
+            self.state.load(entry.labels, [i.name for i in entry.items], [i.template for i in entry.items])
         except Exception as exc:  # noqa: BLE001 - a deleted or broken session: shown, nothing changes
             self.say(str(exc), error=True)
             return False

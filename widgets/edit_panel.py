@@ -58,7 +58,7 @@ class EditPanel(W.VBox):
         wide = {"description_width": "initial"}
         self.kind = W.ToggleButtons(options=list(EDIT_KINDS), value=edit, description="edit",
                                     tooltips=[EDIT_TIPS[k] for k in EDIT_KINDS], style={"button_width": "70px"})
-        self.item = W.Dropdown(options=[(f"{k}: {it.label}", k) for k, it in enumerate(entry.items)],
+        self.item = W.Dropdown(options=[(f"{k}: {it.name}", k) for k, it in enumerate(entry.items)],
                                description="item")
         if item is not None and item != "":
             self.item.value = entry.item_index(item)
@@ -66,7 +66,7 @@ class EditPanel(W.VBox):
         W.link((self.item, "value"), (self.state, "selected"))       # one selection: dropdown == canvas
         self.prompt = W.Text(value=prompt or "", placeholder="a red bag  /  a photo of * in gold",
                              description="prompt")
-        sources = [(f"{e.name} · {k}: {it.label}", (i, k))
+        sources = [(f"{e.name} · {k}: {it.name}", (i, k))
                    for i, e in enumerate(session.images) for k, it in enumerate(e.items)]
         self.source = W.Dropdown(options=sources, description="source item", style=wide)
         self.moves_hint = W.HTML("<i>drag items in the canvas (move tool); 'item scale' resizes the selected "

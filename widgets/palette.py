@@ -1,4 +1,4 @@
-"""The item palette: one row per item (swatch, how it looks in the photo, label, prompt template, area,
+"""The item palette: one row per item (swatch, how it looks in the photo, name, prompt template, area,
 visibility), with add, merge, split and delete. It edits the same :class:`ItemState` as the mask editor, so
 both stay in sync. The swatch is the item's colour on the canvas, exactly (``dedit_nb.display``); the photo
 thumbnail is what the item's name describes ("red, centre" names the photo's colour, not the swatch's)."""
@@ -17,7 +17,7 @@ COLUMNS = (  # (header, width, tooltip)
     ("", "28px", "tick items to merge them"),
     ("item", "46px", "the item's colour on the canvas; click to select it"),
     ("photo", "40px", "the item as it looks in the photo (what a name like 'red, centre' describes)"),
-    ("label", "130px", "the item's name (used in edits and manifests)"),
+    ("name", "130px", "the item's name (used in edits and manifests)"),
     ("prompt template", "130px", "text around the item's learned tokens: * stands for the item, "
                                  "e.g. 'a photo of *'; plain * uses the tokens alone"),
     ("area", "56px", "share of the image"),
@@ -25,7 +25,7 @@ COLUMNS = (  # (header, width, tooltip)
 )
 
 THUMB_SIZE = 28
-TEXT_COLUMNS = {"label", "prompt template"}   # these give way on a narrow page; the other columns never shrink
+TEXT_COLUMNS = {"name", "prompt template"}   # these give way on a narrow page; the other columns never shrink
 
 
 def _cell(header: str, width: str) -> W.Layout:
@@ -118,7 +118,7 @@ class ItemPalette(W.VBox):
             photo.layout.height, photo.layout.object_fit = f"{THUMB_SIZE}px", "contain"
             photo.add_class("dedit-item-photo")
             label = W.Text(value=name, continuous_update=False, layout=_cell(*columns[3]))
-            label.add_class("dedit-item-label")
+            label.add_class("dedit-item-name")
             label.observe(lambda ch, k=k: self.state.rename(k, ch["new"]), names="value")
             template = W.Text(value=self.state.templates[k], continuous_update=False, placeholder="a photo of *",
                               layout=_cell(*columns[4]))

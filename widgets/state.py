@@ -52,7 +52,7 @@ class ItemState(traitlets.HasTraits):
     @classmethod
     def from_session(cls, session, image=0) -> "ItemState":
         entry = session.image(image)
-        return cls(entry.working, entry.labels, [i.label for i in entry.items], [i.template for i in entry.items])
+        return cls(entry.working, entry.labels, [i.name for i in entry.items], [i.template for i in entry.items])
 
     # --- history -------------------------------------------------------------------------------------
     def _snapshot(self) -> tuple:
@@ -84,7 +84,7 @@ class ItemState(traitlets.HasTraits):
         saved (another editor on the session has not saved over them)."""
         entry = session.image(image)
         labels, names, templates = self.saved
-        return ([i.label for i in entry.items] == names and [i.template for i in entry.items] == templates
+        return ([i.name for i in entry.items] == names and [i.template for i in entry.items] == templates
                 and np.array_equal(entry.labels, labels))
 
     def load(self, labels: np.ndarray, names: Sequence[str], templates: Sequence[str]) -> None:

@@ -64,7 +64,7 @@ def _synthetic_session(folder, width: int, height: int, items: int):
     labels = (np.arange(width)[None, :] * items // width).repeat(height, 0)
     image = np.zeros((height, width, 3), np.uint8)
     return Session.create(folder, image, resolution=min(width, height), multiple=8, labels=labels,
-                          item_labels=[f"thing{k}" for k in range(items)], save=False)
+                          item_names=[f"thing{k}" for k in range(items)], save=False)
 
 
 @dataclass

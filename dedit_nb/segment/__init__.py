@@ -39,7 +39,7 @@ def segment_session(session, image=0, method: str = "offline", save: bool = True
     written, so a failure leaves the session as it was; ``save=False`` leaves the writing to the caller)."""
     entry = session.image(image)
     part = segment(entry.working, method=method, **kwargs)
-    session.set_items(image, part.labels, part.item_labels, save=save)
+    session.set_items(image, part.labels, part.item_names, save=save)
     return part
 
 

@@ -18,14 +18,14 @@ class Partition:
     """Items of one image: a label map (every pixel in exactly one item) and a name per item."""
 
     labels: np.ndarray
-    item_labels: list[str]
+    item_names: list[str]
 
     def __post_init__(self):
-        self.labels = M.check_labels(self.labels, len(self.item_labels))
+        self.labels = M.check_labels(self.labels, len(self.item_names))
 
     @property
     def num_items(self) -> int:
-        return len(self.item_labels)
+        return len(self.item_names)
 
     def areas(self) -> np.ndarray:
         return M.item_areas(self.labels, self.num_items)
@@ -99,7 +99,7 @@ def overlay_figure(image: np.ndarray, partition: Partition, title: str | None = 
     # a name such as "red, middle left" describes the photo, not the chip beside it: say the chip's colour too
     handles = [Patch(color=np.array(item_colour(k)) / 255,
                      label=f"{k}: {name} ({a / total:.0%}), drawn {item_colour_name(k)}")
-               for k, (name, a) in enumerate(zip(partition.item_labels, partition.areas()))]
+               for k, (name, a) in enumerate(zip(partition.item_names, partition.areas()))]
     axes[1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
     return fig

@@ -46,7 +46,7 @@ class Session:
     # --- creation ------------------------------------------------------------------------------------
     @classmethod
     def create(cls, folder: str | os.PathLike, image, name: str | None = None, resolution: int = SD1.resolution,
-               multiple: int = SD1.multiple, labels: np.ndarray | None = None, item_labels: Sequence[str] | None = None,
+               multiple: int = SD1.multiple, labels: np.ndarray | None = None, item_names: Sequence[str] | None = None,
                overwrite: bool = False, save: bool = True, profile: dict | None = None,
                session_id: str | None = None) -> "Session":
         """Start a session in a new folder from an image (path, PIL image or array).
@@ -71,7 +71,7 @@ class Session:
                                    "for a random one")
             data["id"] = session_id
         session = cls(folder, data, [], base=None, overwrite=overwrite)
-        session.add_image(image, name=name, labels=labels, item_labels=item_labels, save=False)
+        session.add_image(image, name=name, labels=labels, item_names=item_names, save=False)
         if save:
             session.save()
         return session
@@ -160,7 +160,7 @@ class Session:
 
     # --- images and items ----------------------------------------------------------------------------
     def add_image(self, image, name: str | None = None, labels: np.ndarray | None = None,
-                  item_labels: Sequence[str] | None = None, save: bool = True) -> int:
+                  item_names: Sequence[str] | None = None, save: bool = True) -> int:
         """Add an image (finetuned jointly with the others, so items can move between them)."""
         if self.has_weights:
             raise SessionError("this session is already finetuned; adding an image needs a new finetune: "
@@ -177,35 +177,35 @@ class Session:
         original_bytes = source_path.read_bytes() if source_path else png_bytes(rgb)
         if labels is None:
             labels = np.zeros((h, w), np.int32)
-            item_labels = list(item_labels or ["image"])
+            item_names = list(item_names or ["image"])
         else:
             labels = np.asarray(labels)
             if labels.shape == rgb.shape[:2]:
                 labels = fit.apply_labels(labels)
             elif labels.shape != (h, w):
                 labels = M.resize_labels(labels, (h, w))
-            if item_labels is None:
-                item_labels = [f"item{k}" for k in range(int(labels.max()) + 1)]
-            item_labels = list(item_labels)
-        labels = M.check_labels(labels, len(item_labels))
-        item_labels = unique_names(item_labels)
+            if item_names is None:
+                item_names = [f"item{k}" for k in range(int(labels.max()) + 1)]
+            item_names = list(item_names)
+        labels = M.check_labels(labels, len(item_names))
+        item_names = unique_names(item_names)
         original_rel = self._stage(f"images/{index}-original", ext, original_bytes)
-        self.images.append(ImageEntry(name, original_rel, working, labels, [Item(l) for l in item_labels],
+        self.images.append(ImageEntry(name, original_rel, working, labels, [Item(l) for l in item_names],
                                       fit=fit.as_dict()))
         if save:
             self.save()
         return index
 
-    def set_items(self, image: int | str, labels: np.ndarray, item_labels: Sequence[str] | None = None,
+    def set_items(self, image: int | str, labels: np.ndarray, item_names: Sequence[str] | None = None,
                   templates: Sequence[str] | None = None, save: bool = True) -> None:
         """Replace an image's items with a new partition (a label map at the working size)."""
         entry = self.image(image)
         labels = np.asarray(labels)
-        if (item_labels is None and labels.size and np.issubdtype(labels.dtype, np.integer)
+        if (item_names is None and labels.size and np.issubdtype(labels.dtype, np.integer)
                 and int(labels.max()) >= labels.size):  # more items than pixels: some would be empty
             raise M.PartitionError(f"label values go up to {int(labels.max())} but the map has {labels.size} "
-                                   f"pixels; number the items 0..K-1 (masks.compact_labels) or pass item_labels")
-        n = len(item_labels) if item_labels is not None else int(labels.max()) + 1
+                                   f"pixels; number the items 0..K-1 (masks.compact_labels) or pass item_names")
+        n = len(item_names) if item_names is not None else int(labels.max()) + 1
         labels = M.check_labels(labels, n, shape=entry.labels.shape)
         empty = [k for k, a in enumerate(M.item_areas(labels, n)) if a == 0]
         if empty:
@@ -213,20 +213,20 @@ class Session:
         if self.has_weights:
             raise SessionError("this session is finetuned; changing its items needs a new finetune: "
                                "call discard_weights() first, or use an edit (move/remove) to change masks")
-        item_labels = unique_names(item_labels) if item_labels is not None else [f"item{k}" for k in range(n)]
+        item_names = unique_names(item_names) if item_names is not None else [f"item{k}" for k in range(n)]
         templates = list(templates) if templates is not None else [DEFAULT_TEMPLATE] * n
         entry.labels = labels.astype(np.int32)
-        entry.items = [Item(l, [], t) for l, t in zip(item_labels, templates)]
+        entry.items = [Item(l, [], t) for l, t in zip(item_names, templates)]
         if save:
             self.save()
 
-    def rename_item(self, image: int | str, item: int | str, label: str, save: bool = True) -> None:
+    def rename_item(self, image: int | str, item: int | str, name: str, save: bool = True) -> None:
         entry = self.image(image)
         k = entry.item_index(item)
-        if any(it.label == label for j, it in enumerate(entry.items) if j != k):
-            raise SessionError(f"image {entry.name!r} already has an item named {label!r}; item names are unique "
+        if any(it.name == name for j, it in enumerate(entry.items) if j != k):
+            raise SessionError(f"image {entry.name!r} already has an item named {name!r}; item names are unique "
                                "(an edit names its item), choose another")
-        entry.items[k].label = label
+        entry.items[k].name = name
         if save:
             self.save()
 
@@ -244,7 +244,7 @@ class Session:
         for i, entry in enumerate(self.images):
             for k, item in enumerate(entry.items):
                 if not item.tokens:
-                    item.tokens = [f"<{self.id}{i}.{_slug(item.label)}{k}_{t}>" for t in range(num_tokens)]
+                    item.tokens = [f"<{self.id}{i}.{_slug(item.name)}{k}_{t}>" for t in range(num_tokens)]
                 tokens += item.tokens
         return tokens
 

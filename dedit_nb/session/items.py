@@ -36,13 +36,13 @@ def _slug(text: str) -> str:
 class Item:
     """One item of an image: a name, its learned-prompt tokens, and a prompt template (``*`` = tokens)."""
 
-    label: str
+    name: str
     tokens: list[str] = field(default_factory=list)
     template: str = DEFAULT_TEMPLATE
 
     def prompt(self, template: str | None = None) -> str:
         if not self.tokens:
-            raise SessionError(f"item {self.label!r} has no learned tokens yet; finetune the session first")
+            raise SessionError(f"item {self.name!r} has no learned tokens yet; finetune the session first")
         tpl = template if template is not None else self.template
         return tpl.replace("*", " ".join(self.tokens)) if "*" in tpl else tpl
 
@@ -67,11 +67,11 @@ class ImageEntry:
         return self.labels == item
 
     def item_index(self, item: int | str) -> int:
-        """An item by index or by label."""
+        """An item by index or by name."""
         if isinstance(item, str):
-            matches = [k for k, it in enumerate(self.items) if it.label == item]
+            matches = [k for k, it in enumerate(self.items) if it.name == item]
             if not matches:
-                raise SessionError(f"image {self.name!r} has no item {item!r}; items: {[i.label for i in self.items]}")
+                raise SessionError(f"image {self.name!r} has no item {item!r}; items: {[i.name for i in self.items]}")
             if len(matches) > 1:     # a session written before names were kept unique
                 raise SessionError(f"image {self.name!r} has {len(matches)} items named {item!r} (indexes {matches}); "
                                    "name the item by its index, or rename one (rename_item)")

@@ -86,12 +86,14 @@ class ImageRecord:
         if not isinstance(items, list) or not items:
             _fail(path, f"{where}.items should be a non-empty list of items")
         for k, item in enumerate(items):
+            if isinstance(item, dict) and "label" in item and "name" not in item:   # written before items had names
+                item = items[k] = {("name" if key == "label" else key): value for key, value in item.items()}
             tokens = item.get("tokens", []) if isinstance(item, dict) else None
-            ok = (isinstance(item, dict) and set(item) <= {"label", "tokens", "template"}
-                  and isinstance(item.get("label"), str) and isinstance(item.get("template", ""), str)
+            ok = (isinstance(item, dict) and set(item) <= {"name", "tokens", "template"}
+                  and isinstance(item.get("name"), str) and isinstance(item.get("template", ""), str)
                   and isinstance(tokens, list) and all(isinstance(t, str) for t in tokens))
             if not ok:
-                _fail(path, f"{where}.items[{k}] should be {{label: str, tokens: [str], template: str}}, got "
+                _fail(path, f"{where}.items[{k}] should be {{name: str, tokens: [str], template: str}}, got "
                       f"{json.dumps(item)[:80]}")
         return cls(entry["name"], entry["original"], entry["working"], entry["labels"],
                    [Item(**it) for it in items], entry.get("fit", {}))
