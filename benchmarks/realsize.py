@@ -41,8 +41,7 @@ from dedit_nb.attention import ItemLayout  # noqa: E402
 from dedit_nb.edits import Editor  # noqa: E402
 from dedit_nb.profiles import EXAMPLES  # noqa: E402
 from dedit_nb.finetune import FinetuneConfig, finetune  # noqa: E402
-from dedit_nb.models import load_model  # noqa: E402
-from dedit_nb.testing import _tiny_clip_tokenizer  # noqa: E402
+from dedit_nb.models import byte_level_clip_tokenizer, load_model  # noqa: E402
 from dedit_nb.session import Session  # noqa: E402
 
 PHASES = ("finetune", "lora", "edits", "ratios")
@@ -89,7 +88,7 @@ def build_folder(family: str, folder: Path) -> Path:
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
         AutoencoderKL(sample_size=512, scaling_factor=0.18215, **vae).half().save_pretrained(tmp / "vae", **save)
         _clip_l().half().save_pretrained(tmp / "text_encoder", **save)
-        _tiny_clip_tokenizer().save_pretrained(tmp / "tokenizer")
+        byte_level_clip_tokenizer().save_pretrained(tmp / "tokenizer")
         DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                       set_alpha_to_one=False, steps_offset=1).save_pretrained(tmp / "scheduler")
         index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDIMScheduler"],
@@ -107,8 +106,8 @@ def build_folder(family: str, folder: Path) -> Path:
                       ).half().save_pretrained(tmp / "vae", **save)
         _clip_l().half().save_pretrained(tmp / "text_encoder", **save)
         _clip_bigg().half().save_pretrained(tmp / "text_encoder_2", **save)
-        _tiny_clip_tokenizer().save_pretrained(tmp / "tokenizer")
-        _tiny_clip_tokenizer().save_pretrained(tmp / "tokenizer_2")
+        byte_level_clip_tokenizer().save_pretrained(tmp / "tokenizer")
+        byte_level_clip_tokenizer().save_pretrained(tmp / "tokenizer_2")
         EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                steps_offset=1, timestep_spacing="leading").save_pretrained(tmp / "scheduler")
         index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,

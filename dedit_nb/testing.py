@@ -8,20 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .models import MINILM_SOURCE
-
-
-def _tiny_clip_tokenizer(max_length: int = 77):
-    """A byte-level CLIP BPE tokenizer with no merges: every character is a token."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in sorted(ByteLevel.alphabet()):
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    tok = CLIPTokenizer(vocab=vocab, merges=[])
-    tok.model_max_length = max_length
-    return tok
+from .models import MINILM_SOURCE, byte_level_clip_tokenizer
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -82,15 +69,15 @@ def build_tiny_model(family: str, folder: str | os.PathLike, seed: int = 0, samp
                        max_position_embeddings=77)
     if family == "sd":
         CLIPTextModel(CLIPTextConfig(hidden_size=32, **clip_kwargs)).save_pretrained(folder / "text_encoder")
-        _tiny_clip_tokenizer().save_pretrained(folder / "tokenizer")
+        byte_level_clip_tokenizer().save_pretrained(folder / "tokenizer")
         index.update({"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
                       "vae": ["diffusers", "AutoencoderKL"]})
     else:
         CLIPTextModel(CLIPTextConfig(hidden_size=32, **clip_kwargs)).save_pretrained(folder / "text_encoder")
         CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **clip_kwargs)
                                     ).save_pretrained(folder / "text_encoder_2")
-        _tiny_clip_tokenizer().save_pretrained(folder / "tokenizer")
-        _tiny_clip_tokenizer().save_pretrained(folder / "tokenizer_2")
+        byte_level_clip_tokenizer().save_pretrained(folder / "tokenizer")
+        byte_level_clip_tokenizer().save_pretrained(folder / "tokenizer_2")
         index.update({"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
                       "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
                       "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],

@@ -101,6 +101,14 @@ def test_package_modules_import_only_the_layers_below_them(package):
         upward = imported - {f"dedit_nb.{package}.{below}" for below in layers[:k]}
         assert not upward, f"dedit_nb.{package}.{layer} imports {sorted(upward)}, which are not below it"
 
+def test_only_tests_and_benchmarks_import_the_tiny_test_models():
+    """dedit_nb.testing (tiny random models) is a helper of tests and benchmarks: production code never imports
+    it, lazily either (what both need, such as the stand-in tokenizer, lives in the package proper)."""
+    graph = dedit_nb_imports(lazy=True)
+    importers = sorted(m for m, deps in graph.items() if "dedit_nb.testing" in deps)
+    assert not importers, f"{importers} import dedit_nb.testing"
+
+
 def test_no_pickle_loading():
     """Untrusted files are never unpickled: every torch.load passes weights_only=True."""
     for path in list((ROOT / "dedit_nb").rglob("*.py")) + list((ROOT / "widgets").rglob("*.py")):

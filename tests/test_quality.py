@@ -120,8 +120,8 @@ def test_bad_input_is_refused_and_weight_scores_need_local_weights(tmp_path):
 def test_clip_text_image_score_from_a_local_random_model(tmp_path):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-    from dedit_nb.testing import _tiny_clip_tokenizer
-    tokenizer = _tiny_clip_tokenizer()
+    from dedit_nb.models import byte_level_clip_tokenizer
+    tokenizer = byte_level_clip_tokenizer()
     torch.manual_seed(3)        # a random model whose cosine for this pair is positive, so CLIPScore is not 0
     config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,

@@ -491,8 +491,8 @@ class _Tags(HTMLParser):
         self.tags.append((tag, dict(attrs)))
 
 
-def test_a_card_tooltip_keeps_hostile_labels_and_prompts_inside_its_attribute(tmp_path):
-    """The card title's tooltip carries the item label and prompt in a quoted attribute: a quote in them must
+def test_a_card_tooltip_keeps_hostile_names_and_prompts_inside_its_attribute(tmp_path):
+    """The card title's tooltip carries the item name and prompt in a quoted attribute: a quote in them must
     not close it and open attributes of its own (escaped in element text only is not enough there)."""
     from dedit_nb.display import edit_summary
     from dedit_nb.edits import EditResult

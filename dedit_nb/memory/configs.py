@@ -84,8 +84,7 @@ def model_from_configs(model: str, dtype: str | torch.dtype = "fp16", device: st
     are padded to fixed lengths, so shapes are the real ones."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    from ..models import DEditModel, EncoderSlot, TextConditioner, pick_dtype, vae_dtype
-    from ..testing import _tiny_clip_tokenizer
+    from ..models import DEditModel, EncoderSlot, TextConditioner, byte_level_clip_tokenizer, pick_dtype, vae_dtype
     spec = FAMILIES[model] if model in FAMILIES else _folder_spec(model)
     from diffusers.utils import logging as diffusers_logging
     dt = pick_dtype(torch.device("cuda"), dtype)
@@ -99,7 +98,7 @@ def model_from_configs(model: str, dtype: str | torch.dtype = "fp16", device: st
         for config, hidden_layer, pooled in spec["text"]:
             cls = CLIPTextModelWithProjection if pooled else CLIPTextModel
             config = CLIPTextConfig(**{k: v for k, v in config.items() if k in CLIPTextConfig().to_dict()})
-            slots.append(EncoderSlot(_tiny_clip_tokenizer(), cls(config).to(dt), hidden_layer=hidden_layer,
+            slots.append(EncoderSlot(byte_level_clip_tokenizer(), cls(config).to(dt), hidden_layer=hidden_layer,
                                      gives_pooled=pooled))
     diffusers_logging.set_verbosity(verbosity)
     text = TextConditioner(slots, added_time_ids=spec["family"] == "sdxl")

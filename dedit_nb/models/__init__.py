@@ -24,8 +24,8 @@ from .devices import pick_device, pick_dtype
 from .loading import (MINILM_SOURCE, OFFLINE_MODEL_DIR, ModelLoadError, _minilm_slot, _model_index,
                       _scheduler_config, cached_snapshot, load_model, minilm_folder, model_family, model_location,
                       vae_dtype)
-from .text import EncoderSlot, TextConditioner
+from .text import EncoderSlot, TextConditioner, byte_level_clip_tokenizer
 
 __all__ = ["DEditModel", "UNetDelta", "LORA_ADAPTER", "pick_device", "pick_dtype", "MINILM_SOURCE",
            "OFFLINE_MODEL_DIR", "ModelLoadError", "cached_snapshot", "load_model", "minilm_folder", "model_family",
-           "model_location", "vae_dtype", "EncoderSlot", "TextConditioner"]
+           "model_location", "vae_dtype", "EncoderSlot", "TextConditioner", "byte_level_clip_tokenizer"]

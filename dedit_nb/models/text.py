@@ -27,6 +27,20 @@ class EncoderSlot:
         return self.encoder.get_input_embeddings()
 
 
+def byte_level_clip_tokenizer(max_length: int = 77):
+    """A byte-level CLIP BPE tokenizer with no merges: every character is a token (the stand-in tokenizer of
+    models built from configs, whose prompts are padded to fixed lengths, and of the tiny test models)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in sorted(ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    tok.model_max_length = max_length
+    return tok
+
+
 def _pooled_at_end_of_text(slot: EncoderSlot, last_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """The pooled text embedding, read at each prompt's first end-of-text token and projected.
 

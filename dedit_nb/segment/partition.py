@@ -39,7 +39,7 @@ def compact(labels: np.ndarray, names: Sequence[str]) -> Partition:
 
 def partition_from_masks(masks: Sequence[np.ndarray], scores: Sequence[float], names: Sequence[str] | None = None,
                          min_area_fraction: float = 0.002, background_min_fraction: float = 0.05,
-                         background_label: str = "background") -> Partition:
+                         background_name: str = "background") -> Partition:
     """Turn possibly overlapping, possibly incomplete masks into a partition. The rule:
 
     1. overlaps: a pixel goes to the covering mask with the highest score; equal scores go to the smaller
@@ -63,7 +63,7 @@ def partition_from_masks(masks: Sequence[np.ndarray], scores: Sequence[float], n
     holes = labels == M.UNASSIGNED
     if holes.sum() >= background_min_fraction * total:
         labels[holes] = len(masks)
-        names.append(background_label)
+        names.append(background_name)
     elif holes.all():
         labels[:] = 0
     else:
@@ -85,7 +85,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, opacity: float = 0.5, outline
 
 
 def overlay_figure(image: np.ndarray, partition: Partition, title: str | None = None):
-    """Matplotlib figure: the image, its coloured items, and a legend of item labels with areas."""
+    """Matplotlib figure: the image, its coloured items, and a legend of item names with areas."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
