@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dedit_nb.finetune import FinetuneConfig, finetune
-from dedit_nb.models import load_model
+from dedit_nb.models import load_model, session_adapter
 from dedit_nb.session import Session, SessionError
 from conftest import three_item_labels
 
@@ -209,7 +209,7 @@ def test_an_edit_after_another_sessions_finetune_uses_its_own_weights_again(tmp_
     learned, in_place = a.load_weights("unet"), []
 
     def check(step):
-        params = dict(shared.unet.named_parameters())
+        params = {**dict(shared.unet.named_parameters()), **shared.delta.lora_parameters(session_adapter(a.id))}
         in_place.append(all(torch.equal(params[n], v.to(params[n])) for n, v in learned.items()))
 
     after = editor.reconstruct(0, callback_on_step_end=check, **sampling).images[0]

@@ -19,13 +19,14 @@ The package, bottom to top (each module imports only those before it): :mod:`.de
 models for tests live in :mod:`dedit_nb.testing`.
 """
 from .core import DEditModel
-from .delta import LORA_ADAPTER, UNetDelta
+from .delta import LORA_ADAPTER, MAX_SESSION_ADAPTERS, UNetDelta, session_adapter
 from .devices import pick_device, pick_dtype
 from .loading import (MINILM_SOURCE, OFFLINE_MODEL_DIR, ModelLoadError, _minilm_slot, _model_index,
                       _scheduler_config, cached_snapshot, load_model, minilm_folder, model_family, model_location,
                       vae_dtype)
 from .text import EncoderSlot, TextConditioner, byte_level_clip_tokenizer
 
-__all__ = ["DEditModel", "UNetDelta", "LORA_ADAPTER", "pick_device", "pick_dtype", "MINILM_SOURCE",
-           "OFFLINE_MODEL_DIR", "ModelLoadError", "cached_snapshot", "load_model", "minilm_folder", "model_family",
-           "model_location", "vae_dtype", "EncoderSlot", "TextConditioner", "byte_level_clip_tokenizer"]
+__all__ = ["DEditModel", "UNetDelta", "LORA_ADAPTER", "MAX_SESSION_ADAPTERS", "session_adapter", "pick_device",
+           "pick_dtype", "MINILM_SOURCE", "OFFLINE_MODEL_DIR", "ModelLoadError", "cached_snapshot", "load_model",
+           "minilm_folder", "model_family", "model_location", "vae_dtype", "EncoderSlot", "TextConditioner",
+           "byte_level_clip_tokenizer"]
