@@ -242,11 +242,11 @@ def batch_output(spec: dict, base_dir: Path = Path(".")) -> tuple[Path, str | No
     return choose_folder(output_folder(spec, base_dir), overwrite=True, marker=BATCH_MARKER, what="a batch")
 
 
-def run_batch(spec: dict, base_dir: Path = Path("."), workers: int | None = None, scheduler: str | None = None,
+def run_batch(spec: dict, base_dir: Path = Path("."), workers: int | None = None, dask_scheduler: str | None = None,
               kernel_name: str | None = None, yes: bool = False, output: Path | None = None) -> list[RunResult]:
     """Run every parameter set of a grid spec into ``output`` (default: :func:`batch_output`, its note given as
     a warning); returns the results (also written as the report). More than :data:`CONFIRM_RUNS` runs need
-    ``yes=True``."""
+    ``yes=True``. ``dask_scheduler`` (else the spec's) is a Dask cluster's address: the runs go there."""
     if "scheduler" in spec:
         raise ValueError("a grid file's top-level 'scheduler' is ambiguous: write the Dask cluster's address as "
                          "'dask_scheduler', and a sampler (ddim, dpm++, euler...) under 'parameters' or 'grid'")
@@ -264,10 +264,10 @@ def run_batch(spec: dict, base_dir: Path = Path("."), workers: int | None = None
     output.mkdir(parents=True, exist_ok=True)
     jobs = [(str(notebook), str(output / f"run-{i:03d}"), params) for i, params in enumerate(sets)]
     cwd = str(notebook.parent)
-    scheduler = scheduler or spec.get("dask_scheduler")
-    if scheduler:
+    dask_scheduler = dask_scheduler or spec.get("dask_scheduler")
+    if dask_scheduler:
         from dask.distributed import Client
-        with Client(scheduler) as client:
+        with Client(dask_scheduler) as client:
             futures = [client.submit(run_one, nb, folder, params, kernel_name, cwd, pure=False)
                        for nb, folder, params in jobs]
             results = client.gather(futures)
@@ -362,10 +362,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Run a notebook over a grid of parameters with papermill")
     parser.add_argument("grid", type=Path, help="the grid YAML file")
     parser.add_argument("--workers", type=int, default=None, help="local runs at a time")
-    parser.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
+    parser.add_argument("--dask-scheduler", default=None, help="a dask.distributed cluster's scheduler address")
+    parser.add_argument("--scheduler", help=argparse.SUPPRESS)   # the sampler's name elsewhere: refused below
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
     parser.add_argument("--yes", action="store_true", help=f"run a grid of more than {CONFIRM_RUNS} runs")
     args = parser.parse_args(argv)
+    if args.scheduler is not None:
+        parser.error("--scheduler is ambiguous: a Dask cluster's address is --dask-scheduler (a sampler is the "
+                     "grid's 'scheduler' parameter)")
     try:
         spec = load_grid(args.grid)
         count = len(expand(spec, Path(spec["notebook"]).stem))
@@ -375,7 +379,7 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     output, note = batch_output(spec, args.grid.parent)
     print(f"{count} runs" + (f"; {note}" if note else ""))
-    results = run_batch(spec, args.grid.parent, args.workers, args.scheduler, args.kernel, yes=True, output=output)
+    results = run_batch(spec, args.grid.parent, args.workers, args.dask_scheduler, args.kernel, yes=True, output=output)
     return print_summary(results, f"report: {output / 'index.md'}")
 
 

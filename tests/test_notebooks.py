@@ -126,7 +126,7 @@ def test_batch_on_a_dask_cluster(finetuned_session):
             "grid": {"seed": [3, 4]}}
     recorded = len(Session.open(session_dir).history)
     with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
-        results = run_batch(spec, scheduler=cluster.scheduler_address)
+        results = run_batch(spec, dask_scheduler=cluster.scheduler_address)
     assert [r.ok for r in results] == [True, True]
     assert len(Session.open(session_dir).history) == recorded + 2
     seeds = [json.loads((Path(r.folder) / "manifest.json").read_text())["seeds"] for r in results]

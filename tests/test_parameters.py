@@ -109,6 +109,22 @@ def test_a_grid_refuses_a_top_level_scheduler_before_running(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_cli_sends_runs_to_a_dask_cluster_with_dask_scheduler_and_refuses_scheduler(tmp_path, monkeypatch,
+                                                                                        capsys):
+    from dedit_nb import batch
+    calls = []
+    monkeypatch.setattr(batch, "run_batch", lambda spec, base, workers, dask_scheduler, *a, **k: calls.append(
+        dask_scheduler) or [])
+    (tmp_path / "03_edit.ipynb").write_text("{}")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("notebook: 03_edit.ipynb\noutput: out\ngrid: {seed: [1, 2]}\n")
+    assert batch.main([str(grid), "--dask-scheduler", "tcp://host:8786"]) == 0
+    assert calls == ["tcp://host:8786"]
+    with pytest.raises(SystemExit):
+        batch.main([str(grid), "--scheduler", "tcp://host:8786"])
+    assert "--dask-scheduler" in capsys.readouterr().err and calls == ["tcp://host:8786"]
+
+
 BOUNDED = [(notebook, name, check) for notebook, spec in NOTEBOOK_PARAMETERS.items() for name, check in spec.items()
            if check.low is not None or check.high is not None]
 
