@@ -176,12 +176,12 @@ def test_brush_stroke_in_jupyterlab_changes_the_mask(jupyter, tmp_path):
         "import json, numpy as np, widgets\n"
         "from dedit_nb.session import Session\n"
         f"ui = widgets.ItemsEditor(Session.open(r'{tmp_path / 'session'}'), display_width=512)\n"
-        "ui.editor.size.value = 3\n"
+        "ui.mask_editor.size.value = 3\n"
         "new_item = ui.state.add_item('stroke')\n"
         "ui.state.selected = 0\n"
         "ui",
         f"np.save(r'{after}', ui.state.labels)\n"
-        f"open(r'{report}', 'w').write(json.dumps(dict(zoom=ui.editor.zoom, tool=ui.editor.tool.value)))",
+        f"open(r'{report}', 'w').write(json.dumps(dict(zoom=ui.mask_editor.zoom, tool=ui.mask_editor.tool.value)))",
     ])))
     labels = session.images[0].labels
     border = item_borders(labels)

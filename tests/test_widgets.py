@@ -149,8 +149,8 @@ def test_items_editor_saves_into_the_session_and_refuses_empty_items(tmp_path):
     before = (tmp_path / "s" / "session.json").read_bytes()
     assert not ui.save() and "no pixels" in ui.message.value
     assert (tmp_path / "s" / "session.json").read_bytes() == before
-    ui.editor.size.value = 5
-    ui.editor.mouse_down(20, 20); ui.editor.mouse_up(20, 20)
+    ui.mask_editor.size.value = 5
+    ui.mask_editor.mouse_down(20, 20); ui.mask_editor.mouse_up(20, 20)
     assert ui.save()
     again = Session.open(tmp_path / "s")
     assert [i.name for i in again.images[0].items] == ["image", "cup"]
@@ -340,16 +340,16 @@ def test_shortcuts_over_the_canvas_need_no_click_and_buttons_follow_the_history(
 def test_status_is_current_messages_clear_and_unsaved_changes_show(tmp_path):
     s = Session.create(tmp_path / "s", data.coffee(), resolution=64, multiple=8)
     ui = ItemsEditor(s)
-    assert "saved" in ui.editor.status.value and "unsaved" not in ui.editor.status.value
+    assert "saved" in ui.mask_editor.status.value and "unsaved" not in ui.mask_editor.status.value
     ui.state.add_item("cup")
-    assert "unsaved changes" in ui.editor.status.value
+    assert "unsaved changes" in ui.mask_editor.status.value
     assert not ui.save() and "no pixels" in ui.message.value and "dedit-error" in ui.message.value
-    ui.editor.size.value = 5
-    ui.editor.mouse_down(20, 20); ui.editor.mouse_up(20, 20)
+    ui.mask_editor.size.value = 5
+    ui.mask_editor.mouse_down(20, 20); ui.mask_editor.mouse_up(20, 20)
     assert ui.message.value == ""                                          # the error answered one press
-    assert ui.save() and "saved 2 items" in ui.message.value and "unsaved" not in ui.editor.status.value
-    ui.editor.mouse_down(40, 20); ui.editor.mouse_up(40, 20)
-    assert ui.message.value == "" and "unsaved changes" in ui.editor.status.value
+    assert ui.save() and "saved 2 items" in ui.message.value and "unsaved" not in ui.mask_editor.status.value
+    ui.mask_editor.mouse_down(40, 20); ui.mask_editor.mouse_up(40, 20)
+    assert ui.message.value == "" and "unsaved changes" in ui.mask_editor.status.value
 
 
 def test_a_pending_move_is_refused_on_save_until_applied_or_cleared(tmp_path):
@@ -618,26 +618,26 @@ class EditorMachine(RuleBasedStateMachine):
         labels = np.zeros((10, 12), np.int32)
         labels[:, 6:] = 1
         self.state = ItemState(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8), labels, ["a", "b"])
-        self.editor = MaskEditor(self.state, display_width=48)
+        self.mask_editor = MaskEditor(self.state, display_width=48)
 
     @rule(tool=st_.sampled_from(["brush", "eraser", "lasso"]), size=st_.integers(1, 4),
           points=st_.lists(st_.tuples(coord, coord), min_size=1, max_size=4))
     def stroke(self, tool, points, size):
-        self.editor.tool.value, self.editor.size.value = tool, size
-        self.editor.mouse_down(*points[0])
+        self.mask_editor.tool.value, self.mask_editor.size.value = tool, size
+        self.mask_editor.mouse_down(*points[0])
         for p in points[1:-1]:
-            self.editor.mouse_move(*p)
-        self.editor.mouse_up(*points[-1])
+            self.mask_editor.mouse_move(*p)
+        self.mask_editor.mouse_up(*points[-1])
 
     @rule(start=st_.tuples(coord, coord), end=st_.tuples(coord, coord))
     def drag(self, start, end):
-        self.editor.tool.value = "move"
-        self.editor.mouse_down(*start)
-        self.editor.mouse_up(*end)
+        self.mask_editor.tool.value = "move"
+        self.mask_editor.mouse_down(*start)
+        self.mask_editor.mouse_up(*end)
 
     @rule(scale=st_.floats(0.2, 3.0))
     def scale(self, scale):
-        self.editor.scale.value = scale
+        self.mask_editor.scale.value = scale
 
     @rule()
     def add(self):
@@ -665,8 +665,8 @@ class EditorMachine(RuleBasedStateMachine):
     @rule(action=st_.sampled_from(["undo", "redo", "apply", "clear", "zoom", "fit"]))
     def history(self, action):
         {"undo": self.state.undo, "redo": self.state.redo, "apply": self.state.apply_moves,
-         "clear": self.state.clear_moves, "zoom": lambda: self.editor.zoom_by(2.0, (7, 30)),
-         "fit": lambda: self.editor.set_view(1.0, (0, 0))}[action]()
+         "clear": self.state.clear_moves, "zoom": lambda: self.mask_editor.zoom_by(2.0, (7, 30)),
+         "fit": lambda: self.mask_editor.set_view(1.0, (0, 0))}[action]()
 
     @invariant()
     def consistent(self):
@@ -674,7 +674,7 @@ class EditorMachine(RuleBasedStateMachine):
         assert s.labels.shape == (10, 12) and s.labels.min() >= 0 and s.labels.max() < s.num_items
         assert len(s.names) == len(s.templates) == len(s.visible) == s.num_items
         assert 0 <= s.selected < s.num_items and all(0 <= k < s.num_items for k in s.moves)
-        assert self.editor.view_array().shape == (self.editor.view_height, 48, 3)
+        assert self.mask_editor.view_array().shape == (self.mask_editor.view_height, 48, 3)
 
 
 TestEditorMachine = EditorMachine.TestCase
@@ -747,9 +747,9 @@ def test_enter_in_the_coordinates_box_applies_it_with_the_typed_text(state):
 def test_the_segmentation_editor_has_no_move_tool(tmp_path):
     s = Session.create(tmp_path / "s", data.coffee(), resolution=64, multiple=8)
     ui = ItemsEditor(s)
-    assert "move" not in [v for _, v in ui.editor.tool.options]
-    ui.editor.handle_event({"type": "keydown", "key": "m"})
-    assert ui.editor.tool.value == "brush"
+    assert "move" not in [v for _, v in ui.mask_editor.tool.options]
+    ui.mask_editor.handle_event({"type": "keydown", "key": "m"})
+    assert ui.mask_editor.tool.value == "brush"
 
 
 def test_random_pointer_and_key_events_never_raise(state):
@@ -790,12 +790,12 @@ def test_two_editors_on_one_session_never_overwrite_each_other_silently(tmp_path
     s = Session.create(tmp_path / "s", data.coffee(), resolution=64, multiple=8)
     first, second = ItemsEditor(s), ItemsEditor(s)
     first.state.add_item("cup")
-    first.editor.size.value = 5
-    first.editor.mouse_down(20, 20); first.editor.mouse_up(20, 20)
+    first.mask_editor.size.value = 5
+    first.mask_editor.mouse_down(20, 20); first.mask_editor.mouse_up(20, 20)
     assert first.save()
-    assert "changed since this editor loaded" in second.editor.status.value     # not "saved" any more
+    assert "changed since this editor loaded" in second.mask_editor.status.value     # not "saved" any more
     second.state.add_item("bag")
-    second.editor.mouse_down(40, 20); second.editor.mouse_up(40, 20)
+    second.mask_editor.mouse_down(40, 20); second.mask_editor.mouse_up(40, 20)
     on_disk = (tmp_path / "s" / "session.json").read_bytes()
     assert not second.save()
     assert "reload" in second.message.value and "save over" in second.message.value
@@ -803,12 +803,12 @@ def test_two_editors_on_one_session_never_overwrite_each_other_silently(tmp_path
     assert second.reload_button.layout.display != "none"
     assert second.reload()
     assert second.state.names == ["image", "cup"] and np.array_equal(second.state.labels, first.state.labels)
-    assert "changed since" not in second.editor.status.value and second.reload_button.layout.display == "none"
+    assert "changed since" not in second.mask_editor.status.value and second.reload_button.layout.display == "none"
     second.state.undo()                                                      # the work from before the reload
     assert second.state.names == ["image", "bag"]
     assert second.save(replace_newer=True)                                   # "save over", knowingly
     assert [i.name for i in Session.open(tmp_path / "s").images[0].items] == ["image", "bag"]
-    assert "changed since" in first.editor.status.value
+    assert "changed since" in first.mask_editor.status.value
 
 
 @pytest.mark.parametrize("fault", [OSError(30, "Read-only file system"), "deleted"])
@@ -818,9 +818,9 @@ def test_saves_into_a_gone_or_read_only_session_say_so(tmp_path, fault):
     from dedit_nb.session import SessionError
     s = Session.create(tmp_path / "s", data.coffee(), resolution=32, multiple=8)
     ui = ItemsEditor(s)
-    ui.editor.mouse_down(5, 5); ui.editor.mouse_up(5, 5)
+    ui.mask_editor.mouse_down(5, 5); ui.mask_editor.mouse_up(5, 5)
     ui.state.add_item("x")
-    ui.editor.mouse_down(5, 5); ui.editor.mouse_up(5, 5)
+    ui.mask_editor.mouse_down(5, 5); ui.mask_editor.mouse_up(5, 5)
     original = s.images[0].working
     result = EditResult("text", [original], original, s.images[0].labels,
                         M.edit_regions(np.eye(*original.shape[:2], dtype=bool), 1), {"kind": "text", "params": {}})
@@ -914,8 +914,8 @@ def test_an_editor_on_another_session_object_of_the_folder_is_refused_too(tmp_pa
     Session.create(tmp_path / "s", data.coffee(), resolution=64, multiple=8)
     first, second = ItemsEditor(Session.open(tmp_path / "s")), ItemsEditor(Session.open(tmp_path / "s"))
     first.state.add_item("cup")
-    first.editor.mouse_down(20, 20); first.editor.mouse_up(20, 20)
-    assert first.save() and "changed since" in second.editor.status.value
+    first.mask_editor.mouse_down(20, 20); first.mask_editor.mouse_up(20, 20)
+    assert first.save() and "changed since" in second.mask_editor.status.value
     second.state.rename(0, "whole")
     on_disk = (tmp_path / "s" / "session.json").read_bytes()
     assert not second.save() and "changed by another process" in second.message.value

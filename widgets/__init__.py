@@ -32,7 +32,7 @@ class ItemsEditor(W.VBox):
     def __init__(self, session, image=0, prompter=None, display_width: int = 640):
         self.session, self.image = session, image
         self.state = ItemState.from_session(session, image)
-        self.editor = MaskEditor(self.state, display_width=display_width, prompter=prompter, tools=MASK_TOOLS)
+        self.mask_editor = MaskEditor(self.state, display_width=display_width, prompter=prompter, tools=MASK_TOOLS)
         self.palette = ItemPalette(self.state)
         self.save_button = W.Button(description="save items to session", icon="save", button_style="success",
                                     layout=W.Layout(width="auto"),
@@ -50,7 +50,7 @@ class ItemsEditor(W.VBox):
         self.state.observe(self._changed, names="version")
         self.state.observe(lambda _: self._show_conflict_buttons(), names="stale")
         wrap = W.Layout(flex_flow="row wrap", align_items="flex-start")
-        super().__init__([W.HBox([self.editor, self.palette], layout=wrap),
+        super().__init__([W.HBox([self.mask_editor, self.palette], layout=wrap),
                           W.HBox([self.save_button, self.reload_button, self.save_over_button, self.message],
                                  layout=W.Layout(flex_flow="row wrap", align_items="center"))])
         self._show_conflict_buttons()
@@ -63,7 +63,7 @@ class ItemsEditor(W.VBox):
     def _show_conflict_buttons(self) -> None:
         for button in (self.reload_button, self.save_over_button):
             button.layout.display = None if self.state.stale else "none"
-        self.editor.status.value = self.editor.status_html()
+        self.mask_editor.status.value = self.mask_editor.status_html()
 
     def say(self, text: str, error: bool = False) -> None:
         self.message.value = (f"<span class='dedit-error' style='color:#b00020'>⚠ {html.escape(text)}</span>"
