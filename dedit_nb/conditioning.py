@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
 from . import masks as M
 from .attention import ItemLayout, Span
+
+if TYPE_CHECKING:
+    from .models import DEditModel
 
 ITEM_PROMPT_LENGTH = 40   # item prompts, as in the reference
 TEXT_PROMPT_LENGTH = 77   # free text prompts (text edits)
@@ -31,7 +34,7 @@ class Conditioning:
     dropped: list[str] = field(default_factory=list)
 
 
-def fit_prompts(model, prompts: Sequence[str], lengths: Sequence[int], names: Sequence[str] | None = None
+def fit_prompts(model: DEditModel, prompts: Sequence[str], lengths: Sequence[int], names: Sequence[str] | None = None
                 ) -> tuple[list[str], list[str]]:
     """Each prompt as it will be encoded at its length, and the words that do not fit.
 
@@ -56,8 +59,8 @@ def fit_prompts(model, prompts: Sequence[str], lengths: Sequence[int], names: Se
     return encoded, dropped
 
 
-def encode_items(model, prompts: Sequence[str], lengths: Sequence[int], areas: Sequence[float] | None = None,
-                 names: Sequence[str] | None = None) -> Conditioning:
+def encode_items(model: DEditModel, prompts: Sequence[str], lengths: Sequence[int],
+                 areas: Sequence[float] | None = None, names: Sequence[str] | None = None) -> Conditioning:
     """Encode one prompt per item (``lengths[k]`` tokens each) into one sequence.
 
     The pooled embedding (SDXL) is the area-weighted mean of the items' pooled embeddings. ``names`` (the
@@ -89,7 +92,7 @@ def encode_items(model, prompts: Sequence[str], lengths: Sequence[int], areas: S
     return Conditioning(torch.cat(pieces, dim=0)[None], spans, pooled, encoded, dropped)
 
 
-def unconditional(model, length: int = TEXT_PROMPT_LENGTH) -> Conditioning:
+def unconditional(model: DEditModel, length: int = TEXT_PROMPT_LENGTH) -> Conditioning:
     """The classifier-free guidance branch: the empty prompt over the whole image (zeros for models
     trained that way, e.g. SDXL's ``force_zeros_for_empty_prompt``)."""
     states, pooled = model.text.encode([""], length)
@@ -99,7 +102,7 @@ def unconditional(model, length: int = TEXT_PROMPT_LENGTH) -> Conditioning:
     return Conditioning(states, [(0, states.shape[1])], pooled)
 
 
-def latent_labels(model, labels: np.ndarray, num_items: int) -> torch.Tensor:
+def latent_labels(model: DEditModel, labels: np.ndarray, num_items: int) -> torch.Tensor:
     """A pixel label map at latent resolution (majority of each VAE block)."""
     if model.vae_scale == 1:
         small = labels

@@ -5,10 +5,16 @@ flag a finetune whose reconstruction stays far from the image.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .images import resize_rgb
 from .profiles import PROFILES, SD1
+
+if TYPE_CHECKING:
+    from .models import DEditModel
+    from .session import Session
 
 RECOMMENDED_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 OFFLINE_SIZE = PROFILES["offline"].resolution
@@ -64,13 +70,13 @@ def scene_likeness(image: np.ndarray, tolerance: float = 12.0) -> float:
     return float((near_object | near_background).mean())
 
 
-def _is_offline(model) -> bool:
+def _is_offline(model: str | DEditModel) -> bool:
     model_id = model if isinstance(model, str) else getattr(model, "model_id", "")
     family = getattr(model, "family", None)
     return family == "offline" or model_id == "offline"
 
 
-def domain_notes(session, model="offline", notebook: str = "02_finetune") -> list[str]:
+def domain_notes(session: Session, model: str | DEditModel = "offline", notebook: str = "02_finetune") -> list[str]:
     """One line for every image of ``session`` the model was not made for, naming the parameter to change;
     empty when all is well. ``model`` is a model id (as the notebooks' ``model`` parameter) or a loaded
     model; only the offline model has a known domain."""
@@ -103,7 +109,8 @@ def psnr(reference: np.ndarray, image: np.ndarray) -> float:
     return float("inf") if err == 0 else float(10 * np.log10(255.0 ** 2 / err))
 
 
-def reconstruction_note(original: np.ndarray, reconstructed: np.ndarray, model=None) -> str | None:
+def reconstruction_note(original: np.ndarray, reconstructed: np.ndarray,
+                        model: str | DEditModel | None = None) -> str | None:
     """A warning when a reconstruction is far from the image it should reproduce, else None."""
     value = psnr(original, reconstructed)
     if value >= MIN_RECON_PSNR:

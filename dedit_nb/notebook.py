@@ -14,7 +14,7 @@ import difflib
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .domain import MIN_RECON_PSNR, domain_notes, psnr, reconstruction_note
 from .edits import EDIT_KINDS, Editor, EditResult, run_edit
@@ -24,6 +24,9 @@ from .reruns import choose_folder
 from .sampler import MAX_SEED, SCHEDULERS, SamplingConfig
 from .segment import METHODS, Partition, segment_session
 from .session import Session, SessionError
+
+if TYPE_CHECKING:
+    from .models import DEditModel
 
 
 class OneLineError(Exception):
@@ -184,7 +187,7 @@ def injected_names(namespace: dict) -> list[str]:
     return names
 
 
-def resolve_parameters(notebook: str, model, namespace: dict) -> Resolved:
+def resolve_parameters(notebook: str, model: str | DEditModel, namespace: dict) -> Resolved:
     """The notebook's parameters that a model profile sets (:data:`PROFILE_PARAMETERS`), read from
     ``namespace``: each None takes the profile of ``model`` (an id, folder or loaded model), any other value
     stays. ``str()`` of the result is one line naming each value and where it came from."""
@@ -331,7 +334,8 @@ def check_finetuned(session: Session) -> None:
                                             "on it again to resume it")
 
 
-def check_domain(sessions: Sequence[Session], model, force: bool = False, notebook: str = "02_finetune") -> list[str]:
+def check_domain(sessions: Sequence[Session], model: str | DEditModel, force: bool = False,
+                 notebook: str = "02_finetune") -> list[str]:
     """The domain notes of ``sessions`` for ``model`` (:func:`domain.domain_notes`); in 02 a flagged image
     stops the notebook before training unless ``force``."""
     notes = [note for s in sessions for note in domain_notes(s, model, notebook=notebook)]
@@ -340,7 +344,7 @@ def check_domain(sessions: Sequence[Session], model, force: bool = False, notebo
     return notes
 
 
-def finetune_in_notebook(model, session: Session, config, extra_sessions: Sequence[Session] = (),
+def finetune_in_notebook(model: DEditModel, session: Session, config, extra_sessions: Sequence[Session] = (),
                          resume: bool = True):
     """``finetune`` as 02 runs it: an interrupt (the kernel's stop button) ends with one line saying where
     the weights were saved and how to resume, instead of a traceback from inside autograd."""
@@ -353,7 +357,8 @@ def finetune_in_notebook(model, session: Session, config, extra_sessions: Sequen
         raise NotebookStop(f"interrupted: {where}") from None
 
 
-def record_reconstruction(session: Session, original, reconstructed, model=None) -> str | None:
+def record_reconstruction(session: Session, original, reconstructed,
+                          model: str | DEditModel | None = None) -> str | None:
     """Record the reconstruction's PSNR in the session's history (03 repeats it before editing); returns
     :func:`domain.reconstruction_note`'s warning, or None."""
     value = psnr(original, reconstructed)

@@ -17,6 +17,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .models import DEditModel
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ class ModelFacts:
         return f"{kind} {self.prediction_type}{size}, {self.source}"
 
 
-def model_facts(model) -> ModelFacts:
+def model_facts(model: str | os.PathLike | DEditModel) -> ModelFacts:
     """The facts of a loaded :class:`~dedit_nb.models.DEditModel`, a local diffusers folder, a hub id (its
     cached configs, else its name) or ``"offline"``."""
     if not isinstance(model, (str, os.PathLike)):
@@ -151,7 +155,7 @@ class Resolved:
         return asdict(self)
 
 
-def resolve(model, given: dict, settings: dict[str, str] | None = None) -> Resolved:
+def resolve(model: str | os.PathLike | DEditModel, given: dict, settings: dict[str, str] | None = None) -> Resolved:
     """``given`` values (a name to a value or None) with each None replaced by the model profile's setting:
     ``settings`` maps a name to the profile setting it stands for (by default the same name)."""
     facts = model_facts(model)
@@ -165,7 +169,7 @@ def resolve(model, given: dict, settings: dict[str, str] | None = None) -> Resol
     return Resolved(profile.name, facts.describe(), values, sources)
 
 
-def example_image(model) -> Path:
+def example_image(model: str | os.PathLike | DEditModel) -> Path:
     """The bundled example image that suits the model (the synthetic scene for the offline model, a photo
     for Stable Diffusion), from any working directory."""
     return EXAMPLES / model_facts(model).profile().example

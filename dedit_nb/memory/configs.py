@@ -2,7 +2,12 @@
 device."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from ..models import DEditModel
 
 
 _SD_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
@@ -77,7 +82,7 @@ def _folder_spec(folder: str) -> dict:
             "zero_uncond": bool(index.get("force_zeros_for_empty_prompt", False))}
 
 
-def model_from_configs(model: str, dtype: str | torch.dtype = "fp16", device: str = "meta"):
+def model_from_configs(model: str, dtype: str | torch.dtype = "fp16", device: str = "meta") -> DEditModel:
     """A :class:`~dedit_nb.models.DEditModel` of a family (``sd15``, ``sd21``, ``sdxl``) or a local diffusers
     folder, built from its configs on ``device`` (meta: no memory; elsewhere random weights) in ``dtype``
     (the VAE's dtype chosen as :func:`load_model` does). Its tokenizers are byte-level stand-ins: prompts
@@ -106,7 +111,7 @@ def model_from_configs(model: str, dtype: str | torch.dtype = "fp16", device: st
                       device=torch.device(device), dtype=dt, zero_uncond=spec.get("zero_uncond", False))
 
 
-def meta_like(model):
+def meta_like(model: DEditModel) -> DEditModel:
     """A loaded :class:`~dedit_nb.models.DEditModel`'s architecture on the meta device, in its dtypes (the
     tokenizers are copies: estimating adds item tokens to them)."""
     import copy

@@ -1,10 +1,16 @@
 """Fitting a run into the device's free memory: the finetune's and the edits' memory options, chosen in order."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Sequence
+
 import torch
 
 from .allocator import GiB
 from .workload import Estimate, Workload, estimate
+
+if TYPE_CHECKING:
+    from ..models import DEditModel
+    from ..session import Session
 
 FINETUNE_OPTIONS = ("gradient checkpointing", "LoRA", "a smaller batch", "the text encoders and VAE off the GPU "
                     "between uses")
@@ -66,8 +72,8 @@ def _needed(estimate: Estimate, phases) -> tuple[int, str]:
     return phase.upper - weights, phase.name
 
 
-def fit_finetune(model, sessions, config=None, auto_memory: bool = True, resume: bool = True,
-                 capability: tuple[int, int] | None = None):
+def fit_finetune(model: DEditModel, sessions: Sequence[Session], config=None, auto_memory: bool = True,
+                 resume: bool = True, capability: tuple[int, int] | None = None):
     """Predict a finetune's peak memory on ``model``'s CUDA device (:func:`estimate` of its largest image) and
     make it fit: returns ``(config, line)``, the config to train with and one line saying what was predicted
     and chosen. When it does not fit the device's free memory, ``auto_memory=True`` turns on gradient
@@ -118,7 +124,7 @@ def fit_finetune(model, sessions, config=None, auto_memory: bool = True, resume:
     return candidate, line
 
 
-def fit_edit(model, session, guidance: float = 5.0, num_images: int = 1, auto_memory: bool = True,
+def fit_edit(model: DEditModel, session: Session, guidance: float = 5.0, num_images: int = 1, auto_memory: bool = True,
              capability: tuple[int, int] | None = None) -> str:
     """The same before edits: predict an edit's peak on ``model``'s CUDA device and, when it does not fit, turn
     on VAE tiling (``auto_memory=True``; slicing is always on) or raise :class:`MemoryFitError` naming it.

@@ -3,6 +3,7 @@ the peak of each phase, and the same workload measured on a real (CPU) allocator
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -10,6 +11,9 @@ from .allocator import GiB
 from .configs import meta_like, model_from_configs
 from .kernels import T4, _cuda_optimizers, attention_kernel, routed_attention
 from .tracker import DeviceMemory
+
+if TYPE_CHECKING:
+    from ..models import DEditModel
 
 
 @dataclass
@@ -96,7 +100,7 @@ PHASES = ("load", "stage 1", "stage 2", "edit")
 EDIT_BEGINS = "edit begins"   # the finetune has returned and let go of its optimizer, masters and caches
 
 
-def run_workload(model, work: Workload, on_phase) -> None:
+def run_workload(model: DEditModel, work: Workload, on_phase) -> None:
     """Run the project's finetune and edit code on ``model`` (any device), calling ``on_phase(name)`` at the
     end of ``stage 1``, ``stage 2`` (the finetune's checkpoint saves, replaced: nothing is written) and
     ``edit``, and with :data:`EDIT_BEGINS` when the edit's phase starts."""
@@ -128,10 +132,10 @@ def run_workload(model, work: Workload, on_phase) -> None:
     on_phase(next(ends))
 
 
-def estimate(model="sd15", resolution: int = 512, dtype: str | torch.dtype = "fp16", lora: bool = False,
-             gradient_checkpointing: bool = False, batch_size: int = 1, items: int = 6, guidance: float = 5.0,
-             num_images: int = 1, capability: tuple[int, int] = T4, vae_tiling: bool = False,
-             work: Workload | None = None) -> Estimate:
+def estimate(model: str | DEditModel = "sd15", resolution: int = 512, dtype: str | torch.dtype = "fp16",
+             lora: bool = False, gradient_checkpointing: bool = False, batch_size: int = 1, items: int = 6,
+             guidance: float = 5.0, num_images: int = 1, capability: tuple[int, int] = T4,
+             vae_tiling: bool = False, work: Workload | None = None) -> Estimate:
     """Predict the peak CUDA memory of each phase of a D-Edit run: ``load`` (the weights), ``stage 1`` and
     ``stage 2`` of the finetune (with a checkpoint save), and ``edit`` (an edit with classifier-free guidance
     when ``guidance`` > 1, then the decode). ``model``: ``sd15``, ``sd21``, ``sdxl``, a local diffusers
@@ -161,7 +165,7 @@ def estimate(model="sd15", resolution: int = 512, dtype: str | torch.dtype = "fp
     return Estimate(phases, settings)
 
 
-def _weights(model):
+def _weights(model: DEditModel):
     return (t for m in model.modules() for t in [*m.parameters(), *m.buffers()])
 
 
@@ -185,7 +189,7 @@ def predict_cpu(folder: str, work: Workload) -> dict[str, int]:
     return peaks
 
 
-def measure_cpu(model, work: Workload) -> dict[str, int]:
+def measure_cpu(model: DEditModel, work: Workload) -> dict[str, int]:
     """How far above its starting level each phase of ``work`` peaks on the CPU allocator, in bytes, for a
     loaded (CPU) model, read from the torch profiler's memory events."""
     from torch.profiler import ProfilerActivity, profile, record_function

@@ -1,11 +1,16 @@
 """The model as D-Edit uses it: one object for every family (:class:`DEditModel`)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..attention import ItemLayout, cross_attention_layers, install_grouped_attention, layers_ignoring_item_layout
 from .delta import UNetDelta
 from .text import TextConditioner
+
+if TYPE_CHECKING:
+    from ..session import Session
 
 
 class DEditModel:
@@ -110,7 +115,7 @@ class DEditModel:
     def reset_unet(self) -> None:
         self.delta.reset_unet()
 
-    def use_session(self, session) -> None:
+    def use_session(self, session: Session) -> None:
         """Put exactly this finetuned session's item tokens and UNet delta in place (every run calls it, so
         one loaded model serves many sessions: the delta is swapped only when another one is in place)."""
         self.text.set_token_rows(session.load_weights("tokens"))

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..session import Session
 
 LORA_ADAPTER = "dedit"    # the adapter a finetune trains, and the adapter name in the parameter names sessions save
 MAX_SESSION_ADAPTERS = 4
@@ -147,7 +151,7 @@ class UNetDelta:
             for n, value in tensors.items():
                 params[n].data = value.to(device=device, dtype=params[n].dtype).clone()
 
-    def use_session(self, session) -> None:
+    def use_session(self, session: Session) -> None:
         """Put exactly this finetuned session's UNet delta in place, swapped only when another one is in place."""
         unet = session.load_weights("unet")
         if unet is not self._delta_source or not unet:
