@@ -22,7 +22,7 @@ from .finetune import MAX_FINETUNE_SEED, finetune
 from .profiles import Resolved, model_facts, resolve
 from .reruns import choose_folder
 from .sampler import MAX_SEED, SCHEDULERS, SamplingConfig
-from .segment import METHODS, Partition, segment_session
+from .segment import METHODS
 from .session import Session, SessionError
 
 if TYPE_CHECKING:
@@ -260,19 +260,6 @@ def check_edit_params(session: Session, edit: str, item=None, prompt: str = "", 
             raise ParameterError("source_item", str(exc)) from exc
     check_values(SAMPLING_CHECKS, sampling)
     return SamplingConfig(**sampling)
-
-
-def create_segmented_session(session_dir: str | Path, image_path: str | Path, resolution: int, multiple: int,
-                             overwrite: bool, segmenter: str, profile: dict | None = None,
-                             **kwargs) -> tuple[Session, Partition]:
-    """A new session of one image, split into items by ``segmenter``; written only once segmentation worked
-    (a missing or broken checkpoint leaves nothing on disk, so the rerun needs no overwrite). ``profile``:
-    how the size was chosen, kept in the session."""
-    session = Session.create(session_dir, image_path, resolution=resolution, multiple=multiple, overwrite=overwrite,
-                             save=False, profile=profile)
-    partition = segment_session(session, 0, method=segmenter, save=False, **kwargs)
-    session.save()
-    return session, partition
 
 
 def edit_recording(session: Session) -> tuple[bool, str | None]:

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from dedit_nb.profiles import EXAMPLES
-from dedit_nb.notebook import NOTEBOOK_PARAMETERS, ParameterError, check_parameters, create_segmented_session
+from dedit_nb.notebook import NOTEBOOK_PARAMETERS, ParameterError, check_parameters
+from dedit_nb.segment import segment_session
 from dedit_nb.session import Session
 from dedit_nb.profiles import EXAMPLES
 
@@ -71,14 +72,19 @@ def test_names_set_outside_papermills_cell_are_not_parameters():
 
 
 def test_a_failed_segmentation_leaves_nothing_on_disk_so_the_rerun_works(tmp_path):
+    """01's order: Session.create and segment_session with save=False, then save: a segmenter that fails
+    (a broken checkpoint) leaves nothing on disk."""
     broken = tmp_path / "sam_vit_b.pth"
     broken.write_bytes(b"not a checkpoint")
     folder = tmp_path / "session"
     image = EXAMPLES / "scene_a.png"
+    session = Session.create(folder, image, resolution=32, multiple=8, save=False)
     with pytest.raises(Exception):
-        create_segmented_session(folder, image, 32, 8, False, "sam", checkpoint=str(broken))
+        segment_session(session, 0, method="sam", save=False, checkpoint=str(broken))
     assert not folder.exists() or not any(folder.iterdir())
-    session, partition = create_segmented_session(folder, image, 32, 8, False, "offline", num_items=3)
+    session = Session.create(folder, image, resolution=32, multiple=8, save=False)
+    partition = segment_session(session, 0, method="offline", save=False, num_items=3)
+    session.save()
     assert len(Session.open(folder).images[0].items) == len(partition.item_names) == 3
 
 

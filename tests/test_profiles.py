@@ -9,7 +9,8 @@ import pytest
 from dedit_nb import FinetuneConfig, SamplingConfig, Session, finetune, load_model
 from dedit_nb.models import ModelLoadError
 from dedit_nb.testing import build_tiny_model
-from dedit_nb.notebook import ParameterError, check_session_model, create_segmented_session, resolve_parameters
+from dedit_nb.notebook import ParameterError, check_session_model, resolve_parameters
+from dedit_nb.segment import segment_session
 from dedit_nb.profiles import EXAMPLES, PROFILES, SD1, example_image, model_facts, resolve
 
 
@@ -118,9 +119,9 @@ def test_sessions_and_manifests_record_the_profile_and_03_checks_the_model_befor
                                                                                             tiny_model_dirs):
     sd = str(tiny_model_dirs["sd"])
     size = resolve_parameters("01_segment", sd, {"resolution": None, "multiple": 8})
-    session, _ = create_segmented_session(tmp_path / "s", EXAMPLES / "coffee.jpg", size.values["resolution"],
-                                          size.values["multiple"], False, "offline", profile=size.record(),
-                                          num_items=2)
+    session = Session.create(tmp_path / "s", EXAMPLES / "coffee.jpg", resolution=size.values["resolution"],
+                             multiple=size.values["multiple"], profile=size.record())
+    segment_session(session, 0, num_items=2)
     assert Session.open(tmp_path / "s").profile == size.record()
     assert size.record()["sources"] == {"resolution": "profile", "multiple": "parameter"}
     with pytest.raises(ParameterError, match="parameter 'session_dir'.*run 02_finetune"):
