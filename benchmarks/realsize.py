@@ -229,7 +229,7 @@ def ratios(model, session: Session, config: FinetuneConfig, rounds: int, steps: 
 
     def plain_train_steps(n):
         saved = _stock(unet)
-        params = [p for name, p in model.cross_attention_parameters().items()]
+        params = [p for name, p in model.delta.cross_attention_parameters().items()]
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=1e-6)
@@ -244,7 +244,7 @@ def ratios(model, session: Session, config: FinetuneConfig, rounds: int, steps: 
         for p in params:
             p.requires_grad_(False)
         unet.set_attn_processor(saved)
-        model.reset_unet()                # AdamW changed the weights in place: the session's own delta again
+        model.delta.reset_unet()              # AdamW changed the weights in place: the session's own delta again
         model.use_session(session)
         return statistics.median(times)
 

@@ -295,7 +295,7 @@ def _clear_gradients(model) -> None:
 
 def _finetune(model, session: Session, sessions: list[Session], config: FinetuneConfig, state: dict | None,
               callback: Callback | None, progress: bool) -> FinetuneResult:
-    model.reset_unet()
+    model.delta.reset_unet()
     _clear_gradients(model)
     tokens = [t for s in sessions for t in s.assign_tokens(config.num_tokens)]
     model.text.add_tokens(tokens, generator=torch.Generator().manual_seed(config.seed), restart=state is None)
@@ -411,11 +411,11 @@ def _stage2(run: _Run, start: int, saved_unet: dict[str, torch.Tensor]) -> bool:
     with the item tokens frozen and their text states computed once."""
     model, config = run.model, run.config
     if config.lora:
-        model.add_lora(config.lora_rank, float(config.lora_rank), LORA_TARGETS, seed=config.seed)
-        params = model.lora_parameters()
+        model.delta.add_lora(config.lora_rank, float(config.lora_rank), LORA_TARGETS, seed=config.seed)
+        params = model.delta.lora_parameters()
     else:
-        params = model.cross_attention_parameters()
-        model.remember_pristine(params)
+        params = model.delta.cross_attention_parameters()
+        model.delta.remember_pristine(params)
     with torch.no_grad():
         for n, value in saved_unet.items():
             params[n].copy_(value)

@@ -76,7 +76,7 @@ def test_stage2_changes_only_the_chosen_parameters_and_saves_only_them(tmp_path,
         assert any(not torch.equal(after[n], 0 * after[n]) for n in saved if "lora_B" in n)
     else:
         assert saved and all(".attn2.to_" in n for n in saved)
-        assert set(saved) == set(model.cross_attention_parameters())
+        assert set(saved) == set(model.delta.cross_attention_parameters())
         changed = {n for n in before if not torch.equal(after[n], before[n])}
         assert changed and changed <= set(saved)
     total = sum(p.numel() for p in model.unet.parameters())
@@ -185,7 +185,7 @@ def test_one_model_serves_many_sessions_as_fresh_models_would(tmp_path, photo, t
         assert np.array_equal(image, alone_a if j % 2 == 0 else alone_b), j
     assert np.array_equal(b_between, alone_b)
 
-    shared.reset_unet()
+    shared.delta.reset_unet()
     pristine = load_model(folder).unet.state_dict()
     state = shared.unet.state_dict()
     assert list(state) == list(pristine)

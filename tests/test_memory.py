@@ -32,14 +32,14 @@ def test_checkpoint_copies_adamw_moments_straight_to_the_cpu():
 
 def test_pristine_qkv_copies_live_on_the_cpu(tiny_model_dirs):
     model = memory.model_from_configs(str(tiny_model_dirs["sd"]), "fp16")
-    names = list(model.cross_attention_parameters())
+    names = list(model.delta.cross_attention_parameters())
     with memory.DeviceMemory() as mem:
         mem.adopt(model.unet.parameters())
         before = mem.allocated
-        model.remember_pristine(names)
+        model.delta.remember_pristine(names)
         assert mem.lower == before
         assert {v.device.type for v in model.delta._pristine.values()} == {"cpu"}
-        model.reset_unet()                                  # and they go back onto the model's device
+        model.delta.reset_unet()                                # and they go back onto the model's device
     assert {p.device.type for n, p in model.unet.named_parameters() if n in names} == {"meta"}
 
 

@@ -76,7 +76,7 @@ def test_updates_below_half_precision_resolution_accumulate_in_the_fp32_masters(
     away on its own, but the fp32 masters add the steps up until the bf16 weight moves."""
     model = load_model(str(model_dirs["sd"]), dtype="bf16")
     s = Session.create(tmp_path / "s", photo, resolution=16, multiple=model.latent_factor)
-    pristine = {n: p.detach().clone() for n, p in model.cross_attention_parameters().items()}
+    pristine = {n: p.detach().clone() for n, p in model.delta.cross_attention_parameters().items()}
     finetune(model, s, FinetuneConfig(num_tokens=1, stage1_steps=0, stage2_steps=6, stage2_lr=1e-4), progress=False)
     trained = s.load_weights("unet")
     moved = total = 0

@@ -99,22 +99,7 @@ class DEditModel:
             kwargs["added_cond_kwargs"] = added
         return self.unet(latents, timestep, encoder_hidden_states=states, **kwargs).sample
 
-    # --- learned UNet deltas (owned by self.delta) ----------------------------------------------------
-    def cross_attention_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return self.delta.cross_attention_parameters()
-
-    def remember_pristine(self, names) -> None:
-        self.delta.remember_pristine(names)
-
-    def add_lora(self, rank: int, alpha: float, target_modules: list[str], seed: int = 0) -> None:
-        self.delta.add_lora(rank, alpha, target_modules, seed)
-
-    def lora_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return self.delta.lora_parameters()
-
-    def reset_unet(self) -> None:
-        self.delta.reset_unet()
-
+    # --- sessions (the learned UNet delta's own operations are on self.delta) ------------------------
     def use_session(self, session: Session) -> None:
         """Put exactly this finetuned session's item tokens and UNet delta in place (every run calls it, so
         one loaded model serves many sessions: the delta is swapped only when another one is in place)."""
