@@ -41,7 +41,8 @@ from dedit_nb.attention import ItemLayout  # noqa: E402
 from dedit_nb.edits import Editor  # noqa: E402
 from dedit_nb.profiles import EXAMPLES  # noqa: E402
 from dedit_nb.finetune import FinetuneConfig, finetune  # noqa: E402
-from dedit_nb.models import byte_level_clip_tokenizer, load_model  # noqa: E402
+from dedit_nb.models import load_model  # noqa: E402
+from dedit_nb.models import byte_level_clip_tokenizer  # noqa: E402
 from dedit_nb.session import Session  # noqa: E402
 
 PHASES = ("finetune", "lora", "edits", "ratios")
