@@ -91,6 +91,14 @@ def test_dedit_nb_imports_have_no_cycles():
         visit(module)
 
 
+def test_only_tests_and_benchmarks_import_the_tiny_test_models():
+    """dedit_nb.testing (tiny random models) is a helper of tests and benchmarks: production code never imports
+    it, lazily either (what both need, such as the stand-in tokenizer, lives in the package proper)."""
+    graph = dedit_nb_imports(lazy=True)
+    importers = sorted(m for m, deps in graph.items() if "dedit_nb.testing" in deps)
+    assert not importers, f"{importers} import dedit_nb.testing"
+
+
 @pytest.mark.parametrize("package", sorted(LAYERS))
 def test_package_modules_import_only_the_layers_below_them(package):
     graph, layers = dedit_nb_imports(lazy=True), LAYERS[package]
@@ -100,14 +108,6 @@ def test_package_modules_import_only_the_layers_below_them(package):
         imported = {d for d in graph[f"dedit_nb.{package}.{layer}"] if d.startswith(f"dedit_nb.{package}")}
         upward = imported - {f"dedit_nb.{package}.{below}" for below in layers[:k]}
         assert not upward, f"dedit_nb.{package}.{layer} imports {sorted(upward)}, which are not below it"
-
-def test_only_tests_and_benchmarks_import_the_tiny_test_models():
-    """dedit_nb.testing (tiny random models) is a helper of tests and benchmarks: production code never imports
-    it, lazily either (what both need, such as the stand-in tokenizer, lives in the package proper)."""
-    graph = dedit_nb_imports(lazy=True)
-    importers = sorted(m for m, deps in graph.items() if "dedit_nb.testing" in deps)
-    assert not importers, f"{importers} import dedit_nb.testing"
-
 
 def test_no_pickle_loading():
     """Untrusted files are never unpickled: every torch.load passes weights_only=True."""
