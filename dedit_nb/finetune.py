@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import conditioning as C
+from .denoiser import Denoiser
 from .images import rgb_to_tensor
 from .profiles import SD1, resolve
 from .session import Session, SessionError, save_joint_weights, settle_joint
@@ -225,12 +226,7 @@ class _Run:
         noisy = scheduler.add_noise(latents, noise, t).to(model.dtype)
         pooled = None if pooled is None else pooled.to(model.dtype)
         pred = model.predict(noisy, t, states.to(model.dtype), layout, pooled)
-        if model.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, t)
-        elif model.prediction_type == "sample":
-            target = latents
-        else:
-            target = noise
+        target = Denoiser.from_scheduler(scheduler).target(latents, noise, t)
         return F.mse_loss(pred.float(), target.float())
 
     def save(self, stage: int, next_step: int, tensors: dict[str, dict], scaler, done: bool) -> None:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import conditioning as C
 from . import masks as M
+from .denoiser import Denoiser
 from .images import rgb_to_tensor, tensor_to_rgb
 from .profiles import SD1, resolve
 
@@ -213,17 +214,6 @@ class RegionBlend:
 
 
 # --- the loop --------------------------------------------------------------------------------------------
-def _x0_estimate(scheduler, model_in: torch.Tensor, pred: torch.Tensor, t, prediction_type: str) -> torch.Tensor:
-    """x0 from a prediction, for schedulers whose step does not return it (``model_in`` is the scaled input,
-    which has the variance-preserving form for every scheduler)."""
-    if prediction_type == "sample":
-        return pred
-    alpha = scheduler.alphas_cumprod.to(pred.device)[int(round(float(t)))].to(pred.dtype)
-    if prediction_type == "v_prediction":
-        return alpha.sqrt() * model_in - (1 - alpha).sqrt() * pred
-    return (model_in - (1 - alpha).sqrt() * pred) / alpha.sqrt()
-
-
 def step_kwargs(scheduler, generators: list[torch.Generator], eta: float) -> dict:
     """Keyword arguments for ``scheduler.step``: the generators (one per batch element) wherever the step
     draws noise, and ``eta`` for schedulers that have it."""
@@ -245,6 +235,7 @@ def denoise(model, predict: Predict, scheduler, latents: torch.Tensor, generator
     """Run ``scheduler`` (timesteps already set) from ``latents`` with the denoiser ``predict``; after each
     step every callback sees a :class:`SamplingStep`, and one that returns a tensor replaces the latents."""
     extra = step_kwargs(scheduler, generators, eta)
+    denoiser = Denoiser.from_scheduler(scheduler)
     timesteps = scheduler.timesteps
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
         model_in = scheduler.scale_model_input(latents, t)
@@ -252,8 +243,8 @@ def denoise(model, predict: Predict, scheduler, latents: torch.Tensor, generator
         out = scheduler.step(pred, t, latents, **extra)
         latents = out.prev_sample
         denoised = getattr(out, "pred_original_sample", None)
-        if denoised is None:
-            denoised = _x0_estimate(scheduler, model_in, pred, t, model.prediction_type)
+        if denoised is None:  # model_in has the variance-preserving form for every scheduler
+            denoised = denoiser.x0(model_in, pred, t)
         state = SamplingStep(i, len(timesteps), t, latents, denoised, model, preview_map)
         for callback in callbacks:
             changed = callback(state)
