@@ -3,7 +3,7 @@
 A callback is called after every step as ``callback(owner, position, step_or_timestep, callback_kwargs)``
 and returns a dict (``callback_kwargs`` itself to change nothing): the sampler passes its
 :class:`~dedit_nb.sampler.SamplingRun`, the step and the timestep, as a diffusers pipeline passes itself;
-the finetune passes its :class:`~dedit_nb.finetune.FinetuneProgress`, the stage and the step. A callback of
+the finetune passes its :class:`~dedit_nb.finetune.FinetuneRun`, the stage and the step. A callback of
 another form is refused by name before the first step, and one that returns something else after it.
 """
 from __future__ import annotations

@@ -109,7 +109,7 @@ class FinetuneResult:
         return ax
 
 
-class FinetuneProgress:
+class FinetuneRun:
     """A running finetune as its callback sees it (the first argument, where diffusers passes the pipeline):
     ``model``, ``config``, ``result`` (the losses so far) and :meth:`stop`."""
 
@@ -121,8 +121,8 @@ class FinetuneProgress:
         self.stopped = True
 
 
-# diffusers' callback style: callback(progress, stage, step, callback_kwargs) -> dict, with {"loss": ...}
-Callback = Callable[[FinetuneProgress, str, int, dict], dict]
+# diffusers' callback style: callback(run, stage, step, callback_kwargs) -> dict, with {"loss": ...}
+Callback = Callable[[FinetuneRun, str, int, dict], dict]
 
 
 class NonFiniteError(FloatingPointError):
@@ -273,17 +273,17 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
 
     ``extra_sessions`` are finetuned jointly with it (their images' losses add up in every step, and the
     same weights are saved into each), so an item of one can be put into an image of another.
-    ``callback(progress, stage, step, callback_kwargs) -> dict`` is called after every step, in diffusers'
+    ``callback(run, stage, step, callback_kwargs) -> dict`` is called after every step, in diffusers'
     ``callback_on_step_end`` style, with the stage's name ("stage1", "stage2") and ``{"loss": ...}``;
-    ``progress.stop()`` (:class:`FinetuneProgress`) stops after saving a checkpoint (resume later by calling
+    ``run.stop()`` (:class:`FinetuneRun`) stops after saving a checkpoint (resume later by calling
     again). With ``resume=False`` earlier weights are discarded, on disk
     only when this run's first checkpoint replaces them. A step whose loss or weights are NaN or infinite
     raises :class:`NonFiniteError` before anything of it is saved.
     """
     config = config or FinetuneConfig()
     if callback is not None:
-        check_callback(callback, "callback(progress, stage, step, callback_kwargs)", "progress.stop() ends the "
-                       "finetune", None, "stage1", 0, {})
+        check_callback(callback, "callback(run, stage, step, callback_kwargs)", "run.stop() ends the finetune",
+                       None, "stage1", 0, {})
     sessions = [session, *extra_sessions]
     state, sessions = _resumable_state(session, sessions, config, resume)
     for s in sessions:  # every session is checked before any of them is changed
@@ -485,7 +485,7 @@ def _train(run: _Run, stage: _Stage, start: int) -> bool:
     if run.resumed.get("scaler"):
         scaler.load_state_dict(run.resumed["scaler"])
     del run.result.loss[key][start:]
-    progress = FinetuneProgress(model, config, run.result)
+    callback_run = FinetuneRun(model, config, run.result)
     last_stage = stage.number == 2
     bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, leave=True, disable=not run.progress,
                desc=f"stage {stage.number}: " + ("UNet" if last_stage else "item tokens"))
@@ -511,9 +511,9 @@ def _train(run: _Run, stage: _Stage, start: int) -> bool:
             run.result.loss[key].append(value)
             bar.set_postfix(loss=f"{value:.4f}")
             if run.callback is not None:
-                callback_outputs(run.callback, run.callback(progress, key, step, {"loss": value}),
-                                 "progress.stop() ends the finetune")
-            stop = progress.stopped
+                callback_outputs(run.callback, run.callback(callback_run, key, step, {"loss": value}),
+                                 "run.stop() ends the finetune")
+            stop = callback_run.stopped
             end = step + 1 == stage.steps
             if stop or end or (step + 1) % config.checkpoint_every == 0:
                 run.save(stage.number, step + 1, stage.saved(), scaler, done=end and last_stage)

@@ -35,9 +35,9 @@ def tiny_model(tiny_model_dirs, family):
 
 def finetune_stopping_at(stage: str, step: int):
     """A finetune callback that stops the finetune at its first step of ``stage`` numbered ``step`` or later."""
-    def callback(progress, at_stage, at_step, callback_kwargs):
+    def callback(run, at_stage, at_step, callback_kwargs):
         if at_stage == stage and at_step >= step:
-            progress.stop()
+            run.stop()
         return callback_kwargs
     return callback
 

@@ -256,10 +256,10 @@ def test_the_progress_callback_sees_each_step_s_loss_and_can_stop_the_finetune(t
     cfg = FinetuneConfig(stage1_steps=2, stage2_steps=2, **FAST)
     seen = []
 
-    def callback(progress, stage, step, callback_kwargs):
-        seen.append((stage, step, callback_kwargs["loss"], progress.result.loss[stage][-1], progress.config))
+    def callback(run, stage, step, callback_kwargs):
+        seen.append((stage, step, callback_kwargs["loss"], run.result.loss[stage][-1], run.config))
         if (stage, step) == ("stage2", 0):
-            progress.stop()
+            run.stop()
         return callback_kwargs
 
     result = finetune(model, s, cfg, progress=False, callback=callback)
@@ -273,9 +273,9 @@ def test_finetune_callbacks_of_another_form_are_refused_by_name(tmp_path, photo,
     model = load_model(str(tiny_model_dirs["sd"]))
     s = make_session(tmp_path, photo, model)
     cfg = FinetuneConfig(stage1_steps=2, stage2_steps=0, **FAST)
-    with pytest.raises(TypeError, match=r"callback\(progress, stage, step, callback_kwargs\)"):
+    with pytest.raises(TypeError, match=r"callback\(run, stage, step, callback_kwargs\)"):
         finetune(model, s, cfg, progress=False, callback=lambda stage, step, loss: None)    # the form of before
     assert s.finetune_state is None and not s.has_weights
-    with pytest.raises(TypeError, match=r"returned bool.*progress\.stop\(\)"):             # the old way to stop
-        finetune(model, s, cfg, progress=False, callback=lambda progress, stage, step, kw: False)
+    with pytest.raises(TypeError, match=r"returned bool.*run\.stop\(\)"):             # the old way to stop
+        finetune(model, s, cfg, progress=False, callback=lambda run, stage, step, kw: False)
     assert Session.open(s.folder).finetune_state is None

@@ -176,7 +176,7 @@ def test_an_interrupted_finetune_ends_in_one_line_saying_where_it_saved(tmp_path
     real = nbk.finetune
 
     def interrupted(*args, **kwargs):
-        def stop(progress, stage, step, callback_kwargs):                 # the kernel's stop button at stage 2
+        def stop(run, stage, step, callback_kwargs):                      # the kernel's stop button at stage 2
             if stage == "stage2" and step == 2:
                 raise KeyboardInterrupt
             return callback_kwargs
