@@ -334,7 +334,7 @@ def test_callbacks_of_another_form_are_refused_by_name_before_sampling(pixel_mod
     def sample(**callback):
         return masked_sample(pixel_model, cond, labels, original, regions, config, progress=False, **callback)
 
-    with pytest.raises(TypeError, match=r"callback\(pipe, step, timestep, callback_kwargs\)"):
+    with pytest.raises(TypeError, match=r"callback_on_step_end\(pipe, step, timestep, callback_kwargs\)"):
         sample(callback_on_step_end=lambda step: None)                  # the one-argument form of before
     with pytest.raises(ValueError, match=r"\['latents', 'denoised'\].*\['noise_pred'\]"):
         sample(callback_on_step_end=lambda pipe, i, t, kw: kw, callback_on_step_end_tensor_inputs=["noise_pred"])
