@@ -225,7 +225,7 @@ def ratios(model, session: Session, config: FinetuneConfig, rounds: int, steps: 
     def our_train_steps(n):
         marks = []
         more = FinetuneConfig(**{**config.__dict__, "stage2_steps": session.finetune_state["step"] + n + 1})
-        finetune(model, session, more, progress=False, callback=lambda *a: marks.append(now()))
+        finetune(model, session, more, progress=False, callback=lambda p, stage, step, kw: marks.append(now()) or kw)
         return statistics.median(np.diff(marks))
 
     def plain_train_steps(n):
@@ -347,10 +347,11 @@ def main(argv=None) -> None:
 
     if "finetune" in phases or "edits" in phases or "ratios" in phases:
         with Phase("finetune stage 1 (interrupted after 1 step)", model.device) as phase:
-            finetune(model, session, config, progress=False, callback=lambda stage, step, loss: False)
+            finetune(model, session, config, progress=False, callback=lambda p, stage, step, kw: p.stop() or kw)
             phase.saved = describe(weight_files(session), unet_bytes)
         with Phase("finetune resumed, interrupted after stage 2's first step", model.device) as phase:
-            finetune(model, session, config, progress=False, callback=lambda stage, step, loss: stage != "stage2")
+            finetune(model, session, config, progress=False,
+                     callback=lambda p, stage, step, kw: (stage == "stage2" and p.stop()) or kw)
             phase.saved = describe(weight_files(session), unet_bytes)
         with Phase("finetune resumed to the end (attention mode)", model.device) as phase:
             result = finetune(model, session, config, progress=False)

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import conditioning as C
+from .callbacks import callback_outputs, check_callback
+from .denoiser import Denoiser
 from .images import rgb_to_tensor
 from .profiles import SD1, resolve
 from .session import Session, SessionError, save_joint_weights, settle_joint
@@ -107,7 +109,20 @@ class FinetuneResult:
         return ax
 
 
-Callback = Callable[[str, int, float], "bool | None"]
+class FinetuneRun:
+    """A running finetune as its callback sees it (the first argument, where diffusers passes the pipeline):
+    ``model``, ``config``, ``result`` (the losses so far) and :meth:`stop`."""
+
+    def __init__(self, model, config: FinetuneConfig, result: FinetuneResult):
+        self.model, self.config, self.result, self.stopped = model, config, result, False
+
+    def stop(self) -> None:
+        """End the finetune after this step, with a checkpoint (calling finetune again resumes it)."""
+        self.stopped = True
+
+
+# diffusers' callback style: callback(run, stage, step, callback_kwargs) -> dict, with {"loss": ...}
+Callback = Callable[[FinetuneRun, str, int, dict], dict]
 
 
 class NonFiniteError(FloatingPointError):
@@ -225,12 +240,7 @@ class _Run:
         noisy = scheduler.add_noise(latents, noise, t).to(model.dtype)
         pooled = None if pooled is None else pooled.to(model.dtype)
         pred = model.predict(noisy, t, states.to(model.dtype), layout, pooled)
-        if model.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, t)
-        elif model.prediction_type == "sample":
-            target = latents
-        else:
-            target = noise
+        target = Denoiser.from_scheduler(scheduler).target(latents, noise, t)
         return F.mse_loss(pred.float(), target.float())
 
     def save(self, stage: int, next_step: int, tensors: dict[str, dict], scaler, done: bool) -> None:
@@ -263,12 +273,17 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
 
     ``extra_sessions`` are finetuned jointly with it (their images' losses add up in every step, and the
     same weights are saved into each), so an item of one can be put into an image of another.
-    ``callback(stage, step, loss)`` is called after every step; returning ``False`` stops after saving a
-    checkpoint (resume later by calling again). With ``resume=False`` earlier weights are discarded, on disk
+    ``callback(run, stage, step, callback_kwargs) -> dict`` is called after every step, in diffusers'
+    ``callback_on_step_end`` style, with the stage's name ("stage1", "stage2") and ``{"loss": ...}``;
+    ``run.stop()`` (:class:`FinetuneRun`) stops after saving a checkpoint (resume later by calling
+    again). With ``resume=False`` earlier weights are discarded, on disk
     only when this run's first checkpoint replaces them. A step whose loss or weights are NaN or infinite
     raises :class:`NonFiniteError` before anything of it is saved.
     """
     config = config or FinetuneConfig()
+    if callback is not None:
+        check_callback(callback, "callback(run, stage, step, callback_kwargs)", "run.stop() ends the finetune",
+                       None, "stage1", 0, {})
     sessions = [session, *extra_sessions]
     state, sessions = _resumable_state(session, sessions, config, resume)
     for s in sessions:  # every session is checked before any of them is changed
@@ -470,6 +485,7 @@ def _train(run: _Run, stage: _Stage, start: int) -> bool:
     if run.resumed.get("scaler"):
         scaler.load_state_dict(run.resumed["scaler"])
     del run.result.loss[key][start:]
+    callback_run = FinetuneRun(model, config, run.result)
     last_stage = stage.number == 2
     bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, leave=True, disable=not run.progress,
                desc=f"stage {stage.number}: " + ("UNet" if last_stage else "item tokens"))
@@ -494,7 +510,10 @@ def _train(run: _Run, stage: _Stage, start: int) -> bool:
                 raise NonFiniteError(stage.number, step, "the loss")
             run.result.loss[key].append(value)
             bar.set_postfix(loss=f"{value:.4f}")
-            stop = run.callback is not None and run.callback(key, step, value) is False
+            if run.callback is not None:
+                callback_outputs(run.callback, run.callback(callback_run, key, step, {"loss": value}),
+                                 "run.stop() ends the finetune")
+            stop = callback_run.stopped
             end = step + 1 == stage.steps
             if stop or end or (step + 1) % config.checkpoint_every == 0:
                 run.save(stage.number, step + 1, stage.saved(), scaler, done=end and last_stage)
