@@ -40,6 +40,16 @@ class Profile:
     strength: float
     edge_thickness: int      # soft band in pixels: the same share of the image at every profile's size
     example: str             # the bundled image the notebooks start from (dedit_nb/examples)
+    # how the finetune learns and stops (dedit_nb.finetune.FinetuneConfig); the SD values are the reference's
+    # plain schedule: every timestep weighs the same, random token rows, a constant rate, a fixed step count
+    min_snr_gamma: float = 0.0        # Min-SNR-gamma loss weighting; 0: off
+    init_tokens_from_name: bool = False   # item tokens start from the mean embedding of the item name's words
+    lr_warmup_steps: int = 0
+    lr_schedule: str = "constant"     # or "cosine" (to 0 at the stage's step limit)
+    stop_when: str = "steps"          # or "plateau": a stage ends when its validation loss stops improving
+    validate_every: int = 50          # steps between validation losses (fixed noise and timesteps)
+    patience: int = 3                 # validations without improvement before a plateau stop
+    min_delta: float = 0.01           # an improvement: the validation loss falls by this share of its best
 
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"   # package data: there wherever the package is installed

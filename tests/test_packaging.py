@@ -45,7 +45,7 @@ def test_dedit_nb_imports_no_ui():
 LAYERS = {"session": ["items", "schema", "store", "checkpoints", "core"],
           "models": ["devices", "text", "delta", "core", "loading"],
           "memory": ["allocator", "tracker", "configs", "kernels", "workload", "fit", "__main__"],
-          "finetune": ["config", "state", "loop", "stages"]}
+          "finetune": ["config", "schedules", "stopping", "state", "loop", "stages"]}
 
 
 def dedit_nb_imports(lazy: bool) -> dict[str, set[str]]:

@@ -14,6 +14,7 @@ from .config import LORA_TARGETS, Callback, FinetuneConfig, FinetuneResult
 from .loop import _ImageData, _Run, _Stage, _train
 from .state import (MASTER, FP32Masters, _resumable_state, _weights_meta, flatten_optimizer_state,
                     restore_optimizer_state)
+from .stopping import finished_at
 
 
 def finetune(model, session: Session, config: FinetuneConfig | None = None, callback: Callback | None = None,
@@ -58,12 +59,17 @@ def _finetune(model, session: Session, sessions: list[Session], config: Finetune
     _clear_gradients(model)
     tokens = [t for s in sessions for t in s.assign_tokens(config.num_tokens)]
     model.text.add_tokens(tokens, generator=torch.Generator().manual_seed(config.seed), restart=state is None)
-    saved_loss = (state or {}).get("loss", {"stage1": [], "stage2": []})
-    result = FinetuneResult(loss={k: list(v) for k, v in saved_loss.items()})
+    if state is None and config.init_tokens_from_name:
+        _start_tokens_from_names(model, sessions)
+    saved = state or {}
+    result = FinetuneResult(loss={k: list(v) for k, v in saved.get("loss", {"stage1": [], "stage2": []}).items()},
+                            validation={k: [list(v) for v in saved.get("validation", {}).get(k, [])]
+                                        for k in ("stage1", "stage2")},
+                            stopped=dict(saved.get("stopped", {})))
     stage, start = (state["stage"], state["step"]) if state is not None else (1, 0)
     if state is not None:
         model.text.set_token_rows(session.load_weights("tokens"))
-        if state.get("done") and stage == 2 and start >= config.stage2_steps:
+        if state.get("done") and stage == 2 and config.stage2_steps <= finished_at(state, config.stop_when):
             model.use_session(session)
             result.completed = True
             return result
@@ -92,6 +98,21 @@ def _waiting_on_cpu(model, modules):
     finally:
         for m in modules:
             m.to(model.device)
+
+
+def _start_tokens_from_names(model, sessions: Sequence[Session]) -> None:
+    """Textual inversion's initializer token: every token of an item starts from the mean embedding of its
+    name's words, in each encoder whose tokenizer knows them all (elsewhere it keeps its random draw)."""
+    items = [it for s in sessions for e in s.images for it in e.items]
+    for slot in model.text.slots:
+        table = slot.embedding().weight
+        unknown = getattr(slot.tokenizer, "unk_token_id", None)
+        for item in items:
+            words = slot.tokenizer(item.label, add_special_tokens=False).input_ids
+            if words and unknown not in words:
+                rows = slot.tokenizer.convert_tokens_to_ids(item.tokens)
+                with torch.no_grad():
+                    table[rows] = table[words].float().mean(0).to(table)
 
 
 def _encode_images(model, sessions: Sequence[Session]) -> list[_ImageData]:

@@ -9,6 +9,7 @@ import torch
 
 from ..session import Session, SessionError, settle_joint
 from .config import LORA_TARGETS, FinetuneConfig
+from .stopping import finished_at
 
 
 def flatten_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -107,7 +108,7 @@ def _resumable_state(session: Session, sessions: list[Session], config: Finetune
     if asked < step:
         raise SessionError(f"this session's finetune has done {step} steps of stage {stage}, more than the "
                            f"{asked} asked for; pass at least {step}, or resume=False to start over")
-    if state.get("done") and asked > step:
+    if state.get("done") and asked > finished_at(state, config.stop_when):
         warnings.warn(f"extending a finished finetune ({step} -> {asked} stage-2 steps): its optimizer state was "
                       "dropped when it finished, so AdamW starts afresh (not the weights of one longer run)",
                       stacklevel=3)
