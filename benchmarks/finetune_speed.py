@@ -50,6 +50,7 @@ VARIANTS = {
     "name-init": {**TODAY, "init_tokens_from_name": True},
     "warmup-cosine": {**TODAY, "lr_warmup_steps": 20, "lr_schedule": "cosine"},
     "plateau": {**TODAY, "stop_when": "plateau", "validate_every": 10},
+    "all-but-plateau": {**TODAY, "min_snr_gamma": 5.0, "init_tokens_from_name": True, "lr_warmup_steps": 10},
     "default": {},
 }
 
@@ -173,23 +174,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="offline")
     parser.add_argument("--pairs", type=int, default=12)
+    parser.add_argument("--first", type=int, default=0, help="first pair index (to split a run over processes)")
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--every", type=int, default=25, help="steps between PSNR checkpoints")
     parser.add_argument("--out", type=Path, default=Path("docs/finetune-speed.json"))
     parser.add_argument("--plot", type=Path, default=Path("docs/finetune-speed.png"))
     parser.add_argument("--report", action="store_true", help="print and plot the JSON's results only")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[],
+                        help="other runs' JSON files (e.g. variants run in parallel) to add to --out first")
     args = parser.parse_args()
-    saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    if saved.get("seed", args.seed) != args.seed:
-        raise SystemExit(f"{args.out} holds results of --seed {saved['seed']}; pass --out for another file")
-    results = saved.get("results", {})
+    results = {}
+    for path in [*args.merge, args.out]:
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        if saved.get("seed", args.seed) != args.seed:
+            raise SystemExit(f"{path} holds results of --seed {saved['seed']}, not {args.seed}")
+        for name, by_pair in saved.get("results", {}).items():
+            results.setdefault(name, {}).update(by_pair)
     if not args.report:
         torch.set_grad_enabled(True)
         model = load_model(args.model)
         workdir = Path(tempfile.mkdtemp(prefix="dedit-speed-"))
         try:
-            for i in range(args.pairs):
+            for i in range(args.first, args.pairs):
                 for name in args.variants.split(","):
                     if str(i) in results.get(name, {}):
                         continue
@@ -197,11 +204,17 @@ def main() -> None:
                     results.setdefault(name, {})[str(i)] = run
                     print(f"pair {i} {name}: {run['passes']} passes, {run['seconds']:.0f} s, "
                           f"PSNR {run['psnr']:.2f}, edits {sum(run['edits'].values())}/5", flush=True)
-                    args.out.parent.mkdir(parents=True, exist_ok=True)
-                    args.out.write_text(json.dumps({"seed": args.seed, "results": results}, indent=1))
+                    save(args.out, args.seed, results)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+    if args.merge:
+        save(args.out, args.seed, results)
     report(results, args.plot)
+
+
+def save(path: Path, seed: int, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"seed": seed, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

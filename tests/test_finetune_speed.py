@@ -2,6 +2,7 @@
 from their names' words, the learning rate warms up and decays, and a stage stops on its validation plateau (and
 resumes, extends and reports as one that ran to its step limit)."""
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -185,7 +186,9 @@ def test_a_finished_plateau_finetune_is_done_until_its_step_limit_is_raised(tmp_
     s = make_session(tmp_path, photo, model)
     cfg = FinetuneConfig(stage1_steps=10, stage2_steps=10, **PLATEAU)
     finetune(model, s, cfg, progress=False)
-    again = finetune(model, s, cfg, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no "extending a finished finetune": nothing is extended
+        again = finetune(model, s, cfg, progress=False)
     assert again.completed and len(again.loss["stage2"]) == 2           # nothing more was trained
     with pytest.warns(UserWarning, match="extending a finished finetune"):
         longer = finetune(model, s, dataclasses.replace(cfg, stage2_steps=20), progress=False)

@@ -118,6 +118,10 @@ class FinetuneResult:
             return f"plateau at step {stop['step']} of {stop['limit']}"
         return f"the step limit ({stop['step']})"
 
+    def summary(self) -> str:
+        """Why each stage stopped, in one line."""
+        return "; ".join(f"{title} stopped: {self.stop_reason(key)}" for key, title in STAGE_TITLES.items())
+
     def plot(self, axes=None):
         """Per stage (matplotlib, side by side): the loss of every step and, on its own scale, the validation
         loss, titled with why the stage stopped."""
