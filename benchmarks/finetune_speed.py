@@ -94,13 +94,14 @@ def run_pair(model, variant: dict, i: int, seed: int, workdir: Path, every: int)
     config = FinetuneConfig.for_model(model, **variant)
     counter, curve, steps = PassCounter(model.unet), [], []
 
-    def checkpoint(stage, step, loss):
+    def checkpoint(run, stage, step, callback_kwargs):
         steps.append(step)
         if (step + 1) % every == 0:
             counter.pause()
             value = psnr(target.image, live_reconstruction(model, sessions[0], i))
             curve.append([len(steps), counter.passes, value])   # steps of both stages so far
             counter.start()
+        return callback_kwargs
 
     counter.start()
     try:

@@ -227,7 +227,7 @@ def ratios(model, session: Session, config: FinetuneConfig, rounds: int, steps: 
     def our_train_steps(n):
         marks = []
         more = FinetuneConfig(**{**config.__dict__, "stage2_steps": session.finetune_state["step"] + n + 1})
-        finetune(model, session, more, progress=False, callback=lambda *a: marks.append(now()))
+        finetune(model, session, more, progress=False, callback=lambda p, stage, step, kw: marks.append(now()) or kw)
         return statistics.median(np.diff(marks))
 
     def plain_train_steps(n):
@@ -309,7 +309,8 @@ def speedup_costs(model, session: Session, config: FinetuneConfig, rounds: int, 
         if name not in copies:
             copies[name] = session.copy_to(session.folder.parent / f"speedups-{len(copies)}")
         cfg = FinetuneConfig(**{**config.__dict__, "stage1_steps": 0, "stage2_steps": steps + 1, **variants[name]})
-        finetune(model, copies[name], cfg, progress=False, resume=False, callback=lambda *a: marks.append(now()))
+        finetune(model, copies[name], cfg, progress=False, resume=False,
+                 callback=lambda p, stage, step, kw: marks.append(now()) or kw)
         return statistics.median(np.diff(marks))
 
     step, validation = [], []
@@ -382,10 +383,11 @@ def main(argv=None) -> None:
 
     if "finetune" in phases or "edits" in phases or "ratios" in phases:
         with Phase("finetune stage 1 (interrupted after 1 step)", model.device) as phase:
-            finetune(model, session, config, progress=False, callback=lambda stage, step, loss: False)
+            finetune(model, session, config, progress=False, callback=lambda p, stage, step, kw: p.stop() or kw)
             phase.saved = describe(weight_files(session), unet_bytes)
         with Phase("finetune resumed, interrupted after stage 2's first step", model.device) as phase:
-            finetune(model, session, config, progress=False, callback=lambda stage, step, loss: stage != "stage2")
+            finetune(model, session, config, progress=False,
+                     callback=lambda p, stage, step, kw: (stage == "stage2" and p.stop()) or kw)
             phase.saved = describe(weight_files(session), unet_bytes)
         with Phase("finetune resumed to the end (attention mode)", model.device) as phase:
             result = finetune(model, session, config, progress=False)

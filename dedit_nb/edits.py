@@ -112,9 +112,10 @@ class Editor:
     Every run puts the session's learned weights into ``model`` (undoing any other session's), so one
     loaded model can serve several editors. Every edit method takes the sampling settings of
     :class:`SamplingConfig` as keywords (steps, guidance, strength, edge_thickness, seed, num_images, eta,
-    scheduler), and ``callback_on_step_end``: a function called after every sampling step with a
-    :class:`sampler.SamplingStep` (step index, number of steps, timestep, latents, and ``preview()`` for
-    RGB images of the current estimate), e.g. for live previews.
+    scheduler), and diffusers' ``callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict`` with
+    ``callback_on_step_end_tensor_inputs``, called after every sampling step: ``pipe`` is a
+    :class:`sampler.SamplingRun` (``num_timesteps``, and ``preview()`` for RGB images of the current
+    estimate), e.g. for live previews.
 
     Every manifest holds a ``quality`` record per image (:func:`quality.quality_record`); ``metrics_weights``
     (e.g. ``{"clip": "path/to/clip"}``, local folders) adds the scores that need networks.
@@ -217,7 +218,8 @@ class Editor:
 
     def _run(self, kind, image, prompts, lengths, labels, active, sampling: dict, params: dict) -> EditResult:
         sampling = dict(sampling)
-        callback_on_step_end = sampling.pop("callback_on_step_end", None)
+        callbacks = {k: sampling.pop(k) for k in ("callback_on_step_end", "callback_on_step_end_tensor_inputs")
+                     if k in sampling}
         config = SamplingConfig(**sampling)
         entry = self.session.image(image)
         if kind == "recon":
@@ -230,7 +232,7 @@ class Editor:
         self.model.use_session(self.session)
         cond = C.encode_items(self.model, prompts, lengths, areas, [it.label for it in entry.items])
         images = masked_sample(self.model, cond, C.latent_labels(self.model, labels, n), entry.working,
-                               regions, config, progress=self.progress, callback_on_step_end=callback_on_step_end)
+                               regions, config, progress=self.progress, **callbacks)
         manifest = {"kind": kind, "session": str(self.session.folder), "session_id": self.session.id,
                     "image": entry.name, "fit": entry.fit, "model_id": self.model.model_id,
                     "weights_generation": self.session.weights_generation, "params": params,

@@ -6,10 +6,11 @@ The pieces, in the style of diffusers pipelines and k-diffusion:
   wrapped by :func:`classifier_free_guidance`;
 - any diffusers scheduler, chosen by name (:func:`make_scheduler`; DDIM by default), stepped with one
   generator per image so every stochastic step is reproducible by seed;
-- per-step callbacks ``fn(step) -> latents | None`` called after each scheduler step with a
-  :class:`SamplingStep`: :class:`RegionBlend` blends the original latents, noised to the next step's level,
-  back over the *hard* region, and over the *soft* band for the first ``strength`` share of the steps; a
-  user's ``callback_on_step_end`` (live previews) comes after it.
+- per-step callbacks with diffusers' ``callback_on_step_end`` signature, ``fn(run, step, timestep,
+  callback_kwargs) -> dict``, called after each scheduler step (:class:`SamplingRun` gives the current x0
+  estimate and its preview): :class:`RegionBlend` blends the original latents, noised to the next step's
+  level, back over the *hard* region, and over the *soft* band for the first ``strength`` share of the
+  steps; a user's ``callback_on_step_end`` (live previews) comes after it.
 
 After decoding, hard-region pixels are copied from the original image, so they are exactly the original's
 (the reference leaves the VAE round-trip error there).
@@ -27,6 +28,8 @@ from tqdm.auto import tqdm
 
 from . import conditioning as C
 from . import masks as M
+from .callbacks import callback_outputs, check_callback
+from .denoiser import Denoiser
 from .images import rgb_to_tensor, tensor_to_rgb
 from .profiles import SD1, resolve
 
@@ -136,21 +139,21 @@ def classifier_free_guidance(predict: Predict, guidance: float) -> Predict:
 
 
 # --- per-step state and callbacks ------------------------------------------------------------------------
-@dataclass
-class SamplingStep:
-    """What a per-step callback sees after scheduler step ``step`` of ``num_steps``.
+CALLBACK_TENSOR_INPUTS = ("latents", "denoised")
 
-    latents: the latents going into the next step (after any earlier callback changed them);
-    denoised: the current estimate of the clean latents (x0). :meth:`preview` turns it into RGB images.
-    """
 
-    step: int
-    num_steps: int
-    timestep: torch.Tensor
-    latents: torch.Tensor
-    denoised: torch.Tensor
-    model: object = None
-    preview_map: "LatentPreview | None" = None
+class SamplingRun:
+    """One run of the sampler as a ``callback_on_step_end`` sees it: its first argument, where diffusers
+    passes the pipeline. ``model``, ``scheduler``, ``num_timesteps``, ``denoised`` (the current estimate of
+    the clean latents, x0) and :meth:`preview`."""
+
+    def __init__(self, model, scheduler, preview_map: "LatentPreview | None" = None):
+        self.model, self.scheduler, self.preview_map = model, scheduler, preview_map
+        self.denoised: torch.Tensor | None = None
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.scheduler.timesteps)
 
     def preview(self, decode: bool = False) -> list[np.ndarray]:
         """The current x0 estimate as uint8 RGB images at latent resolution, through a linear map from latent
@@ -161,7 +164,20 @@ class SamplingStep:
         return self.preview_map(self.denoised)
 
 
-StepCallback = Callable[[SamplingStep], "torch.Tensor | None"]
+# diffusers' callback_on_step_end: (pipe, step, timestep, callback_kwargs) -> dict; "latents" in it replaces them
+StepCallback = Callable[[SamplingRun, int, torch.Tensor, dict], dict]
+
+
+def check_step_callback(callback: StepCallback, tensor_inputs: Sequence[str]) -> None:
+    """A user's ``callback_on_step_end`` takes diffusers' four arguments and asks only for tensors the
+    sampler has: else it is refused before any sampling step, by name."""
+    unknown = [k for k in tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
+    if unknown:
+        raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {list(CALLBACK_TENSOR_INPUTS)}, "
+                         f"but found {unknown}")
+    check_callback(callback, "callback_on_step_end(pipe, step, timestep, callback_kwargs)",
+                   "pipe.preview() gives the current estimate as images, pipe.num_timesteps the number of steps",
+                   None, 0, None, {})
 
 
 class LatentPreview:
@@ -202,28 +218,17 @@ class RegionBlend:
     def holds_soft(self, step: int) -> bool:
         return step < self.soft_steps
 
-    def __call__(self, state: SamplingStep) -> torch.Tensor:
-        timesteps = self.scheduler.timesteps
-        if state.step + 1 < len(timesteps):
-            reference = self.scheduler.add_noise(self.original, self.noise, timesteps[state.step + 1:state.step + 2])
+    def __call__(self, run: SamplingRun, step: int, timestep, callback_kwargs: dict) -> dict:
+        timesteps, latents = self.scheduler.timesteps, callback_kwargs["latents"]
+        if step + 1 < len(timesteps):
+            reference = self.scheduler.add_noise(self.original, self.noise, timesteps[step + 1:step + 2])
         else:
             reference = self.original
-        keep = self.hard_or_soft if self.holds_soft(state.step) else self.hard
-        return torch.where(keep, reference.to(state.latents.dtype), state.latents)
+        keep = self.hard_or_soft if self.holds_soft(step) else self.hard
+        return {"latents": torch.where(keep, reference.to(latents.dtype), latents)}
 
 
 # --- the loop --------------------------------------------------------------------------------------------
-def _x0_estimate(scheduler, model_in: torch.Tensor, pred: torch.Tensor, t, prediction_type: str) -> torch.Tensor:
-    """x0 from a prediction, for schedulers whose step does not return it (``model_in`` is the scaled input,
-    which has the variance-preserving form for every scheduler)."""
-    if prediction_type == "sample":
-        return pred
-    alpha = scheduler.alphas_cumprod.to(pred.device)[int(round(float(t)))].to(pred.dtype)
-    if prediction_type == "v_prediction":
-        return alpha.sqrt() * model_in - (1 - alpha).sqrt() * pred
-    return (model_in - (1 - alpha).sqrt() * pred) / alpha.sqrt()
-
-
 def step_kwargs(scheduler, generators: list[torch.Generator], eta: float) -> dict:
     """Keyword arguments for ``scheduler.step``: the generators (one per batch element) wherever the step
     draws noise, and ``eta`` for schedulers that have it."""
@@ -240,25 +245,27 @@ def step_kwargs(scheduler, generators: list[torch.Generator], eta: float) -> dic
 
 @torch.no_grad()
 def denoise(model, predict: Predict, scheduler, latents: torch.Tensor, generators: list[torch.Generator],
-            eta: float = 0.0, callbacks: Sequence[StepCallback] = (), preview_map: LatentPreview | None = None,
-            progress: bool = True) -> torch.Tensor:
+            eta: float = 0.0, callbacks: Sequence[tuple[StepCallback, Sequence[str]]] = (),
+            preview_map: LatentPreview | None = None, progress: bool = True) -> torch.Tensor:
     """Run ``scheduler`` (timesteps already set) from ``latents`` with the denoiser ``predict``; after each
-    step every callback sees a :class:`SamplingStep`, and one that returns a tensor replaces the latents."""
+    step every callback, with its tensor inputs, is called as diffusers calls ``callback_on_step_end``, and
+    the "latents" of the dict it returns replace the latents."""
     extra = step_kwargs(scheduler, generators, eta)
-    timesteps = scheduler.timesteps
-    for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
+    denoiser = Denoiser.from_scheduler(scheduler)
+    run = SamplingRun(model, scheduler, preview_map)
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
         model_in = scheduler.scale_model_input(latents, t)
         pred = predict(model_in, t)
         out = scheduler.step(pred, t, latents, **extra)
         latents = out.prev_sample
         denoised = getattr(out, "pred_original_sample", None)
-        if denoised is None:
-            denoised = _x0_estimate(scheduler, model_in, pred, t, model.prediction_type)
-        state = SamplingStep(i, len(timesteps), t, latents, denoised, model, preview_map)
-        for callback in callbacks:
-            changed = callback(state)
-            if changed is not None:
-                latents = state.latents = changed
+        if denoised is None:  # model_in has the variance-preserving form for every scheduler
+            denoised = denoiser.x0(model_in, pred, t)
+        run.denoised = denoised
+        for callback, tensor_inputs in callbacks:
+            tensors = {"latents": latents, "denoised": denoised}
+            outputs = callback_outputs(callback, callback(run, i, t, {k: tensors[k] for k in tensor_inputs}))
+            latents = outputs.get("latents", latents)
     return latents
 
 
@@ -276,15 +283,21 @@ def latent_regions(model, regions: M.Regions) -> tuple[torch.Tensor, torch.Tenso
 @torch.no_grad()
 def masked_sample(model, cond: C.Conditioning, labels: torch.Tensor, original: np.ndarray,
                   regions: M.Regions, config: SamplingConfig, progress: bool = True,
-                  callback_on_step_end: StepCallback | None = None) -> list[np.ndarray]:
+                  callback_on_step_end: StepCallback | None = None,
+                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)) -> list[np.ndarray]:
     """Generate ``config.num_images`` images for one image's item prompts and label map.
 
     cond: the items' prompts (``conditioning.encode_items``); labels: latent-resolution item map ``(h, w)``;
     original: the working image ``uint8 (H, W, 3)``; regions: pixel-level hard/soft/active maps;
-    callback_on_step_end: called after every step (and after the region blend) with a :class:`SamplingStep`.
+    callback_on_step_end: called after every step (and after the region blend) as diffusers pipelines call it,
+    ``callback_on_step_end(run, step, timestep, callback_kwargs) -> dict``: ``run`` is the :class:`SamplingRun`
+    (``run.preview()``), ``callback_kwargs`` holds the tensors named in ``callback_on_step_end_tensor_inputs``
+    (of :data:`CALLBACK_TENSOR_INPUTS`), and a returned "latents" replaces the latents.
     Returns uint8 images whose hard-region pixels equal ``original``.
     """
     n = config.num_images
+    if callback_on_step_end is not None:
+        check_step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
     scheduler = make_scheduler(model, config.scheduler)
     scheduler.set_timesteps(config.steps, device=model.device)
     trained = scheduler.config.num_train_timesteps
@@ -305,15 +318,15 @@ def masked_sample(model, cond: C.Conditioning, labels: torch.Tensor, original: n
     else:
         predict = conditioned(model, [cond] * n, [labels] * n)
 
-    callbacks: list[StepCallback] = []
+    callbacks: list[tuple[StepCallback, Sequence[str]]] = []
     original_latents = None
     freeze = bool((~regions.active).any())
     if freeze:
         original_latents = model.encode_images(rgb_to_tensor(original)).expand(n, -1, -1, -1)
         hard, soft = latent_regions(model, regions)
-        callbacks.append(RegionBlend(scheduler, original_latents, noise, hard, soft, config.strength))
+        callbacks.append((RegionBlend(scheduler, original_latents, noise, hard, soft, config.strength), ["latents"]))
     if callback_on_step_end is not None:
-        callbacks.append(callback_on_step_end)
+        callbacks.append((callback_on_step_end, callback_on_step_end_tensor_inputs))
     latents = denoise(model, predict, scheduler, latents, generators, config.eta, callbacks,
                       LatentPreview(model, original, original_latents), progress)
 

@@ -33,6 +33,15 @@ def tiny_model(tiny_model_dirs, family):
     return load_model(str(tiny_model_dirs[family]))
 
 
+def finetune_stopping_at(stage: str, step: int):
+    """A finetune callback that stops the finetune at its first step of ``stage`` numbered ``step`` or later."""
+    def callback(run, at_stage, at_step, callback_kwargs):
+        if at_stage == stage and at_step >= step:
+            run.stop()
+        return callback_kwargs
+    return callback
+
+
 def three_item_labels(h, w):
     """Left, right and a top band: a simple partition with items of different sizes."""
     labels = np.zeros((h, w), np.int32)

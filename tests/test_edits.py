@@ -13,7 +13,7 @@ from dedit_nb.finetune import FinetuneConfig, finetune
 from dedit_nb.models import load_model
 from dedit_nb.sampler import latent_regions
 from dedit_nb.session import Session, SessionError
-from conftest import three_item_labels
+from conftest import finetune_stopping_at, three_item_labels
 
 SAMPLING = dict(steps=3, guidance=3.0, strength=0.5, edge_thickness=2)
 
@@ -49,7 +49,7 @@ def test_every_edit_holds_the_hard_region_in_latents_and_keeps_its_pixels_exactl
     clean = model.encode_images(rgb_to_tensor(original))[0]
     for name, run in EDITS.items():
         seen = []
-        result = run(editor, callback_on_step_end=lambda step: seen.append((step.step, step.latents.clone())))
+        result = run(editor, callback_on_step_end=lambda pipe, i, t, kw: seen.append((i, kw["latents"].clone())) or kw)
         r = result.regions
         assert ((r.hard.astype(int) + r.soft + r.active) == 1).all(), name
         assert r.hard.any() and r.active.any(), name
@@ -74,7 +74,7 @@ def test_run_edit_passes_the_step_hook_and_scheduler_through(finetuned):
                         ("remove", {"item": 2}), ("image", {"item": 2, "source_image": 1, "source_item": 0})]:
         seen = []
         result = run_edit(editor, kind, **extra, steps=3, guidance=2.0, scheduler="euler",
-                          callback_on_step_end=lambda step: seen.append((step.step, step.num_steps)))
+                          callback_on_step_end=lambda pipe, i, t, kw: seen.append((i, pipe.num_timesteps)) or kw)
         assert seen == [(0, 3), (1, 3), (2, 3)], kind
         assert [q["preserved_pixels_changed"] for q in result.manifest["quality"]] == [0], kind
         assert result.manifest["sampling"]["scheduler"] == "euler" and "callback_on_step_end" not in \
@@ -214,7 +214,7 @@ def test_unfinished_finetune_cannot_edit(tmp_path, photo, tiny_model_dirs):
     model = load_model(str(tiny_model_dirs["sd"]))
     s = Session.create(tmp_path / "s", photo, resolution=32, multiple=8)
     finetune(model, s, FinetuneConfig(num_tokens=1, stage1_steps=2, stage2_steps=2), progress=False,
-             callback=lambda *a: False)
+             callback=finetune_stopping_at("stage1", 0))
     with pytest.raises(SessionError, match="did not finish"):
         Editor(model, s)
 
@@ -278,9 +278,10 @@ def test_sampling_runs_with_the_sessions_learned_weights_in_place(finetuned):
     editor = Editor(model, s, progress=False, record=False)
     in_place = []
 
-    def check(step):
+    def check(pipe, step, timestep, callback_kwargs):
         params = dict(model.unet.named_parameters())
         in_place.append(all(torch.equal(params[n], v.to(params[n])) for n, v in learned.items()))
+        return callback_kwargs
 
     editor.reconstruct(0, callback_on_step_end=check, **SAMPLING)
     assert in_place == [True] * SAMPLING["steps"]

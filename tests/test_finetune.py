@@ -8,7 +8,7 @@ import torch
 from dedit_nb.finetune import FinetuneConfig, finetune
 from dedit_nb.models import load_model
 from dedit_nb.session import Session, SessionError
-from conftest import three_item_labels
+from conftest import finetune_stopping_at, three_item_labels
 
 FAST = dict(num_tokens=2, batch_size=1, checkpoint_every=2)
 
@@ -98,7 +98,7 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, photo, tiny_
     interrupted = make_session(tmp_path, photo, model_b, "interrupted", session_id=straight.id)  # same token names
     for stop_at in [("stage1", 2), ("stage2", 0)]:
         part = finetune(model_b, interrupted, cfg, progress=False,
-                        callback=lambda stage, step, loss, stop_at=stop_at: (stage, step) != stop_at)
+                        callback=finetune_stopping_at(*stop_at))
         assert not part.completed
     model_c = load_model(str(tiny_model_dirs["sd"]), dtype=dtype)   # a fresh process, as after a crash
     resumed = finetune(model_c, Session.open(tmp_path / "interrupted"), cfg, progress=False)
@@ -116,7 +116,7 @@ def test_stage1_optimizer_state_holds_only_the_trained_rows(tmp_path, photo, tin
     model = load_model(str(tiny_model_dirs["sdxl"]))
     s = make_session(tmp_path, photo, model)
     finetune(model, s, FinetuneConfig(stage1_steps=3, stage2_steps=1, **FAST), progress=False,
-             callback=lambda stage, step, loss: step < 1)
+             callback=finetune_stopping_at("stage1", 1))
     moments = {k: v for k, v in s.load_weights("optimizer").items() if not k.endswith(".step")}
     width = sum(slot.embedding().weight.shape[1] for slot in model.text.slots)
     assert sum(v.numel() for v in moments.values()) == 2 * len(s.all_tokens()) * width   # Adam's two moments
@@ -126,13 +126,13 @@ def test_resume_with_other_settings_is_refused(tmp_path, photo, tiny_model_dirs)
     model = load_model(str(tiny_model_dirs["sd"]))
     s = make_session(tmp_path, photo, model)
     finetune(model, s, FinetuneConfig(stage1_steps=4, stage2_steps=0, **FAST), progress=False,
-             callback=lambda *a: False)
+             callback=finetune_stopping_at("stage1", 0))
     with pytest.raises(SessionError, match="other settings"):
         finetune(model, s, FinetuneConfig(stage1_steps=4, stage2_steps=0, **{**FAST, "num_tokens": 3}), progress=False)
     with pytest.raises(SessionError, match="done 1 steps of stage 1, more than the 0 asked for"):
         finetune(model, s, FinetuneConfig(stage1_steps=0, stage2_steps=0, **FAST), progress=False)
     finetune(model, s, FinetuneConfig(stage1_steps=4, stage2_steps=2, **FAST), progress=False,
-             callback=lambda stage, *a: stage != "stage2")          # stop after stage 2's first step
+             callback=finetune_stopping_at("stage2", 0))             # stop after stage 2's first step
     assert (s.finetune_state["stage"], s.finetune_state["step"]) == (2, 1)
     with pytest.raises(SessionError, match="stage 1 of this session's finetune is over"):
         finetune(model, s, FinetuneConfig(stage1_steps=6, stage2_steps=2, **FAST), progress=False)
@@ -168,7 +168,7 @@ def test_one_model_serves_many_sessions_as_fresh_models_would(tmp_path, photo, t
              progress=False)
     a = make_session(tmp_path, photo[::-1].copy(), shared, "a")
     reference = make_session(tmp_path, photo[::-1].copy(), shared, "a-fresh", session_id=a.id)  # comparable runs
-    finetune(shared, a, cfg_a, progress=False, callback=lambda stage, step, loss: (stage, step) != ("stage2", 1))
+    finetune(shared, a, cfg_a, progress=False, callback=finetune_stopping_at("stage2", 1))
     b_between = Editor(shared, b, progress=False).reconstruct(0, **sampling).images[0]
     assert finetune(shared, a, cfg_a, progress=False).completed                  # resumed after B ran
     editors = [Editor(shared, a, progress=False), Editor(shared, b, progress=False)]
@@ -208,9 +208,10 @@ def test_an_edit_after_another_sessions_finetune_uses_its_own_weights_again(tmp_
     finetune(shared, b, dataclasses.replace(cfg, seed=1), progress=False)
     learned, in_place = a.load_weights("unet"), []
 
-    def check(step):
+    def check(pipe, step, timestep, callback_kwargs):
         params = dict(shared.unet.named_parameters())
         in_place.append(all(torch.equal(params[n], v.to(params[n])) for n, v in learned.items()))
+        return callback_kwargs
 
     after = editor.reconstruct(0, callback_on_step_end=check, **sampling).images[0]
     assert in_place == [True, True]
@@ -230,7 +231,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, photo, tiny_mo
         s = first.copy_to(tmp_path / name)     # the same session id, so the same token names
         during = []
         finetune(model, s, FinetuneConfig(gradient_checkpointing=checkpointing, **cfg), progress=False,
-                 callback=lambda *a, model=model: during.append(model.unet.is_gradient_checkpointing))
+                 callback=lambda p, stage, step, kw, m=model: during.append(m.unet.is_gradient_checkpointing) or kw)
         assert during == [checkpointing] * 4
         assert not model.unet.is_gradient_checkpointing                 # switched off again after the finetune
         weights.append({**s.load_weights("tokens"), **s.load_weights("unet")})
@@ -247,3 +248,34 @@ def test_starting_over_on_the_same_model_redraws_the_tokens(tmp_path, photo, tin
     finetune(model, s, cfg, progress=False, resume=False)
     again = s.load_weights("tokens")
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_the_progress_callback_sees_each_step_s_loss_and_can_stop_the_finetune(tmp_path, photo, tiny_model_dirs):
+    model = load_model(str(tiny_model_dirs["sd"]))
+    s = make_session(tmp_path, photo, model)
+    cfg = FinetuneConfig(stage1_steps=2, stage2_steps=2, **FAST)
+    seen = []
+
+    def callback(run, stage, step, callback_kwargs):
+        seen.append((stage, step, callback_kwargs["loss"], run.result.loss[stage][-1], run.config))
+        if (stage, step) == ("stage2", 0):
+            run.stop()
+        return callback_kwargs
+
+    result = finetune(model, s, cfg, progress=False, callback=callback)
+    assert [(stage, step) for stage, step, *_ in seen] == [("stage1", 0), ("stage1", 1), ("stage2", 0)]
+    assert all(loss == last for _, _, loss, last, _ in seen) and all(c is cfg for *_, c in seen)
+    assert [loss for *_, loss, _, _ in seen] == result.loss["stage1"] + result.loss["stage2"]
+    assert not result.completed and (s.finetune_state["stage"], s.finetune_state["step"]) == (2, 1)
+
+
+def test_finetune_callbacks_of_another_form_are_refused_by_name(tmp_path, photo, tiny_model_dirs):
+    model = load_model(str(tiny_model_dirs["sd"]))
+    s = make_session(tmp_path, photo, model)
+    cfg = FinetuneConfig(stage1_steps=2, stage2_steps=0, **FAST)
+    with pytest.raises(TypeError, match=r"callback\(run, stage, step, callback_kwargs\)"):
+        finetune(model, s, cfg, progress=False, callback=lambda stage, step, loss: None)    # the form of before
+    assert s.finetune_state is None and not s.has_weights
+    with pytest.raises(TypeError, match=r"returned bool.*run\.stop\(\)"):             # the old way to stop
+        finetune(model, s, cfg, progress=False, callback=lambda run, stage, step, kw: False)
+    assert Session.open(s.folder).finetune_state is None

@@ -48,7 +48,8 @@ def test_min_snr_weighs_the_first_steps_loss_by_its_timestep(tmp_path, photo, ti
         s = make_session(tmp_path, photo, model, name=f"g{gamma}")
         seen = []
         cfg = FinetuneConfig(stage1_steps=1, stage2_steps=0, min_snr_gamma=gamma, **FAST)
-        finetune(model, s, cfg, callback=lambda stage, step, loss: seen.append(loss), progress=False)
+        finetune(model, s, cfg, callback=lambda run, stage, step, kw: seen.append(kw["loss"]) or kw,
+                 progress=False)
         losses[gamma] = seen[0]
     from dedit_nb.finetune.loop import _Run
     captured = {}
@@ -172,7 +173,7 @@ def test_an_interrupted_plateau_finetune_resumes_to_the_same_stop_and_weights(tm
     whole = finetune(load_model(folder), reference, cfg, progress=False)
     model = load_model(folder)
     s = make_session(tmp_path, photo, model, name="cut", session_id="x")
-    finetune(model, s, cfg, callback=lambda stage, step, loss: not (stage == "stage2" and step == 0),
+    finetune(model, s, cfg, callback=lambda run, stage, step, kw: (stage == "stage2" and run.stop()) or kw,
              progress=False)
     resumed = finetune(load_model(folder), Session.open(s.folder), cfg, progress=False)
     assert resumed.completed and resumed.stopped == whole.stopped

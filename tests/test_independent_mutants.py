@@ -9,7 +9,7 @@ from dedit_nb.images import rgb_to_tensor
 from dedit_nb.models import load_model
 from dedit_nb.testing import build_tiny_model
 from dedit_nb.session import Session, SessionError
-from conftest import three_item_labels
+from conftest import finetune_stopping_at, three_item_labels
 
 FAST = dict(num_tokens=2, checkpoint_every=1)
 
@@ -50,7 +50,7 @@ def test_resuming_a_finetune_with_another_seed_is_refused_and_keeps_the_checkpoi
     model = load_model(str(tiny_model_dirs["sd"]))
     s = make_session(tmp_path / "s", photo, model)
     cfg = FinetuneConfig(stage1_steps=3, stage2_steps=1, seed=5, **FAST)
-    finetune(model, s, cfg, progress=False, callback=lambda stage, step, loss: step < 1)
+    finetune(model, s, cfg, progress=False, callback=finetune_stopping_at("stage1", 1))
     before = s.finetune_state
     assert (before["stage"], before["step"]) == (1, 2)
     tokens = s.load_weights("tokens")

@@ -102,6 +102,18 @@ def test_package_modules_import_only_the_layers_below_them(package):
         upward = imported - {f"dedit_nb.{package}.{below}" for below in layers[:k]}
         assert not upward, f"dedit_nb.{package}.{layer} imports {sorted(upward)}, which are not below it"
 
+# the mask editor's modules, bottom to top: widgets/mask_editor.py composes the ones below it
+MASK_EDITOR_LAYERS = ["keys", "state", "canvas_view", "mask_tools", "sam_tool", "mask_editor"]
+
+
+def test_mask_editor_modules_import_only_the_layers_below_them():
+    for k, layer in enumerate(MASK_EDITOR_LAYERS):
+        tree = ast.parse((ROOT / "widgets" / f"{layer}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+        upward = imported - set(MASK_EDITOR_LAYERS[:k])
+        assert not upward, f"widgets.{layer} imports widgets.{sorted(upward)}, which are not below it"
+
+
 def test_no_pickle_loading():
     """Untrusted files are never unpickled: every torch.load passes weights_only=True."""
     for path in list((ROOT / "dedit_nb").rglob("*.py")) + list((ROOT / "widgets").rglob("*.py")):

@@ -29,9 +29,10 @@ def record_steps(model, *args, **kwargs):
     """masked_sample's images and, per step, (step, num_steps, timestep, latents) seen by the user hook."""
     steps = []
 
-    def hook(state):
-        steps.append(SimpleNamespace(step=state.step, num_steps=state.num_steps, timestep=state.timestep,
-                                     latents=state.latents.clone(), preview=state.preview()))
+    def hook(pipe, step, timestep, callback_kwargs):
+        steps.append(SimpleNamespace(step=step, num_steps=pipe.num_timesteps, timestep=timestep,
+                                     latents=callback_kwargs["latents"].clone(), preview=pipe.preview()))
+        return callback_kwargs
 
     return masked_sample(model, *args, callback_on_step_end=hook, progress=False, **kwargs), steps
 
@@ -148,7 +149,8 @@ def test_every_scheduler_lands_on_the_image_an_exact_denoiser_points_to(pixel_mo
     estimates = []
     image = masked_sample(pixel_model, cond, labels, np.zeros_like(original), everything,
                           SamplingConfig(steps=8, guidance=1.0, scheduler=scheduler, seed=1), progress=False,
-                          callback_on_step_end=lambda step: estimates.append(step.denoised))[0]
+                          callback_on_step_end=lambda pipe, i, t, kw: estimates.append(kw["denoised"]) or kw,
+                          callback_on_step_end_tensor_inputs=["denoised"])[0]
     error = np.abs(image.astype(int) - target_image)
     assert error.mean() <= 4 and error.max() <= 24      # DDIM ends at alpha_cumprod[0] < 1: a trace of noise
     assert len(estimates) == 8 and all(torch.allclose(x0, target, atol=1e-3) for x0 in estimates)   # x0 each step
@@ -222,10 +224,11 @@ def region_noise_levels(model, scheduler):
     exact_denoiser(model, rgb_to_tensor(original))
     levels = []
 
-    def measure(step):
-        if step.step + 1 < step.num_steps:
-            levels.append({r: float(step.latents[0][:, getattr(regions, r)].std())
+    def measure(pipe, step, timestep, callback_kwargs):
+        if step + 1 < pipe.num_timesteps:
+            levels.append({r: float(callback_kwargs["latents"][0][:, getattr(regions, r)].std())
                            for r in ("hard", "soft", "active")})
+        return callback_kwargs
 
     image = masked_sample(model, cond, labels, original, regions,
                           SamplingConfig(steps=6, guidance=1.0, strength=1.0, edge_thickness=3, scheduler=scheduler,
@@ -268,11 +271,74 @@ def test_the_live_preview_shows_the_clean_estimate_not_the_noisy_latents(sd, pix
     seen = []
     masked_sample(sd, cond, labels, original, everything, SamplingConfig(steps=4, guidance=1.0, scheduler=scheduler),
                   progress=False,
-                  callback_on_step_end=lambda s: seen.append((s.preview()[0], s.preview(decode=True)[0],
-                                                              s.latents.clone())))
+                  callback_on_step_end=lambda pipe, i, t, kw: seen.append(
+                      (pipe.preview()[0], pipe.preview(decode=True)[0], kw["latents"].clone())) or kw)
     fitted = LatentPreview(sd, original)
     expected, decoded = fitted(clean)[0], tensor_to_rgb(sd.decode_latents(clean))[0]
     for preview, full, _ in seen:
         assert preview.shape == (*labels.shape, 3) and np.abs(preview.astype(int) - expected).mean() <= 1
         assert full.shape == original.shape and np.abs(full.astype(int) - decoded).mean() <= 1
     assert np.abs(fitted(seen[0][2])[0].astype(int) - expected).mean() > 10
+
+
+def test_a_callback_written_for_a_diffusers_pipeline_runs_unchanged(tiny_model_dirs, sd):
+    """diffusers' ``callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict``, with its tensor
+    inputs, is called the same way by a StableDiffusionPipeline and by the sampler."""
+    from diffusers import StableDiffusionPipeline
+
+    def recorder(seen):
+        def callback(pipe, step, timestep, callback_kwargs):
+            seen.append((step, int(timestep), sorted(callback_kwargs), tuple(callback_kwargs["latents"].shape)))
+            return callback_kwargs
+        return callback
+
+    cond, labels, original, _, _ = reference_case(sd)
+    everything = M.edit_regions(np.ones(original.shape[:2], bool), 0)
+    ours, theirs = [], []
+    masked_sample(sd, cond, labels, original, everything, SamplingConfig(steps=3, guidance=1.0), progress=False,
+                  callback_on_step_end=recorder(ours), callback_on_step_end_tensor_inputs=["latents"])
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dirs["sd"], safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe("a cup", num_inference_steps=3, guidance_scale=1.0, height=original.shape[0], width=original.shape[1],
+         output_type="latent", callback_on_step_end=recorder(theirs), callback_on_step_end_tensor_inputs=["latents"])
+    assert len(ours) == 3 and ours == theirs
+
+
+def test_latents_a_callback_returns_replace_the_sampler_s(pixel_model):
+    cond, labels, original, _, _ = reference_case(pixel_model)
+    everything = M.edit_regions(np.ones(labels.shape, bool), 0)
+    target_image = gradient_image(*labels.shape)
+
+    def last_step_to_target(pipe, step, timestep, callback_kwargs):
+        if step + 1 == pipe.num_timesteps:
+            return {**callback_kwargs, "latents": rgb_to_tensor(target_image).to(callback_kwargs["latents"])}
+        return callback_kwargs
+
+    config = SamplingConfig(steps=3, guidance=1.0)
+    image = masked_sample(pixel_model, cond, labels, original, everything, config, progress=False,
+                          callback_on_step_end=last_step_to_target)[0]
+    assert np.abs(image.astype(int) - target_image).max() <= 1
+    unchanged = masked_sample(pixel_model, cond, labels, original, everything, config, progress=False,
+                              callback_on_step_end=lambda pipe, i, t, kw: kw)[0]
+    assert np.array_equal(unchanged, masked_sample(pixel_model, cond, labels, original, everything, config,
+                                                   progress=False)[0])
+
+
+def test_callbacks_of_another_form_are_refused_by_name_before_sampling(pixel_model, monkeypatch):
+    cond, labels, original, regions, _ = reference_case(pixel_model)
+    config = SamplingConfig(steps=2, guidance=1.0)
+    calls = []
+    monkeypatch.setattr(pixel_model, "predict", lambda *a, **k: calls.append(1))
+
+    def sample(**callback):
+        return masked_sample(pixel_model, cond, labels, original, regions, config, progress=False, **callback)
+
+    with pytest.raises(TypeError, match=r"callback\(pipe, step, timestep, callback_kwargs\)"):
+        sample(callback_on_step_end=lambda step: None)                  # the one-argument form of before
+    with pytest.raises(ValueError, match=r"\['latents', 'denoised'\].*\['noise_pred'\]"):
+        sample(callback_on_step_end=lambda pipe, i, t, kw: kw, callback_on_step_end_tensor_inputs=["noise_pred"])
+    assert calls == []
+    monkeypatch.undo()
+    with pytest.raises(TypeError, match="returns a dict.*returned NoneType"):
+        sample(callback_on_step_end=lambda pipe, i, t, kw: None)

@@ -8,7 +8,7 @@ from skimage import data
 from dedit_nb import masks as M
 from dedit_nb.images import resize_rgb, working_size
 from dedit_nb.segment import Partition, overlay, partition_from_masks, segment, segment_session
-from dedit_nb.segment.sam import SamLoadError, SamPrompter, build_sam, load_sam
+from dedit_nb.segment.sam import SamClicks, SamLoadError, SamPrompter, build_sam, load_sam
 from dedit_nb.session import Session
 
 
@@ -170,7 +170,6 @@ def test_sam_asks_for_candidate_masks_only_for_a_single_click(prompter):
     kwargs, (masks, scores, _) = spy.calls[-1]
     assert kwargs["multimask_output"] and len(masks) == 3
     assert one.shape == (48, 64) and one.dtype == bool and np.array_equal(one, masks[int(np.argmax(scores))])
-    prompter.reset()
     prompter.predict(points=[(30, 20), (5, 5)], point_labels=[1, 0])
     assert not spy.calls[-1][0]["multimask_output"] and len(spy.calls[-1][1][0]) == 1
     assert prompter.predict(box=(10, 10, 40, 30)).shape == (48, 64)
@@ -183,23 +182,22 @@ def test_sam_asks_for_candidate_masks_only_for_a_single_click(prompter):
 
 def test_added_clicks_refine_the_previous_mask_through_its_logits(prompter):
     spy = PredictorSpy(prompter)
-    prompter.predict(points=[(30, 20)])
-    (_, (_, scores, logits)) = spy.calls[-1]
-    assert spy.calls[-1][0]["mask_input"] is None
-    prompter.predict(points=[(30, 20), (50, 40)], point_labels=[1, 0])
-    fed = spy.calls[-1][0]["mask_input"]
-    assert fed is not None and np.array_equal(fed, logits[int(np.argmax(scores))][None])
-    prompter.predict(points=[(30, 20), (50, 40), (10, 5)], point_labels=[1, 0, 1])
+    first, clicks = prompter.add_click(SamClicks(), (30, 20))
+    kwargs, (masks, scores, logits) = spy.calls[-1]
+    assert kwargs["mask_input"] is None and kwargs["multimask_output"]
+    best = int(np.argmax(scores))
+    assert np.array_equal(first, masks[best]) and np.array_equal(clicks.logits, logits[best][None])
+    _, more = prompter.add_click(clicks, (50, 40), positive=False)
+    kwargs = spy.calls[-1][0]
+    assert np.array_equal(kwargs["mask_input"], clicks.logits)
+    assert kwargs["point_coords"].tolist() == [[30, 20], [50, 40]] and kwargs["point_labels"].tolist() == [1, 0]
+    prompter.add_click(more, (10, 5))
     assert np.array_equal(spy.calls[-1][0]["mask_input"], spy.calls[-2][1][2])    # one mask: its logits
-    prompter.predict(points=[(5, 5)])                         # a new first click: a new mask
+    prompter.add_click(clicks, (50, 40), positive=False)     # no state in the prompter: the clicks passed count
+    assert np.array_equal(spy.calls[-1][0]["mask_input"], clicks.logits)
+    assert spy.calls[-1][0]["point_coords"].tolist() == [[30, 20], [50, 40]]
+    prompter.predict(points=[(30, 20), (50, 40)], point_labels=[1, 0])      # plain prompts: a new mask
     assert spy.calls[-1][0]["mask_input"] is None
-    prompter.predict(points=[(5, 5), (6, 6)], box=(0, 0, 20, 20))             # the box changed: a new mask
-    assert spy.calls[-1][0]["mask_input"] is None
-    again = prompter.predict(points=[(5, 5), (6, 6)], box=(0, 0, 20, 20))      # the same clicks: recomputed
-    assert spy.calls[-1][0]["mask_input"] is None
-    prompter.reset()
-    prompter.predict(points=[(5, 5), (6, 6), (7, 7)], box=(0, 0, 20, 20))
-    assert spy.calls[-1][0]["mask_input"] is None and again.shape == (48, 64)
 
 
 def test_many_boxes_take_one_batched_call_and_match_single_box_prompts(prompter):

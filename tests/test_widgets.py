@@ -176,6 +176,32 @@ def test_sam_prompts_grow_the_selected_item(state):
     assert (state.labels[box_mask] == 0).all()
 
 
+def test_the_editor_owns_the_sam_clicks_and_passes_them_to_the_prompter(state):
+    from dedit_nb.segment.sam import SamPrompter, build_sam
+    torch.manual_seed(0)
+    prompter = SamPrompter(build_sam("tiny"), state.image)
+    calls, predict = [], prompter.predictor.predict
+    prompter.predictor.predict = lambda **kwargs: calls.append(kwargs) or predict(**kwargs)
+    editor = MaskEditor(state, prompter=prompter)
+    state.selected = 0
+    editor.tool.value = "sam"
+    editor.mouse_down(70, 40); editor.mouse_up(70, 40)
+    first = editor.sam_clicks
+    assert first.points == ((70.0, 40.0),) and first.labels == (1,) and calls[-1]["mask_input"] is None
+    editor.sam_mode.value = "negative"
+    editor.apply_coordinates("10,10")                                          # typed clicks refine it too
+    assert editor.sam_clicks.labels == (1, 0) and np.array_equal(calls[-1]["mask_input"], first.logits)
+    assert calls[-1]["point_coords"].tolist() == [[70, 40], [10, 10]]
+    editor.key_down("Escape")                                                  # a new mask
+    editor.mouse_down(20, 30); editor.mouse_up(20, 30)
+    assert calls[-1]["mask_input"] is None and editor.sam_clicks.points == ((20.0, 30.0),)
+    state.selected = 1                                                         # another item: a new mask
+    assert editor.sam_clicks.points == ()
+    editor.sam_mode.value = "box"
+    editor.mouse_down(5, 5); editor.mouse_up(30, 20)
+    assert calls[-1]["mask_input"] is None and editor.sam_clicks.points == ()
+
+
 def test_gallery_before_after_and_saving(tmp_path):
     from dedit_nb.edits import EditResult
     s = Session.create(tmp_path / "s", data.coffee(), resolution=64, multiple=8)

@@ -176,9 +176,10 @@ def test_an_interrupted_finetune_ends_in_one_line_saying_where_it_saved(tmp_path
     real = nbk.finetune
 
     def interrupted(*args, **kwargs):
-        def stop(stage, step, loss):                                      # the kernel's stop button at stage 2
+        def stop(run, stage, step, callback_kwargs):                      # the kernel's stop button at stage 2
             if stage == "stage2" and step == 2:
                 raise KeyboardInterrupt
+            return callback_kwargs
         return real(*args, callback=stop, progress=False, **kwargs)
 
     monkeypatch.setattr(nbk, "finetune", interrupted)

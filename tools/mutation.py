@@ -29,7 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CORE_TESTS = ["tests/test_masks.py", "tests/test_attention.py", "tests/test_sampler.py", "tests/test_wiring.py",
               "tests/test_finetune.py", "tests/test_precision.py", "tests/test_prompts.py", "tests/test_sizes.py",
-              "tests/test_edits.py", "tests/test_offline.py"]
+              "tests/test_edits.py", "tests/test_offline.py", "tests/test_denoiser.py"]
 
 
 def load_mutants(path: Path) -> list[dict]:

@@ -140,9 +140,10 @@ class EditPanel(W.VBox):
             self.preview.value = png_bytes(np.asarray(image, np.uint8))
             self.preview.layout.display = None
 
-    def show_step(self, step) -> None:
+    def show_step(self, run, step: int, timestep, callback_kwargs: dict) -> dict:
         """The sampler's ``callback_on_step_end``: the progress bar and the first image's current estimate."""
-        self.show_progress(step.step + 1, step.num_steps, upscale(step.preview()[0], self.preview_width))
+        self.show_progress(step + 1, run.num_timesteps, upscale(run.preview()[0], self.preview_width))
+        return callback_kwargs
 
     def _clicked(self, _) -> None:
         if time.monotonic() - self._finished >= QUEUED_CLICK_S:

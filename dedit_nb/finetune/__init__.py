@@ -16,11 +16,12 @@ weights of an uninterrupted one.
 """
 from __future__ import annotations
 
-from .config import (LORA_TARGETS, MAX_FINETUNE_SEED, Callback, FinetuneConfig, FinetuneResult,
+from .config import (LORA_TARGETS, MAX_FINETUNE_SEED, Callback, FinetuneConfig, FinetuneResult, FinetuneRun,
                      NonFiniteError)
 from .loop import _Run   # noqa: F401  (tests patch _Run.loss)
 from .stages import finetune
 from .state import FP32Masters, flatten_optimizer_state, restore_optimizer_state
 
-__all__ = ["Callback", "FP32Masters", "FinetuneConfig", "FinetuneResult", "LORA_TARGETS", "MAX_FINETUNE_SEED",
+__all__ = ["Callback", "FP32Masters", "FinetuneConfig", "FinetuneResult", "FinetuneRun", "LORA_TARGETS",
+           "MAX_FINETUNE_SEED",
            "NonFiniteError", "finetune", "flatten_optimizer_state", "restore_optimizer_state"]

@@ -139,7 +139,20 @@ class FinetuneResult:
         return axes
 
 
-Callback = Callable[[str, int, float], "bool | None"]
+class FinetuneRun:
+    """A running finetune as its callback sees it (the first argument, where diffusers passes the pipeline):
+    ``model``, ``config``, ``result`` (the losses so far) and :meth:`stop`."""
+
+    def __init__(self, model, config: FinetuneConfig, result: FinetuneResult):
+        self.model, self.config, self.result, self.stopped = model, config, result, False
+
+    def stop(self) -> None:
+        """End the finetune after this step, with a checkpoint (calling finetune again resumes it)."""
+        self.stopped = True
+
+
+# diffusers' callback style: callback(run, stage, step, callback_kwargs) -> dict, with {"loss": ...}
+Callback = Callable[[FinetuneRun, str, int, dict], dict]
 
 
 class NonFiniteError(FloatingPointError):

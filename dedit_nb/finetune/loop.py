@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import conditioning as C
+from ..callbacks import callback_outputs
+from ..denoiser import Denoiser
 from ..session import Session, save_joint_weights
-from .config import Callback, FinetuneConfig, FinetuneResult, NonFiniteError
+from .config import Callback, FinetuneConfig, FinetuneResult, FinetuneRun, NonFiniteError
 from .schedules import lr_factor, min_snr_weight
 from .state import FP32Masters
 from .stopping import Plateau, validation_noise, validation_timesteps
@@ -74,12 +76,7 @@ class _Run:
         noisy = scheduler.add_noise(latents, noise, t).to(model.dtype)
         pooled = None if pooled is None else pooled.to(model.dtype)
         pred = model.predict(noisy, t, states.to(model.dtype), layout, pooled)
-        if model.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, t)
-        elif model.prediction_type == "sample":
-            target = latents
-        else:
-            target = noise
+        target = Denoiser.from_scheduler(scheduler).target(latents, noise, t)
         return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
     @torch.no_grad()
@@ -147,6 +144,7 @@ def _train(run: _Run, stage: _Stage, start: int) -> bool:
     del run.result.loss[key][start:]
     plateau, ended_before = _resume_stopping(run, key, stage.steps, start)
     base_lrs = [group["lr"] for group in stage.optimizer.param_groups]
+    callback_run = FinetuneRun(model, config, run.result)
     last_stage = stage.number == 2
     bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, leave=True,
                disable=not run.progress or ended_before,
@@ -176,7 +174,10 @@ def _train(run: _Run, stage: _Stage, start: int) -> bool:
                 raise NonFiniteError(stage.number, step, "the loss")
             run.result.loss[key].append(value)
             bar.set_postfix(loss=f"{value:.4f}")
-            stop = run.callback is not None and run.callback(key, step, value) is False
+            if run.callback is not None:
+                callback_outputs(run.callback, run.callback(callback_run, key, step, {"loss": value}),
+                                 "run.stop() ends the finetune")
+            stop = callback_run.stopped
             ended = bool(config.validate_every) and (step + 1) % config.validate_every == 0 and \
                 _validate(run, stage, key, step + 1, plateau)
             end = ended or step + 1 == stage.steps

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .. import conditioning as C
+from ..callbacks import check_callback
 from ..images import rgb_to_tensor
 from ..session import Session
 from .config import LORA_TARGETS, Callback, FinetuneConfig, FinetuneResult
@@ -23,12 +24,17 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
 
     ``extra_sessions`` are finetuned jointly with it (their images' losses add up in every step, and the
     same weights are saved into each), so an item of one can be put into an image of another.
-    ``callback(stage, step, loss)`` is called after every step; returning ``False`` stops after saving a
-    checkpoint (resume later by calling again). With ``resume=False`` earlier weights are discarded, on disk
+    ``callback(run, stage, step, callback_kwargs) -> dict`` is called after every step, in diffusers'
+    ``callback_on_step_end`` style, with the stage's name ("stage1", "stage2") and ``{"loss": ...}``;
+    ``run.stop()`` (:class:`FinetuneRun`) stops after saving a checkpoint (resume later by calling
+    again). With ``resume=False`` earlier weights are discarded, on disk
     only when this run's first checkpoint replaces them. A step whose loss or weights are NaN or infinite
     raises :class:`NonFiniteError` before anything of it is saved.
     """
     config = config or FinetuneConfig()
+    if callback is not None:
+        check_callback(callback, "callback(run, stage, step, callback_kwargs)", "run.stop() ends the finetune",
+                       None, "stage1", 0, {})
     sessions = [session, *extra_sessions]
     state, sessions = _resumable_state(session, sessions, config, resume)
     for s in sessions:  # every session is checked before any of them is changed

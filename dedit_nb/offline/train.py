@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..attention import GroupedAttnProcessor, ItemLayout, item_coverage
+from ..denoiser import Denoiser
 from ..finetune import flatten_optimizer_state, restore_optimizer_state
 from ..models import MINILM_SOURCE, OFFLINE_MODEL_DIR, TextConditioner, _minilm_slot
 from ..session import atomic_write_bytes
@@ -360,6 +361,7 @@ def train(folder: Path, minutes: float, schedule: tuple[Leg, ...] = SCHEDULE, ba
     text.slots[0].encoder.eval()
     phrases = PhraseCache(text)
     noise_scheduler = DDPMScheduler.from_config(scheduler_config())
+    denoiser = Denoiser.from_scheduler(noise_scheduler)
     print(f"offline model: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
           f"{resolution}x{resolution}, starting at step {start}", flush=True)
     deadline = time.time() + minutes * 60
@@ -387,7 +389,7 @@ def train(folder: Path, minutes: float, schedule: tuple[Leg, ...] = SCHEDULE, ba
         noisy = noise_scheduler.add_noise(data.images, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=data.states,
                     cross_attention_kwargs={"item_layout": data.layout}).sample
-        denoising = F.mse_loss(pred, noise_scheduler.get_velocity(data.images, noise, t))
+        denoising = F.mse_loss(pred, denoiser.target(data.images, noise, t))
         loss = denoising
         if grounding > 0:
             token_loss = grounding_loss(recorder.weights, data.scene_labels, data.token_items)

@@ -6,6 +6,7 @@ They are read with ``torch.load(weights_only=True)``: tensors only, never pickle
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -107,11 +108,24 @@ def segment_sam(image: np.ndarray, sam=None, checkpoint: str | Path | None = Non
                                 min_area_fraction=min_area_fraction, background_min_fraction=background_min_fraction)
 
 
+@dataclass(frozen=True)
+class SamClicks:
+    """A mask being built from clicks, held by whoever collects them (the mask editor): the clicks (pixels
+    of the image), their labels (1 inside the object, 0 outside) and the low-resolution logits of the mask
+    they gave, which go back into SAM as ``mask_input`` when a click is added, so the mask is refined rather
+    than redone (as ``SamPredictor``'s callers do). ``SamClicks()`` starts a new mask."""
+
+    points: tuple[tuple[float, float], ...] = ()
+    labels: tuple[int, ...] = ()
+    logits: np.ndarray | None = None
+
+
 class SamPrompter:
     """Click and box prompts on one image, used the way ``SamPredictor`` is meant to be: the image is embedded
     once; a single click asks for SAM's three candidate masks and keeps the best scored one (one click is
-    ambiguous), several clicks or a box ask for one mask; when clicks are added to the previous call's clicks,
-    that call's low-resolution logits go back in as ``mask_input`` so the mask is refined rather than redone.
+    ambiguous), several clicks or a box ask for one mask. It keeps no prompts between calls: a caller
+    refining a mask click by click passes the clicks so far (:meth:`add_click`) or the previous logits
+    (``mask_input``).
 
     ``predict(points=[(x, y), ...], point_labels=[1, 0, ...], box=(x0, y0, x1, y1))`` returns a boolean mask;
     ``boxes([...])`` returns one mask per box from a single batched call. Coordinates are pixels of the image.
@@ -122,38 +136,33 @@ class SamPrompter:
         self.predictor = SamPredictor(_sam(sam))  # a loaded model or a checkpoint path
         self.predictor.set_image(np.ascontiguousarray(image))
         self.shape = image.shape[:2]
-        self._previous: tuple[list, list, tuple | None] | None = None   # the last call's clicks, labels, box
-        self._logits: np.ndarray | None = None                          # and its chosen mask's logits
-
-    def reset(self) -> None:
-        """Forget the previous clicks (the next call starts a new mask)."""
-        self._previous, self._logits = None, None
 
     def predict(self, points: Sequence[tuple[float, float]] | None = None, point_labels: Sequence[int] | None = None,
-                box: Sequence[float] | None = None) -> np.ndarray:
+                box: Sequence[float] | None = None, mask_input: np.ndarray | None = None) -> np.ndarray:
+        """The mask of these prompts; ``mask_input``: the low-resolution logits of an earlier mask to refine."""
+        return self._predict(points, point_labels, box, mask_input)[0]
+
+    def add_click(self, clicks: SamClicks, point: tuple[float, float], positive: bool = True
+                  ) -> tuple[np.ndarray, SamClicks]:
+        """The mask after one more click, refined from the mask of ``clicks``, and the clicks with it."""
+        points, labels = (*clicks.points, tuple(map(float, point))), (*clicks.labels, int(positive))
+        mask, logits = self._predict(points, labels, None, clicks.logits)
+        return mask, SamClicks(points, labels, logits)
+
+    def _predict(self, points, point_labels, box, mask_input) -> tuple[np.ndarray, np.ndarray]:
         if not points and box is None:
             raise ValueError("give at least one click (points) or a box")
         points = [tuple(map(float, p)) for p in points or []]
         labels = [int(v) for v in (point_labels if point_labels is not None else [1] * len(points))]
         if len(labels) != len(points):
             raise ValueError(f"{len(points)} clicks but {len(labels)} point_labels; give one label per click")
-        box_key = None if box is None else tuple(map(float, box))
-        mask_input = self._logits if self._adds_clicks(points, labels, box_key) else None
         masks, scores, logits = self.predictor.predict(
             point_coords=np.asarray(points, np.float32) if points else None,
             point_labels=np.asarray(labels, np.int32) if points else None,
             box=None if box is None else np.asarray(box, np.float32),
             mask_input=mask_input, multimask_output=box is None and len(points) == 1)
         best = int(np.argmax(scores))
-        self._previous, self._logits = (points, labels, box_key), logits[best][None]
-        return masks[best].astype(bool)
-
-    def _adds_clicks(self, points: list, labels: list, box) -> bool:
-        if self._previous is None:
-            return False
-        old_points, old_labels, old_box = self._previous
-        n = len(old_points)
-        return box == old_box and len(points) > n and points[:n] == old_points and labels[:n] == old_labels
+        return masks[best].astype(bool), logits[best][None]
 
     def boxes(self, boxes: Sequence[Sequence[float]]) -> list[np.ndarray]:
         """One mask per box, all boxes in one ``predict_torch`` call (used by text-prompted segmentation)."""
