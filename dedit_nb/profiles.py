@@ -58,10 +58,10 @@ SETTINGS = tuple(f.name for f in fields(Profile) if f.name not in ("name", "titl
 _SD = dict(multiple=8, stage1_steps=500, stage2_steps=500, stage1_lr=1e-4, stage2_lr=5e-5, lora_lr=1e-4,
            batch_size=1, steps=50, guidance=5.0, strength=0.5, example="coffee.jpg")
 PROFILES = {p.name: p for p in [
-    Profile("offline", "the offline demo model", resolution=32, multiple=8, stage1_steps=200, stage2_steps=200,
+    Profile("offline", "the offline demo model", resolution=32, multiple=8, stage1_steps=50, stage2_steps=50,
             stage1_lr=5e-3, stage2_lr=5e-4, lora_lr=1e-4, batch_size=4, steps=25, guidance=3.0, strength=0.5,
             edge_thickness=2, example="scene_a.png", min_snr_gamma=5.0, init_tokens_from_name=True,
-            lr_warmup_steps=10, stop_when="plateau", validate_every=10, patience=3, min_delta=0.01),
+            lr_warmup_steps=10, stop_when="plateau", validate_every=10, patience=2, min_delta=0.01),
     Profile("sd1", "Stable Diffusion 1.x", resolution=512, edge_thickness=10, **_SD),
     Profile("sd2", "Stable Diffusion 2.x (512, epsilon)", resolution=512, edge_thickness=10, **_SD),
     Profile("sd2-v", "Stable Diffusion 2.x (768, v-prediction)", resolution=768, edge_thickness=15, **_SD),
