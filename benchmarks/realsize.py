@@ -43,7 +43,7 @@ from dedit_nb.profiles import EXAMPLES  # noqa: E402
 from dedit_nb.finetune import FinetuneConfig, finetune  # noqa: E402
 from dedit_nb.finetune.stopping import VALIDATION_TIMESTEPS  # noqa: E402
 from dedit_nb.profiles import PROFILES  # noqa: E402
-from dedit_nb.models import load_model  # noqa: E402
+from dedit_nb.models import OFFLINE_MODEL_DIR, load_model  # noqa: E402
 from dedit_nb.testing import _tiny_clip_tokenizer  # noqa: E402
 from dedit_nb.session import Session  # noqa: E402
 
@@ -344,6 +344,8 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-tiling", action="store_true")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {PHASES}")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "realsize"))
+    parser.add_argument("--model", help="a model folder (or offline) to use instead of the --family one built here "
+                                        "(e.g. to time the speed-ups on a CPU: --model offline --phases speedups)")
     args = parser.parse_args(argv)
     phases = set(args.phases.split(","))
     runs = Path(args.runs)
@@ -351,7 +353,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads())
 
     probe = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None else device
-    folder = runs / args.family
+    folder = OFFLINE_MODEL_DIR if args.model == "offline" else Path(args.model) if args.model else runs / args.family
     if not (folder / "model_index.json").exists():   # built in a child process: its memory is not ours to measure
         import multiprocessing
         with Phase(f"build {args.family} folder (child process)", probe):
