@@ -133,6 +133,8 @@ def mean_curve(runs: list[dict]) -> list[tuple[float, float]]:
 
 
 def report(results: dict, plot: Path | None) -> None:
+    """One line per variant over the pairs the baseline ran (every variant on the same scenes), then the
+    details, and over all of a variant's pairs where it ran more."""
     base = results.get("baseline")
     if not base:
         print("no baseline runs yet")
@@ -141,21 +143,28 @@ def report(results: dict, plot: Path | None) -> None:
     goal = np.mean([r["psnr"] for r in base.values()]) - 0.5
     curves = {}
     for name, by_pair in results.items():
-        runs = [by_pair[k] for k in sorted(by_pair, key=int)]
+        runs = [by_pair[k] for k in sorted(by_pair, key=int) if k in base]
+        if not runs:
+            continue
         passes, value = np.mean([r["passes"] for r in runs]), np.mean([r["psnr"] for r in runs])
         hits = sum(sum(r["edits"].values()) for r in runs)
-        seconds = np.mean([r["seconds"] for r in runs])
         curves[name] = mean_curve(runs)
         reach = next((p for p, v in curves[name] if v >= goal), None)
         print(f"variant {name}: passes {passes:.0f} of {base_passes:.0f} (ratio {passes / base_passes:.2f}), "
               f"recon PSNR {value:.2f} dB, edits {hits}/{len(EDITS) * len(runs)}")
         plateaus = [r["stopped"].get(s, {}).get("step") for r in runs for s in ("stage1", "stage2")
                     if r["stopped"].get(s, {}).get("reason") == "plateau"]
-        print(f"    {len(runs)} pairs, {seconds:.1f} s of finetune per pair, steps per stage "
+        print(f"    pairs {', '.join(k for k in sorted(by_pair, key=int) if k in base)}; "
+              f"{np.mean([r['seconds'] for r in runs]):.1f} s of finetune per pair (wall, shared cores); steps "
               f"{np.mean([r['steps'][0] for r in runs]):.0f} + {np.mean([r['steps'][1] for r in runs]):.0f}"
               f"{f', {len(plateaus)} plateau stops' if plateaus else ''}; within 0.5 dB of the baseline's "
               f"{goal + 0.5:.2f} dB at " + (f"{reach:.0f} passes (ratio {reach / base_passes:.2f})" if reach
                                            else "no checkpoint"))
+        if len(by_pair) > len(runs):
+            every = list(by_pair.values())
+            print(f"    all its {len(every)} pairs: passes {np.mean([r['passes'] for r in every]):.0f}, recon PSNR "
+                  f"{np.mean([r['psnr'] for r in every]):.2f} dB, edits "
+                  f"{sum(sum(r['edits'].values()) for r in every)}/{len(EDITS) * len(every)}")
     if plot:
         import matplotlib
         matplotlib.use("Agg")
