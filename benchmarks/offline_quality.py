@@ -203,60 +203,74 @@ def wrap(caption: str, width: int = 30) -> str:
     return "\n".join(lines + [line])
 
 
+EDIT_STATS = ("recon PSNR", "text", "text, held-out word", "move", "remove", "image", "preserved")
+D_EDIT_CONFIG = dict(num_tokens=3, stage1_steps=150, stage2_steps=150, stage1_lr=5e-3, stage2_lr=5e-4, batch_size=4)
+
+
+def scene_pair(rng, workdir: Path, i: int):
+    """The i-th D-Edit case: a two-object target scene and a one-object donor, each a session with its true
+    items (named by their phrases), in ``workdir``. Returns (target, donor, [target session, donor session])."""
+    target = random_scene(rng, num_objects=2)
+    donor = random_scene(rng, num_objects=1)
+    sessions = []
+    for name, scene in (("target", target), ("donor", donor)):
+        s = Session.create(workdir / f"{i}-{name}", scene.image, resolution=32, multiple=8)
+        s.set_items(0, scene.labels, ["background"] + [o.phrase for o in scene.objects])
+        sessions.append(s)
+    return target, donor, sessions
+
+
 def d_edit(model, n: int, rng, workdir: Path, sampling: dict = SAMPLING) -> dict:
-    stats = {k: [] for k in ("recon PSNR", "text", "text, held-out word", "move", "remove", "image", "preserved")}
-    held_colours = {c: w for c, words in W.COLOUR_WORDS.items() for w in words if w in W.HELD_OUT_WORDS}
-    config = FinetuneConfig(num_tokens=3, stage1_steps=150, stage2_steps=150, stage1_lr=5e-3, stage2_lr=5e-4,
-                            batch_size=4)
+    stats = {k: [] for k in EDIT_STATS}
     for i in range(n):
-        target = random_scene(rng, num_objects=2)
-        donor = random_scene(rng, num_objects=1)
-        sessions = []
-        for name, scene in (("target", target), ("donor", donor)):
-            s = Session.create(workdir / f"{i}-{name}", scene.image, resolution=32, multiple=8)
-            s.set_items(0, scene.labels, ["background"] + [o.phrase for o in scene.objects])
-            sessions.append(s)
-        finetune(model, sessions[0], config, extra_sessions=[sessions[1]], progress=False)
-        editor = Editor(model, sessions[0], progress=False, record=False)
-        original = target.image
-        results = []
-        recon = editor.reconstruct(0, **sampling, seed=i)
-        mse = ((recon.images[0].astype(float) - original) ** 2).mean()
-        stats["recon PSNR"].append(10 * np.log10(255 ** 2 / max(mse, 1e-8)))
-        obj = target.objects[0]
-        new_colour = next(c for c in OBJECT_COLOURS if c not in (obj.colour, target.background)
-                          and c not in {o.colour for o in target.objects})
-        text = editor.text(0, 1, f"a {new_colour} {obj.shape}", **sampling, seed=i, edge_thickness=2)
-        stats["text"].append(colour_share(text.images[0], target.labels == 1, new_colour) > 0.5)
-        results.append(text)
-        taken = {obj.colour, target.background} | {o.colour for o in target.objects}
-        held_colour = next(c for c in held_colours if c not in taken)
-        word = held_colours[held_colour]
-        prompt = f"a photo of * in {word}" if i % 2 == 0 else f"{W.article(word)} {word} *"
-        held_text = editor.text(0, 1, prompt, **sampling, seed=i, edge_thickness=2)
-        stats["text, held-out word"].append(colour_share(held_text.images[0], target.labels == 1, held_colour) > 0.5)
-        results.append(held_text)
-        dx, dy = (6 if obj.cx < 16 else -6), (5 if obj.cy < 16 else -5)
-        move = editor.move(0, {1: (dx, dy)}, **sampling, seed=i, edge_thickness=2)
-        _, objs = detect(move.images[0])
-        moved = [m for c, _, m in objs if c == obj.colour]
-        if moved:
-            ys, xs = np.nonzero(target.labels == 1)
-            my, mx = np.nonzero(moved[0])
-            stats["move"].append(abs(mx.mean() - xs.mean() - dx) <= 2 and abs(my.mean() - ys.mean() - dy) <= 2)
-        else:
-            stats["move"].append(False)
-        results.append(move)
-        remove = editor.remove(0, 1, **sampling, seed=i, edge_thickness=2)
-        stats["remove"].append(colour_share(remove.images[0], target.labels == 1, obj.colour) < 0.1)
-        results.append(remove)
-        image = editor.image(0, 1, 0, 1, source_session=sessions[1], **sampling, seed=i, edge_thickness=2)
-        stats["image"].append(colour_share(image.images[0], target.labels == 1, donor.objects[0].colour) > 0.5)
-        results.append(image)
-        for r in results:
-            stats["preserved"].append(all(np.array_equal(img[r.regions.hard], original[r.regions.hard])
-                                          for img in r.images))
+        target, donor, sessions = scene_pair(rng, workdir, i)
+        finetune(model, sessions[0], FinetuneConfig(**D_EDIT_CONFIG), extra_sessions=[sessions[1]], progress=False)
+        score_edits(model, sessions, target, donor, i, stats, sampling)
     return stats
+
+
+def score_edits(model, sessions, target, donor, i: int, stats: dict, sampling: dict = SAMPLING) -> None:
+    """Reconstruct the finetuned target scene and run each edit kind on it, adding to ``stats``."""
+    held_colours = {c: w for c, words in W.COLOUR_WORDS.items() for w in words if w in W.HELD_OUT_WORDS}
+    editor = Editor(model, sessions[0], progress=False, record=False)
+    original = target.image
+    results = []
+    recon = editor.reconstruct(0, **sampling, seed=i)
+    mse = ((recon.images[0].astype(float) - original) ** 2).mean()
+    stats["recon PSNR"].append(10 * np.log10(255 ** 2 / max(mse, 1e-8)))
+    obj = target.objects[0]
+    new_colour = next(c for c in OBJECT_COLOURS if c not in (obj.colour, target.background)
+                      and c not in {o.colour for o in target.objects})
+    text = editor.text(0, 1, f"a {new_colour} {obj.shape}", **sampling, seed=i, edge_thickness=2)
+    stats["text"].append(colour_share(text.images[0], target.labels == 1, new_colour) > 0.5)
+    results.append(text)
+    taken = {obj.colour, target.background} | {o.colour for o in target.objects}
+    held_colour = next(c for c in held_colours if c not in taken)
+    word = held_colours[held_colour]
+    prompt = f"a photo of * in {word}" if i % 2 == 0 else f"{W.article(word)} {word} *"
+    held_text = editor.text(0, 1, prompt, **sampling, seed=i, edge_thickness=2)
+    stats["text, held-out word"].append(colour_share(held_text.images[0], target.labels == 1, held_colour) > 0.5)
+    results.append(held_text)
+    dx, dy = (6 if obj.cx < 16 else -6), (5 if obj.cy < 16 else -5)
+    move = editor.move(0, {1: (dx, dy)}, **sampling, seed=i, edge_thickness=2)
+    _, objs = detect(move.images[0])
+    moved = [m for c, _, m in objs if c == obj.colour]
+    if moved:
+        ys, xs = np.nonzero(target.labels == 1)
+        my, mx = np.nonzero(moved[0])
+        stats["move"].append(abs(mx.mean() - xs.mean() - dx) <= 2 and abs(my.mean() - ys.mean() - dy) <= 2)
+    else:
+        stats["move"].append(False)
+    results.append(move)
+    remove = editor.remove(0, 1, **sampling, seed=i, edge_thickness=2)
+    stats["remove"].append(colour_share(remove.images[0], target.labels == 1, obj.colour) < 0.1)
+    results.append(remove)
+    image = editor.image(0, 1, 0, 1, source_session=sessions[1], **sampling, seed=i, edge_thickness=2)
+    stats["image"].append(colour_share(image.images[0], target.labels == 1, donor.objects[0].colour) > 0.5)
+    results.append(image)
+    for r in results:
+        stats["preserved"].append(all(np.array_equal(img[r.regions.hard], original[r.regions.hard])
+                                      for img in r.images))
 
 
 def detector_check(rng, n: int = 200) -> dict:

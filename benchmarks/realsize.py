@@ -41,11 +41,12 @@ from dedit_nb.attention import ItemLayout  # noqa: E402
 from dedit_nb.edits import Editor  # noqa: E402
 from dedit_nb.profiles import EXAMPLES  # noqa: E402
 from dedit_nb.finetune import FinetuneConfig, finetune  # noqa: E402
-from dedit_nb.models import load_model  # noqa: E402
-from dedit_nb.models import byte_level_clip_tokenizer  # noqa: E402
+from dedit_nb.finetune.stopping import VALIDATION_TIMESTEPS  # noqa: E402
+from dedit_nb.profiles import PROFILES  # noqa: E402
+from dedit_nb.models import OFFLINE_MODEL_DIR, byte_level_clip_tokenizer, load_model  # noqa: E402
 from dedit_nb.session import Session  # noqa: E402
 
-PHASES = ("finetune", "lora", "edits", "ratios")
+PHASES = ("finetune", "lora", "edits", "ratios", "speedups")
 RESOLUTION = {"sd15": 512, "sdxl": 1024}
 
 
@@ -288,6 +289,40 @@ def ratios(model, session: Session, config: FinetuneConfig, rounds: int, steps: 
     return train, sample
 
 
+SPEEDUPS = ("min_snr_gamma", "init_tokens_from_name", "lr_warmup_steps", "lr_schedule")
+
+
+def speedup_costs(model, session: Session, config: FinetuneConfig, rounds: int, steps: int
+                  ) -> tuple[list[float], list[float]]:
+    """Per round: (a stage-2 step with the offline profile's speed-ups / a reference step, one validation loss
+    / a reference step), each a median over ``steps`` steps of a fresh finetune of a copy of ``session``."""
+    now = timer(model.device)
+    offline = PROFILES["offline"]
+    fast = {name: getattr(offline, name) for name in SPEEDUPS}
+    variants = {"reference": dict(validate_every=0), "speed-ups": dict(fast, validate_every=0),
+                "speed-ups, validating every step": dict(fast, validate_every=1)}
+    copies = {}
+
+    def step_time(name: str) -> float:
+        marks = []
+        if name not in copies:
+            copies[name] = session.copy_to(session.folder.parent / f"speedups-{len(copies)}")
+        cfg = FinetuneConfig(**{**config.__dict__, "stage1_steps": 0, "stage2_steps": steps + 1, **variants[name]})
+        finetune(model, copies[name], cfg, progress=False, resume=False,
+                 callback=lambda p, stage, step, kw: marks.append(now()) or kw)
+        return statistics.median(np.diff(marks))
+
+    step, validation = [], []
+    for r in range(rounds):
+        order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+        times = {name: step_time(name) for name in order}
+        step.append(times["speed-ups"] / times["reference"])
+        validation.append((times["speed-ups, validating every step"] - times["speed-ups"]) / times["reference"])
+        print(f"  round {r + 1}: step with speed-ups {step[-1]:.3f}x, a validation {validation[-1]:.3f} steps",
+              flush=True)
+    return step, validation
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The workflow
 # ---------------------------------------------------------------------------------------------------------
@@ -308,6 +343,8 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-tiling", action="store_true")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {PHASES}")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "realsize"))
+    parser.add_argument("--model", help="a model folder (or offline) to use instead of the --family one built here "
+                                        "(e.g. to time the speed-ups on a CPU: --model offline --phases speedups)")
     args = parser.parse_args(argv)
     phases = set(args.phases.split(","))
     runs = Path(args.runs)
@@ -315,7 +352,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads())
 
     probe = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None else device
-    folder = runs / args.family
+    folder = OFFLINE_MODEL_DIR if args.model == "offline" else Path(args.model) if args.model else runs / args.family
     if not (folder / "model_index.json").exists():   # built in a child process: its memory is not ours to measure
         import multiprocessing
         with Phase(f"build {args.family} folder (child process)", probe):
@@ -384,6 +421,12 @@ def main(argv=None) -> None:
         with Phase("ratios", model.device):
             train, sample = ratios(model, session, config, args.rounds, args.ratio_steps)
 
+    speed = None
+    if "speedups" in phases:
+        print(f"speed-ups against the reference step ({args.rounds} rounds, alternating):", flush=True)
+        with Phase("speed-ups", model.device):
+            speed = speedup_costs(model, session, config, args.rounds, args.ratio_steps)
+
     print(f"\n{args.family}, {model.dtype}, {model.device}, working size {session.images[0].size}")
     print("| phase | wall s | peak GiB | saved |\n|---|---:|---:|---|")
     for name, wall, peak, saved in Phase.rows:
@@ -393,6 +436,16 @@ def main(argv=None) -> None:
               f"({', '.join(f'{r:.3f}' for r in train)})")
         print(f"sampling step / plain diffusers: median {statistics.median(sample):.3f} "
               f"({', '.join(f'{r:.3f}' for r in sample)})")
+    if speed:
+        step, validation = (statistics.median(v) for v in speed)
+        items = len(session.images[0].items)
+        print(f"\nstep with the offline profile's speed-ups ({', '.join(SPEEDUPS)}) / reference step: median "
+              f"{step:.3f} ({', '.join(f'{r:.3f}' for r in speed[0])}); one validation loss costs {validation:.3f} "
+              f"reference steps ({VALIDATION_TIMESTEPS} forward samples per image, {items} items)")
+        for name in ("sd1", "offline"):
+            every = PROFILES[name].validate_every
+            print(f"  validating every {every} steps ({name} profile): {step + validation / every:.3f}x a reference "
+                  f"step; UNet passes per step {config.batch_size} + {VALIDATION_TIMESTEPS / every:.2f} (validation)")
 
 
 if __name__ == "__main__":

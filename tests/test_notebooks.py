@@ -35,6 +35,9 @@ def finetuned_session(tmp_path_factory, tiny_model_dirs):
                for c in executed["cells"] for o in c.get("outputs", []))          # the loss plot and the recon
     assert any("memory: cpu memory is not checked" in "".join(o.get("text", ""))   # the memory line, before training
                for c in executed["cells"] for o in c.get("outputs", []))
+    assert any("stage 2: UNet stopped: the step limit (2)" in "".join(o.get("text", ""))  # why each stage stopped
+               for c in executed["cells"] for o in c.get("outputs", []))
+    assert s.finetune_state["stopped"]["stage2"] == {"reason": "step limit", "step": 2, "limit": 2}
     return tmp, session_dir, str(tiny_model_dirs["offline"])
 
 
@@ -216,6 +219,7 @@ def test_every_notebook_runs_with_defaults_from_an_empty_folder_on_the_installed
     config = session.finetune_state["config"]
     assert (config["stage1_lr"], config["stage2_lr"], config["batch_size"]) == \
         (offline.stage1_lr, offline.stage2_lr, offline.batch_size)
+    assert all(config[k] == getattr(offline, k) for k in ("min_snr_gamma", "init_tokens_from_name", "stop_when"))
     manifest = json.loads((tmp_path / "runs" / "edit" / "manifest.json").read_text())
     assert {k: manifest["sampling"][k] for k in ("steps", "guidance", "strength", "edge_thickness")} == \
         {"steps": offline.steps, "guidance": offline.guidance, "strength": offline.strength,

@@ -107,7 +107,8 @@ def run_workload(model: DEditModel, work: Workload, on_phase) -> None:
     import importlib
     import tempfile
     from unittest import mock
-    F = importlib.import_module("..finetune", __package__)   # the module (the package exports the function)
+    F = importlib.import_module("..finetune", __package__)
+    loop = importlib.import_module("..finetune.loop", __package__)   # where the finetune saves its checkpoints
     from ..conditioning import encode_items, latent_labels
     from ..masks import edit_regions
     from ..sampler import SamplingConfig, masked_sample
@@ -116,7 +117,7 @@ def run_workload(model: DEditModel, work: Workload, on_phase) -> None:
     config = F.FinetuneConfig(stage1_steps=2, stage2_steps=2, checkpoint_every=1000, lora=work.lora,
                               batch_size=work.batch_size, gradient_checkpointing=work.gradient_checkpointing,
                               offload_text_and_vae=work.offload_text_and_vae)
-    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(F, "save_joint_weights",
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(loop, "save_joint_weights",
                                                                  lambda *args: on_phase(next(ends))):
         session = _synthetic_session(f"{tmp}/session", *work.size, work.items)
         if work.finetune:
