@@ -18,8 +18,7 @@ After decoding, hard-region pixels are copied from the original image, so they a
 from __future__ import annotations
 
 import inspect
-import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -31,20 +30,8 @@ from . import masks as M
 from .callbacks import callback_outputs, check_callback
 from .denoiser import Denoiser
 from .images import rgb_to_tensor, tensor_to_rgb
+from .parameters import MAX_SEED, SAMPLING, SCHEDULERS, ParameterError
 from .profiles import SD1, resolve
-
-# Short names of common diffusers schedulers; any other diffusers scheduler class name works as well.
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-ancestral": "EulerAncestralDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "ddpm": "DDPMScheduler",
-}
-
-
-MAX_SEED = 2**64 - 1        # the largest seed torch.Generator takes
 
 
 @dataclass
@@ -52,46 +39,34 @@ class SamplingConfig:
     """steps: scheduler steps; guidance: classifier-free guidance scale (<= 1 disables the unconditional pass);
     strength: share of steps during which the soft band is held to the original; edge_thickness: soft band
     width in pixels; seed: image j uses seed + j; num_images: samples per edit; eta: DDIM noise (0 = DDIM);
-    scheduler: a name of :data:`SCHEDULERS` or any diffusers scheduler class name. Defaults: the Stable
-    Diffusion 1.x profile; :meth:`for_model` takes another model's. ``profile`` records how for_model chose
+    scheduler: a name of :data:`SCHEDULERS` or any diffusers scheduler class name. Checked and documented by
+    the schema :data:`parameters.SAMPLING`. Defaults: the schema's, and the Stable Diffusion 1.x profile's
+    for the settings a profile sets; :meth:`for_model` takes another model's. ``profile`` records how for_model chose
     the values (kept in every edit manifest)."""
 
     steps: int = SD1.steps
     guidance: float = SD1.guidance
     strength: float = SD1.strength
     edge_thickness: int = SD1.edge_thickness
-    seed: int = 0
-    num_images: int = 1
-    eta: float = 0.0
-    scheduler: str = "ddim"
+    seed: int = SAMPLING["seed"].default
+    num_images: int = SAMPLING["num_images"].default
+    eta: float = SAMPLING["eta"].default
+    scheduler: str = SAMPLING["scheduler"].default
     profile: dict | None = None
 
     @classmethod
     def for_model(cls, model, **settings) -> "SamplingConfig":
         """Settings for ``model`` (a loaded model, folder, hub id or "offline"): the steps, guidance, strength
         and soft band of its profile (:mod:`dedit_nb.profiles`) wherever ``settings`` leaves them out or None."""
-        resolved = resolve(model, {n: settings.pop(n, None) for n in ("steps", "guidance", "strength",
-                                                                       "edge_thickness")})
+        resolved = resolve(model, {f.name: settings.pop(f.name, None) for f in SAMPLING if f.profile})
         return cls(**resolved.values, **settings, profile=resolved.record())
 
     def __post_init__(self):
-        for name in ("steps", "guidance", "strength", "edge_thickness", "seed", "num_images", "eta"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not 0.0 <= self.strength <= 1.0:
-            raise ValueError(f"strength is a share of the steps, between 0 and 1; got {self.strength}")
-        if self.num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {self.num_images}")
-        if self.edge_thickness < 0:
-            raise ValueError(f"edge_thickness must be >= 0 pixels, got {self.edge_thickness}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-        if not 0 <= self.seed <= MAX_SEED - (self.num_images - 1):
-            raise ValueError(f"seed must be between 0 and {MAX_SEED - (self.num_images - 1)} (image j uses seed + j, "
-                             f"and torch seeds are below 2**64), got {self.seed}")
-        scheduler_class(self.scheduler)
+        SAMPLING.check(asdict(self), resolved=True)
+        if self.seed > MAX_SEED - (self.num_images - 1):
+            raise ParameterError("seed", f"should be at most {MAX_SEED - (self.num_images - 1)} with num_images="
+                                 f"{self.num_images} (image j uses seed + j, and torch seeds are below 2**64), got "
+                                 f"{self.seed}", SAMPLING.where)
 
 
 def scheduler_class(name: str):

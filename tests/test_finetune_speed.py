@@ -210,11 +210,11 @@ def test_resume_refuses_a_changed_speed_up_and_accepts_a_changed_stopping_rule()
 
 
 def test_bad_speed_up_settings_are_refused_with_the_fix():
-    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+    with pytest.raises(ValueError, match=r"FinetuneConfig.lr_schedule: 'linear' is not one of"):
         FinetuneConfig(lr_schedule="linear")
     with pytest.raises(ValueError, match="stop_when='plateau' needs validate_every >= 1"):
         FinetuneConfig(stop_when="plateau", validate_every=0)
-    with pytest.raises(ValueError, match="min_snr_gamma must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="FinetuneConfig.min_snr_gamma: should be a number >= 0"):
         FinetuneConfig(min_snr_gamma=-1)
 
 

@@ -1,21 +1,16 @@
 """Finetune settings, result and errors."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from .. import conditioning as C
+from ..parameters import FINETUNE, MAX_FINETUNE_SEED  # noqa: F401  (MAX_FINETUNE_SEED: re-exported)
 from ..profiles import SD1, resolve
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-MAX_FINETUNE_SEED = 2**32 - 1    # each step's noise is seeded from (seed, stage, step), which must stay below 2**64
-LR_SCHEDULES = ("constant", "cosine")
-STOP_WHEN = ("steps", "plateau")
 # settings a model profile holds (dedit_nb.profiles); for_model fills in those it is not given
-PROFILE_SETTINGS = ("stage1_steps", "stage2_steps", "stage1_lr", "stage2_lr", "lora_lr", "batch_size",
-                    "min_snr_gamma", "init_tokens_from_name", "lr_warmup_steps", "lr_schedule", "stop_when",
-                    "validate_every", "patience", "min_delta")
+PROFILE_SETTINGS = tuple(f.name for f in FINETUNE if f.profile)
 
 
 @dataclass
@@ -66,23 +61,7 @@ class FinetuneConfig:
         return cls(**resolved.values, **settings, profile=profile)
 
     def __post_init__(self):
-        for name in ("num_tokens", "batch_size", "grad_accum", "checkpoint_every", "lora_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("stage1_steps", "stage2_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"FinetuneConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("stage1_lr", "stage2_lr", "lora_lr"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"FinetuneConfig.{name} must be a finite number > 0, got {getattr(self, name)}")
-        if not 0 <= self.seed <= MAX_FINETUNE_SEED:
-            raise ValueError(f"FinetuneConfig.seed must be between 0 and {MAX_FINETUNE_SEED}, got {self.seed}")
-        for name in ("min_snr_gamma", "lr_warmup_steps", "validate_every", "patience", "min_delta"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ValueError(f"FinetuneConfig.{name} must be a finite number >= 0, got {getattr(self, name)}")
-        for name, choices in (("lr_schedule", LR_SCHEDULES), ("stop_when", STOP_WHEN)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"FinetuneConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
+        FINETUNE.check({f.name: getattr(self, f.name) for f in fields(self) if f.name in FINETUNE}, resolved=True)
         if self.stop_when == "plateau" and not (self.validate_every and self.patience):
             raise ValueError("stop_when='plateau' needs validate_every >= 1 and patience >= 1 (it stops on the "
                              "validation loss); set them, or stop_when='steps'")

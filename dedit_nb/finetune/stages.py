@@ -114,7 +114,7 @@ def _start_tokens_from_names(model, sessions: Sequence[Session]) -> None:
         table = slot.embedding().weight
         unknown = getattr(slot.tokenizer, "unk_token_id", None)
         for item in items:
-            words = slot.tokenizer(item.label, add_special_tokens=False).input_ids
+            words = slot.tokenizer(item.name, add_special_tokens=False).input_ids
             if words and unknown not in words:
                 rows = slot.tokenizer.convert_tokens_to_ids(item.tokens)
                 with torch.no_grad():
