@@ -86,7 +86,7 @@ def test_item_tokens_start_from_the_mean_embedding_of_their_names_words(tmp_path
                  progress=False)
         weights = s.load_weights("tokens")
         rows[init] = [[weights[f"0/{t}"] for t in item.tokens] for item in s.images[0].items]
-        names = [item.label for item in s.images[0].items]
+        names = [item.name for item in s.images[0].items]
     slot = model.text.slots[0]
     table = slot.embedding().weight
     for k in (0, 1):
