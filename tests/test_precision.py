@@ -58,6 +58,7 @@ def _check_half_precision_run(tmp_path, photo, folder, dtype, lora):
         for img in out.images:
             assert np.array_equal(img[hard], original[hard]), out.kind
             assert len(np.unique(img[out.regions.active])) > 1, out.kind             # no NaN-black image
+        assert [q["preserved_pixels_changed"] for q in out.manifest["quality"]] == [0] * len(out.images), out.kind
 
 
 @pytest.mark.parametrize("family,dtype,lora", FAST_CASES)
