@@ -53,6 +53,8 @@ CONFIRM_RUNS = 100           # a grid of more runs than this starts only when co
 MAX_RUNS = 100_000           # and one of more is refused
 MAX_GRID_VALUES = 100_000    # values in a grid file once its aliases are expanded ("billion laughs")
 CONTACT_SHEET_TILES = 400    # runs shown on the contact sheet (the index lists every run)
+# the quality figures (quality_summary's titles) under each tile; the index has them all
+CONTACT_SHEET_FIGURES = ("preserved px changed", "PSNR preserved (dB)", "seam")
 
 
 class GridError(ValueError):
@@ -329,10 +331,13 @@ def md_escape(value) -> str:
 
 def contact_sheet(results: list[RunResult], varying: list[str], path: Path, tile: int = 160) -> None:
     """One tile per run (its first image, scaled up without blurring small images), captioned with the
-    parameters that vary; failed runs are red tiles with the error."""
+    parameters that vary and the main quality figures (:data:`CONTACT_SHEET_FIGURES`); failed runs are red
+    tiles with the error."""
     cols = min(4, max(1, len(results)))
     rows = (len(results) + cols - 1) // cols
-    caption_h = 14 * max(2, len(varying) + 1)
+    figures = [[f"{k}: {summary[k]}" for k in CONTACT_SHEET_FIGURES if k in summary]
+               for summary in map(quality_summary, (r.quality for r in results))]
+    caption_h = 14 * max(2, len(varying) + 1 + max(map(len, figures), default=0))
     sheet = Image.new("RGB", (cols * tile, rows * (tile + caption_h)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, r in enumerate(results):
@@ -349,6 +354,7 @@ def contact_sheet(results: list[RunResult], varying: list[str], path: Path, tile
             for j, chunk in enumerate(_wrap(r.error or "", 26)[:8]):
                 draw.text((x + 6, y + 24 + 12 * j), chunk, fill=(90, 0, 0))
         captions = [r.name] + [f"{k}={r.parameters[k]}" for k in varying if r.parameters.get(k) is not None]
+        captions += figures[i]
         for j, text in enumerate(captions):
             draw.text((x + 4, y + tile + 2 + 14 * j), text[:28], fill="black")
     atomic_write_bytes(path, png_bytes(np.asarray(sheet)))
