@@ -176,9 +176,12 @@ def shorten(text: str, limit: int = 60) -> str:
 
 
 def edit_summary(kind: str, params: Mapping) -> str:
-    """A one-line plain-text description of an edit's parameters, e.g. ``text · item: bag · prompt: a red bag``."""
+    """A one-line plain-text description of an edit's parameters, e.g. ``text · item: bag · prompt: a red bag``;
+    a composed edit's operations one after the other (``composed: remove · item: bag + text · ...``)."""
+    if params.get("operations"):
+        return f"{kind}: " + " + ".join(edit_summary(op.get("kind", "?"), op) for op in params["operations"])
     parts = [kind]
-    for key in ("item", "prompt", "source_item", "source_image", "template"):
+    for key in ("item", "name", "prompt", "source_item", "source_image", "template"):
         if params.get(key) not in (None, ""):
             parts.append(f"{key.replace('_', ' ')}: {shorten(params[key], 40)}")
     for label, move in (params.get("moves") or {}).items():

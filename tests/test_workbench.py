@@ -79,6 +79,9 @@ def test_region_colours_and_readable_numbers():
         {"g": 5.0, "s": [0.3, 2], "n": "x", "b": True}
     summary = edit_summary("text", {"item": "gold & <b>", "prompt": "a" * 100, "item_index": 1})
     assert summary.startswith("text · item: gold & <b> · prompt: ") and summary.endswith("…") and "{" not in summary
+    composed = edit_summary("composed", {"operations": [{"kind": "remove", "item": "bag", "item_index": 1},
+                                                        {"kind": "add", "name": "hat", "prompt": "a red hat"}]})
+    assert composed == "composed: remove · item: bag + add · name: hat · prompt: a red hat"
 
 
 def test_edit_defaults_are_the_notebook_parameters():
