@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 
 from . import conditioning as C
 from .images import rgb_to_tensor
+from .parameters import FINETUNE
 from .profiles import SD1, resolve
 from .session import Session, SessionError, save_joint_weights, settle_joint
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-MAX_FINETUNE_SEED = 2**32 - 1    # each step's noise is seeded from (seed, stage, step), which must stay below 2**64
 
 
 @dataclass
@@ -68,17 +68,7 @@ class FinetuneConfig:
         return cls(**resolved.values, **settings, profile=resolved.record())
 
     def __post_init__(self):
-        for name in ("num_tokens", "batch_size", "grad_accum", "checkpoint_every", "lora_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("stage1_steps", "stage2_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"FinetuneConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("stage1_lr", "stage2_lr", "lora_lr"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"FinetuneConfig.{name} must be a finite number > 0, got {getattr(self, name)}")
-        if not 0 <= self.seed <= MAX_FINETUNE_SEED:
-            raise ValueError(f"FinetuneConfig.seed must be between 0 and {MAX_FINETUNE_SEED}, got {self.seed}")
+        FINETUNE.check({f.name: getattr(self, f.name) for f in fields(self) if f.name in FINETUNE}, resolved=True)
 
     def resumable_with(self, other: "FinetuneConfig") -> bool:
         """Whether a finetune started with ``other`` can continue under these settings (only the step

@@ -18,7 +18,8 @@ from typing import Sequence
 
 from .domain import MIN_RECON_PSNR, domain_notes, psnr, reconstruction_note
 from .edits import EDIT_KINDS, Editor, EditResult, run_edit
-from .finetune import MAX_FINETUNE_SEED, finetune
+from .finetune import finetune
+from .parameters import MAX_FINETUNE_SEED, OneLineError, ParameterError
 from .profiles import Resolved, model_facts, resolve
 from .reruns import choose_folder
 from .sampler import MAX_SEED, SCHEDULERS, SamplingConfig
@@ -26,26 +27,9 @@ from .segment import METHODS, Partition, segment_session
 from .session import Session, SessionError
 
 
-class OneLineError(Exception):
-    """An error a notebook shows as its message alone: IPython renders ``_render_traceback_`` instead of a
-    traceback whose message is at the bottom of 15 lines of library frames. Code and papermill still get
-    the exception (and papermill fails the run)."""
-
-    def _render_traceback_(self) -> list[str]:
-        return [f"\x1b[31m{type(self).__name__}: {self}\x1b[0m"]
-
-
 class NotebookStop(OneLineError, RuntimeError):
     """A notebook stopped on purpose, saying why and what to do (a photo for the offline model, an
     interrupted finetune, a session that is not finetuned yet)."""
-
-
-class ParameterError(OneLineError, ValueError):
-    """A notebook parameter with a wrong name or value."""
-
-    def __init__(self, name: str, message: str):
-        super().__init__(f"parameter {name!r}: {message}")
-        self.name = name
 
 
 @dataclass(frozen=True)
