@@ -31,18 +31,6 @@ REGION_MEANINGS = {
     "active": "generated",
 }
 
-# The interactive edit panel and 03_edit's parameters cell start from these values (a test checks that the
-# notebook's cell repeats them), and from the model profile's steps, guidance, strength and soft band.
-EDIT_DEFAULTS = {"seed": 0, "num_images": 2, "scheduler": "ddim"}
-
-
-def edit_defaults(model) -> dict:
-    """Where the edit panel starts for ``model``: its profile's sampling settings, then :data:`EDIT_DEFAULTS`."""
-    from .profiles import resolve
-    return {**resolve(model, dict.fromkeys(("strength", "guidance", "steps", "edge_thickness"))).values,
-            **EDIT_DEFAULTS}
-
-
 def item_colour(k: int) -> tuple[int, int, int]:
     return tuple(int(c) for c in ITEM_COLOURS[k % len(ITEM_COLOURS)])
 
