@@ -20,9 +20,9 @@ from . import conditioning as C
 from . import masks as M
 from .display import region_legend_handles, region_picture
 from .models import DEditModel
-from .operations import (ImageOp, MoveOp, ReconOp, RemoveOp, TextOp, mask_png, operation_from_dict,
-                         operations_from)
-from .parameters import EDIT_KINDS, OPERATIONS, ParameterError
+from .operations import (ImageOp, MoveOp, ReconOp, RemoveOp, TextOp, flat_operation, mask_png,
+                         operation_from_dict, operations_from)
+from .parameters import EDIT_KINDS  # noqa: F401 (dedit_nb.edits.EDIT_KINDS: the kinds of edit)
 from .plans import plan_edit
 from .quality import WeightedScorer, quality_record
 from .replay import ReplayError, check_request, read_request, request_record
@@ -265,16 +265,8 @@ def run_edit(editor: Editor, kind: str | None = None, image=0, item=None, prompt
     """One edit by name with flat parameters (what papermill and batch runs pass), or, when ``edits`` (a list
     of operation dicts) is given, those operations instead; ``sampling`` holds :class:`SamplingConfig`
     settings (or ``config``) and, optionally, ``callback_on_step_end`` (see :class:`Editor`)."""
-    if edits:
-        return editor.run(image, edits, priority, **sampling)
-    if kind not in OPERATIONS:
-        raise ParameterError("edit", f"unknown edit {kind!r}; choose one of {EDIT_KINDS}")
-    flat = {"item": item, "prompt": prompt, "dx": dx, "dy": dy, "scale": scale, "source_image": source_image,
-            "source_item": source_item, "source_session": source_session, "template": prompt or None,
-            "name": name, "box": box, "mask_file": mask_file}
-    op = {"kind": kind, **{f.name: flat[f.name] for f in OPERATIONS[kind] if flat.get(f.name) is not None}}
-    if kind == "image" and source_image is None:
-        raise ParameterError("source_image", "the image edit needs source_image and source_item")
-    if isinstance(source_session, Session):
-        op["source_session"] = str(source_session.folder)
-    return editor.run(image, [op], priority, **sampling)
+    if not edits:
+        edits = [flat_operation(kind, item=item, prompt=prompt, dx=dx, dy=dy, scale=scale, source_image=source_image,
+                                source_item=source_item, source_session=source_session, name=name, box=box,
+                                mask_file=mask_file)]
+    return editor.run(image, edits, priority, **sampling)

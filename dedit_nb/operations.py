@@ -143,6 +143,18 @@ def operation_from_dict(data: Mapping, base_dir: str | Path | None = None) -> Op
     return OPERATION_TYPES[kind](**values)
 
 
+def flat_operation(kind: str, **flat) -> dict:
+    """One operation's dict from the flat parameters of a single edit (03_edit's, :func:`edits.run_edit`'s):
+    the fields of ``kind`` that are given; ``prompt`` is also an image edit's ``template``."""
+    if kind not in OPERATIONS:
+        raise ParameterError("edit", f"unknown edit {kind!r}; choose one of {EDIT_KINDS}")
+    flat["template"] = flat.get("prompt") or None
+    if flat.get("source_session") is not None and not isinstance(flat["source_session"], (str, Path)):
+        flat["source_session"] = str(flat["source_session"].folder)       # a Session
+    return {"kind": kind, **{f.name: flat[f.name] for f in OPERATIONS[kind]
+                             if flat.get(f.name) is not None and flat.get(f.name) != ""}}
+
+
 def operations_from(edits: Sequence, base_dir: str | Path | None = None) -> list[Operation]:
     """A list of operations from dicts (or operations); an error names the operation's position."""
     if isinstance(edits, (Mapping, Operation)) or not edits:

@@ -44,7 +44,7 @@ class ParameterError(OneLineError, ValueError):
 
     def __init__(self, name: str, message: str, where: str | None = None):
         super().__init__(f"{where}.{name}: {message}" if where else f"parameter {name!r}: {message}")
-        self.name = name
+        self.name, self.message = name, message
 
 
 # the Python types of each field type
@@ -94,12 +94,13 @@ class Field:
         if self.choices and not self.other:
             return f"one of {self.choices}"
         what = WHAT[self.type]
-        if self.low is not None and self.high is not None:
+        ranged = self.type not in ("item", "image")      # an item or image may be a name: WHAT says it all
+        if ranged and self.low is not None and self.high is not None:
             what += f" between {self.low:g} and {self.high:g}" if self.type == "number" else \
                 f" between {self.low} and {self.high}"
-        elif self.low is not None:
+        elif ranged and self.low is not None:
             what += f" > {self.low}" if self.low_open else f" >= {self.low}"
-        elif self.high is not None:
+        elif ranged and self.high is not None:
             what += f" <= {self.high}"
         if self.profile and not resolved:
             what += " or None (the model profile's value)"
@@ -183,7 +184,7 @@ class Schema:
 
     def missing(self, values: Mapping) -> list[str]:
         """The required fields ``values`` leaves out."""
-        return [f.name for f in self.fields if f.required and values.get(f.name) is None]
+        return [f.name for f in self.fields if f.required and values.get(f.name) in (None, "")]
 
     def with_fields(self, name: str, *fields: Field, **changes: Field) -> "Schema":
         """Another schema: these fields with some replaced by name (``changes``), then ``fields`` added."""

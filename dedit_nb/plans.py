@@ -12,6 +12,7 @@ item's own template) adds nothing to the plan, so composing it with others leave
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +21,18 @@ from . import conditioning as C
 from . import masks as M
 from .operations import Operation, operation_pixels
 from .parameters import ParameterError
-from .session import ImageEntry, Session, unique_names
+from .session import ImageEntry, Session, SessionError, unique_names
+
+
+@contextlib.contextmanager
+def about(parameter: str):
+    """Tag a session or partition error raised inside with the ``parameter`` it is about (``exc.parameter``),
+    so a notebook's check can name it."""
+    try:
+        yield
+    except (SessionError, M.PartitionError) as exc:
+        exc.parameter = getattr(exc, "parameter", parameter)
+        raise
 
 
 @dataclass
@@ -54,8 +66,9 @@ class Draft:
         self.masks: dict[int, np.ndarray] = {}
         self.texts: list[str] = []
 
-    def item(self, ref) -> int:
-        return self.entry.item_index(ref)
+    def item(self, ref, parameter: str = "item") -> int:
+        with about(parameter):
+            return self.entry.item_index(ref)
 
     def claim(self, k: int, how: str) -> None:
         """Refuse a second change of the same kind to one item (two prompts, or a move and a removal)."""
@@ -126,11 +139,15 @@ def plan_text(draft: Draft, op, i: int) -> dict:
 
 def plan_image(draft: Draft, op, i: int) -> dict:
     owner = draft.session
-    if op.source_session is not None:
-        owner = Session.open(op.source_session) if isinstance(op.source_session, str) else op.source_session
-    draft.session.check_joint(owner)
-    source = owner.image(op.source_image)
-    k, sk = draft.item(op.item), source.item_index(op.source_item)
+    with about("source_session"):
+        if op.source_session is not None:
+            owner = Session.open(op.source_session) if isinstance(op.source_session, str) else op.source_session
+        draft.session.check_joint(owner)
+    with about("source_image"):
+        source = owner.image(op.source_image)
+    with about("source_item"):
+        sk = source.item_index(op.source_item)
+    k = draft.item(op.item)
     length = C.TEXT_PROMPT_LENGTH if op.template else draft.item_prompt_length
     if draft.set_prompt(k, source.items[sk].prompt(op.template), length) and op.template:
         draft.texts.append(op.template)
@@ -142,7 +159,9 @@ def plan_image(draft: Draft, op, i: int) -> dict:
 def plan_move(draft: Draft, op, i: int) -> dict:
     k = draft.item(op.item)
     mask = operation_pixels(op, draft.entry.labels.shape)
-    if draft.set_move(k, M.ItemMove(op.dx, op.dy, op.scale, mask)) and mask is not None:
+    with about("dx"):
+        moved = draft.set_move(k, M.ItemMove(op.dx, op.dy, op.scale, mask))
+    if moved and mask is not None:
         draft.masks[i] = mask
     return {"item": draft.entry.items[k].name, "item_index": k, "dx": op.dx, "dy": op.dy, "scale": op.scale,
             "mask": mask is not None}
