@@ -11,6 +11,7 @@ A grid file::
     parameters: {session_dir: runs/session_a, edit: text, item: 1}   # shared by every run
     grid: {prompt: [a green circle, a white circle], seed: [0, 1]}    # every combination
     runs: [{edit: remove}]                 # extra parameter sets, each merged over `parameters`
+    # 03's `edits` varies like any parameter: runs: [{edits: [{kind: remove, item: 1}, {kind: add, ...}]}]
 
 Each run gets its own folder ``run-NNN`` with the executed notebook and its outputs (``output_dir`` is set
 to that folder). A failing run is recorded with the failing cell and error, and the batch goes on. At the
@@ -19,7 +20,8 @@ files but no report of ours is never written into: the batch goes to the next nu
 
 A grid file is data, never code: it is read with ``yaml.safe_load`` and refused when aliases expand it past
 :data:`MAX_GRID_VALUES` values; every parameter name must be one of the notebook's parameters and every value
-plain data (text, numbers, booleans, null, lists and mappings of them), all checked before any run starts (papermill
+plain data (text, numbers, booleans, null, lists and mappings of them), checked by the notebook's parameter
+schemas (:data:`notebook.NOTEBOOK_PARAMETERS`; each operation of ``edits`` by its kind's), all before any run starts (papermill
 writes parameters into the notebook as Python). More than :data:`CONFIRM_RUNS` runs need ``--yes``; more than
 :data:`MAX_RUNS` are refused.
 """
@@ -45,6 +47,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from .notebook import NOTEBOOK_PARAMETERS, ParameterError, check_values
+from .operations import operations_from
 from .quality import quality_summary
 from .reruns import BATCH_MARKER, choose_folder
 from .session import atomic_write_bytes, png_bytes
@@ -157,6 +160,8 @@ def check_run(notebook: str | None, parameters: dict, where: str = "the run") ->
     if known is not None:
         try:
             check_values(known, parameters)
+            if parameters.get("edits") and "edits" in known:
+                operations_from(parameters["edits"])      # each operation by its kind's schema
         except ParameterError as exc:
             raise GridError(f"{where}: {exc} ({notebook})") from exc
 

@@ -273,6 +273,9 @@ def test_edit_panel_collects_operations_and_samples_them_in_one_pass(tmp_path, t
     one composed edit; a reshape starts its canvas from the item's mask; a box by coordinates adds an item."""
     from widgets import EditPanel
     model, s, labels = finetuned_halves(tmp_path, tiny_model_dirs["sd"], ["left", "right"])
+    started = EditPanel(model, s, edits=[{"kind": "remove", "item": "left"}])      # 03's edits start the list
+    assert started.operations.operations == [{"kind": "remove", "item": "left"}]
+    assert started.operations.chooser.options[0][0] == "1. remove: item='left'"
     panel = EditPanel(model, s, sampling={"steps": 2, "num_images": 1, "edge_thickness": 1})
     assert panel.sampling()["steps"] == 2 and panel.sampling()["num_images"] == 1     # 03's values, not defaults
     panel.kind.value, panel.item.value, panel.prompt.value = "text", 0, "a red bag"

@@ -69,14 +69,15 @@ class EditPanel(W.VBox):
 
     Each edit's controls are its operation's fields (:data:`dedit_nb.parameters.OPERATIONS`); the sampling
     controls are :data:`dedit_nb.parameters.SAMPLING`'s, starting from the model profile's values and
-    ``sampling`` (03_edit passes its resolved parameters). "add to list" collects operations; Generate samples
+    ``sampling`` (03_edit passes its resolved parameters). "add to list" collects operations (``edits``, a list of
+    operation dicts, starts the list); Generate samples
     the listed ones together in one pass (:meth:`Editor.run <dedit_nb.edits.Editor.run>`), or the edit the
     controls show when the list is empty. The item dropdown and the canvas share one selection; a move uses the
     moves dragged in the canvas; add and reshape draw their mask in a second canvas (or take a box).
     """
 
     def __init__(self, model, session, image=0, display_width: int = 384, edit: str = "text", item=None,
-                 prompt: str = "", sampling: dict | None = None):
+                 prompt: str = "", sampling: dict | None = None, edits: list[dict] | None = None):
         self.editor_backend = Editor(model, session)
         self.session, self.image = session, image
         self.entry = entry = session.image(image)
@@ -122,7 +123,8 @@ class EditPanel(W.VBox):
         self.strength, self.guidance, self.steps, self.edge = (c["strength"], c["guidance"], c["steps"],
                                                                c["edge_thickness"])
         self.seed, self.num_images, self.scheduler = c["seed"], c["num_images"], c["scheduler"]
-        self.operations = OperationList(self.current_operations, [it.name for it in entry.items], self.show_error)
+        self.operations = OperationList(self.current_operations, [it.name for it in entry.items], self.show_error,
+                                        edits)
         self.generate = W.Button(description="Generate", icon="magic", button_style="primary",
                                  layout=W.Layout(width="auto"))
         self.error = W.HTML()

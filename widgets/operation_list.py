@@ -28,8 +28,9 @@ class OperationList(W.VBox):
     """Operations waiting for Generate. ``collect()`` returns the operations the panel's controls describe
     now (a move: one per dragged item); "add to list" appends them, "remove" drops the chosen one."""
 
-    def __init__(self, collect: Callable[[], list[dict]], item_names: Sequence[str], on_error: Callable):
-        self.operations: list[dict] = []
+    def __init__(self, collect: Callable[[], list[dict]], item_names: Sequence[str], on_error: Callable,
+                 operations: Sequence[dict] | None = None):
+        self.operations: list[dict] = [dict(op) for op in operations or ()]
         self.collect, self.item_names, self.on_error = collect, list(item_names), on_error
         self.chooser = W.Select(options=[], rows=3, description="to do", layout=W.Layout(width="auto"))
         button = lambda text, icon, tip: W.Button(description=text, icon=icon, tooltip=tip,  # noqa: E731
