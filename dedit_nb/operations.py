@@ -118,13 +118,26 @@ def operation_from_dict(data: Mapping, base_dir: str | Path | None = None) -> Op
     kind or field, a value of the wrong type, a missing required field, or several ways of giving pixels
     fail with a :class:`ParameterError` naming it. A relative ``mask_file`` is read from ``base_dir`` (a
     saved edit's folder) when given."""
-    if isinstance(data, Operation):
+    if isinstance(data, Operation):     # made in Python (Editor.text...): checked the same way
+        values = {f.name: getattr(data, f.name) for f in fields(data)}
+        if values.get("source_session") is not None and not isinstance(values["source_session"], str):
+            values["source_session"] = str(values["source_session"].folder)      # a Session
+        check_operation(data.kind, values)
         return data
     if not isinstance(data, Mapping):
         raise ParameterError("edits", f"an operation is a dict such as {{'kind': 'move', 'item': 1, 'dx': 4}}, "
                                       f"got {data!r}")
     values = dict(data)
     kind = values.pop("kind", None)
+    check_operation(kind, values)
+    if values.get("mask_file") is not None and base_dir is not None:
+        values["mask_file"] = str(Path(base_dir) / values["mask_file"])
+    return OPERATION_TYPES[kind](**values)
+
+
+def check_operation(kind: str, values: Mapping) -> None:
+    """Check an operation's fields against ``OPERATIONS[kind]``: names, types and ranges, the required ones,
+    and its pixels given one way."""
     if kind not in OPERATIONS:
         raise ParameterError("kind", f"unknown edit {kind!r}; choose one of {EDIT_KINDS}")
     schema = OPERATIONS[kind]
@@ -138,9 +151,6 @@ def operation_from_dict(data: Mapping, base_dir: str | Path | None = None) -> Op
     if len(given) > 1 or (kind in ("add", "reshape") and not given):
         raise ParameterError("mask", f"the {kind} operation takes its pixels one way, got {given or 'none'}: "
                                      f"{MASK_HELP}")
-    if values.get("mask_file") is not None and base_dir is not None:
-        values["mask_file"] = str(Path(base_dir) / values["mask_file"])
-    return OPERATION_TYPES[kind](**values)
 
 
 def flat_operation(kind: str, **flat) -> dict:

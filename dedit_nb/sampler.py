@@ -36,18 +36,19 @@ class SamplingConfig:
     """steps: scheduler steps; guidance: classifier-free guidance scale (<= 1 disables the unconditional pass);
     strength: share of steps during which the soft band is held to the original; edge_thickness: soft band
     width in pixels; seed: image j uses seed + j; num_images: samples per edit; eta: DDIM noise (0 = DDIM);
-    scheduler: a name of :data:`SCHEDULERS` or any diffusers scheduler class name. Defaults: the Stable
-    Diffusion 1.x profile; :meth:`for_model` takes another model's. ``profile`` records how for_model chose
+    scheduler: a name of :data:`SCHEDULERS` or any diffusers scheduler class name. Checked and documented by
+    the schema :data:`parameters.SAMPLING`. Defaults: the schema's, and the Stable Diffusion 1.x profile's
+    for the settings a profile sets; :meth:`for_model` takes another model's. ``profile`` records how for_model chose
     the values (kept in every edit manifest)."""
 
     steps: int = SD1.steps
     guidance: float = SD1.guidance
     strength: float = SD1.strength
     edge_thickness: int = SD1.edge_thickness
-    seed: int = 0
-    num_images: int = 1
-    eta: float = 0.0
-    scheduler: str = "ddim"
+    seed: int = SAMPLING["seed"].default
+    num_images: int = SAMPLING["num_images"].default
+    eta: float = SAMPLING["eta"].default
+    scheduler: str = SAMPLING["scheduler"].default
     profile: dict | None = None
 
     @classmethod
