@@ -620,7 +620,7 @@ def test_edit_panel_shares_the_selection_and_hides_what_does_not_apply(tmp_path,
     assert panel.run() is not None and seen == [True] and not panel.generate.disabled   # disabled while running
     panel.kind.value, panel.prompt.value = "text", ""
     assert panel.run() is None and not panel.generate.disabled
-    assert "dedit-error" in panel.error.value and "needs a prompt" in panel.error.value
+    assert "dedit-error" in panel.error.value and "needs prompt" in panel.error.value     # the schema's word
 
 
 # --- limits of the editor and the API (issue 14.7) ------------------------------------------------------
@@ -945,7 +945,7 @@ def test_panel_state_follows_the_edit(tmp_path, tiny_model_dirs):
     assert shown_in(panel, panel.strength) and shown_in(panel, panel.edge)
     panel.prompt.value = ""
     panel.generate.click()
-    assert "needs a prompt" in panel.error.value
+    assert "needs prompt" in panel.error.value
     panel.seed.value = 3
     assert panel.error.value == ""                                           # any change clears the error
     import time

@@ -85,9 +85,11 @@ class EditPanel(W.VBox):
         # nothing to save here (moves feed the move edit, not the items): no saved marker, no 'apply moves'
         self.canvas = MaskEditor(self.state, display_width=display_width, tools=("move",), save_marker=False)
         self.canvas.apply_moves_button.layout.display = "none"
-        # add / reshape: the new mask, painted as item 1 over the rest (item 0)
+        # add / reshape: the new mask, painted as item 1 over the rest (item 0) in a second canvas, made when first
+        # needed (until then the page has one canvas's controls)
         self.drawing = ItemState(entry.working, np.zeros(entry.labels.shape, np.int32), ["rest", "new mask"])
-        self.draw_canvas = MaskEditor(self.drawing, display_width=display_width, tools=DRAW_TOOLS, save_marker=False)
+        self.draw_canvas: MaskEditor | None = None
+        self.display_width = display_width
         wide = {"description_width": "initial"}
         kinds = list(OPERATIONS)
         self.kind = W.ToggleButtons(options=kinds, value=edit, description="edit",
@@ -148,8 +150,8 @@ class EditPanel(W.VBox):
             state.observe(lambda _: setattr(self.error, "value", ""), names="version")
         column = W.VBox([self.kind, *self.controls.values(), *self.sampling_controls.values(), self.operations,
                          self.generate, self.progress, self.preview], layout=W.Layout(max_width="100%"))
-        super().__init__([W.HBox([self.canvas, self.draw_canvas, column], layout=W.Layout(flex_flow="row wrap")),
-                          self.error, self.gallery])
+        self.board = W.HBox([self.canvas, column], layout=W.Layout(flex_flow="row wrap"))
+        super().__init__([self.board, self.error, self.gallery])
         self._kind_changed()
 
     def shown_controls(self, kind: str) -> set[str]:
@@ -173,7 +175,12 @@ class EditPanel(W.VBox):
         drawing = "pixels" in used and self.pixel_source.value == "draw"
         self.box.layout.display = None if "pixels" in used and not drawing else "none"
         self.canvas.layout.display = "none" if drawing else None
-        self.draw_canvas.layout.display = None if drawing else "none"
+        if drawing and self.draw_canvas is None:
+            self.draw_canvas = MaskEditor(self.drawing, display_width=self.display_width, tools=DRAW_TOOLS,
+                                          save_marker=False)
+            self.board.children = (self.canvas, self.draw_canvas, *self.board.children[1:])
+        if self.draw_canvas is not None:
+            self.draw_canvas.layout.display = None if drawing else "none"
         if "pixels" in used:
             self._load_drawing()
         self.canvas.show_moves = "moves" in used                             # pending moves only for a move
