@@ -58,6 +58,7 @@ MAX_GRID_VALUES = 100_000    # values in a grid file once its aliases are expand
 CONTACT_SHEET_TILES = 400    # runs shown on the contact sheet (the index lists every run)
 # the quality figures (quality_summary's titles) under each tile; the index has them all
 CONTACT_SHEET_FIGURES = ("preserved px changed", "PSNR preserved (dB)", "seam")
+BITMAP_FONT_TEXT = str.maketrans({"∞": "inf", "–": "-"})     # PIL's default font has no glyph for these
 
 
 class GridError(ValueError):
@@ -340,7 +341,7 @@ def contact_sheet(results: list[RunResult], varying: list[str], path: Path, tile
     tiles with the error."""
     cols = min(4, max(1, len(results)))
     rows = (len(results) + cols - 1) // cols
-    figures = [[f"{k}: {summary[k]}" for k in CONTACT_SHEET_FIGURES if k in summary]
+    figures = [[f"{k}: {summary[k]}".translate(BITMAP_FONT_TEXT) for k in CONTACT_SHEET_FIGURES if k in summary]
                for summary in map(quality_summary, (r.quality for r in results))]
     caption_h = 14 * max(2, len(varying) + 1 + max(map(len, figures), default=0))
     sheet = Image.new("RGB", (cols * tile, rows * (tile + caption_h)), "white")

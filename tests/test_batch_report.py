@@ -115,6 +115,6 @@ def test_contact_sheet_tiles_carry_their_runs_quality_figures(tmp_path, monkeypa
     texts = [t for _, t in drawn]
     leaked = records[1]["preserved_pixels_changed"]
     assert texts.count("preserved px changed: 0") == 1 and f"preserved px changed: {leaked}" in texts
-    assert "PSNR preserved (dB): ∞" in texts and sum(t.startswith("seam: ") for t in texts) == 2
+    assert "PSNR preserved (dB): inf" in texts and sum(t.startswith("seam: ") for t in texts) == 2   # ASCII
     height = Image.open(tmp_path / "sheet.png").height
     assert all(y < height for (_, y), _ in drawn)           # every caption line on the sheet

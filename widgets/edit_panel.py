@@ -93,7 +93,7 @@ class EditPanel(W.VBox):
         wide = {"description_width": "initial"}
         kinds = list(OPERATIONS)
         self.kind = W.ToggleButtons(options=kinds, value=edit, description="edit",
-                                    tooltips=[EDIT_TIPS[k] for k in kinds], style={"button_width": "70px"})
+                                    tooltips=[EDIT_TIPS[k] for k in kinds], style={"button_width": "80px"})
         fields = {f.name: f for schema in OPERATIONS.values() for f in schema}
         self.item = W.Dropdown(options=[(f"{k}: {it.name}", k) for k, it in enumerate(entry.items)],
                                description="item")
