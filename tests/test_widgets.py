@@ -273,7 +273,9 @@ def test_edit_panel_collects_operations_and_samples_them_in_one_pass(tmp_path, t
     one composed edit; a reshape starts its canvas from the item's mask; a box by coordinates adds an item."""
     from widgets import EditPanel
     model, s, labels = finetuned_halves(tmp_path, tiny_model_dirs["sd"], ["left", "right"])
-    started = EditPanel(model, s, edits=[{"kind": "remove", "item": "left"}])      # 03's edits start the list
+    started = EditPanel(model, s, edits=[{"kind": "remove", "item": "left"}],        # 03's edits start the list
+                        sampling={"scheduler": "PNDMScheduler"})                     # any diffusers class
+    assert started.sampling()["scheduler"] == "PNDMScheduler"
     assert started.operations.operations == [{"kind": "remove", "item": "left"}]
     assert started.operations.chooser.options[0][0] == "1. remove: item='left'"
     panel = EditPanel(model, s, sampling={"steps": 2, "num_images": 1, "edge_thickness": 1})

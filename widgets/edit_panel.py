@@ -52,8 +52,8 @@ def sampling_control(field, value, size: int) -> W.Widget:
     the tooltip, starting at ``value``."""
     description = SAMPLING_LABELS.get(field.name, field.name)
     common = dict(value=value, description=description, tooltip=field.help)
-    if field.choices:
-        return W.Dropdown(options=list(field.choices), **common)
+    if field.choices:      # and a value the field takes besides them (a diffusers scheduler class name)
+        return W.Dropdown(options=list(dict.fromkeys([*field.choices, value])), **common)
     if field.widget == "slider":
         high = field.high if field.high is not None else SLIDER_HIGH[field.name]
         if field.name == "edge_thickness":
@@ -69,10 +69,9 @@ class EditPanel(W.VBox):
 
     Each edit's controls are its operation's fields (:data:`dedit_nb.parameters.OPERATIONS`); the sampling
     controls are :data:`dedit_nb.parameters.SAMPLING`'s, starting from the model profile's values and
-    ``sampling`` (03_edit passes its resolved parameters). "add to list" collects operations (``edits``, a list of
-    operation dicts, starts the list); Generate samples
-    the listed ones together in one pass (:meth:`Editor.run <dedit_nb.edits.Editor.run>`), or the edit the
-    controls show when the list is empty. The item dropdown and the canvas share one selection; a move uses the
+    ``sampling`` (03_edit passes its resolved parameters). "add to list" collects operations (``edits``, a
+    list of operation dicts, starts the list); Generate samples the listed ones together in one pass
+    (:meth:`Editor.run <dedit_nb.edits.Editor.run>`), or the edit the controls show when the list is empty. The item dropdown and the canvas share one selection; a move uses the
     moves dragged in the canvas; add and reshape draw their mask in a second canvas (or take a box).
     """
 
