@@ -30,6 +30,7 @@ from .reruns import EDIT_MARKER, choose_folder
 from .sampler import SamplingConfig, masked_sample
 from .session import Session, SessionError, atomic_write_bytes, npy_bytes, png_bytes
 
+
 @dataclass
 class EditResult:
     """Images of one edit, the regions it used, and its manifest."""

@@ -19,8 +19,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from .models import DEditModel
 from .profiles import model_facts
 from .reruns import EDIT_MARKER, holds_output
+from .session import Session
 
 REQUEST_FORMAT = 1
 
@@ -29,7 +31,7 @@ class ReplayError(ValueError):
     """A request that cannot be replayed here, naming what differs and the fix."""
 
 
-def request_record(model, session, image: str, operations: Sequence, priority, config) -> dict:
+def request_record(model: DEditModel, session: Session, image: str, operations: Sequence, priority, config) -> dict:
     """The request of one edit, as JSON-ready data (see the module's notes)."""
     sampling = asdict(config)
     return {"format": REQUEST_FORMAT, "session": str(session.folder), "session_id": session.id, "image": image,
@@ -42,8 +44,9 @@ def request_record(model, session, image: str, operations: Sequence, priority, c
 
 
 def read_request(manifest_or_folder: Mapping | str | Path) -> tuple[dict, Path | None]:
-    """The request of a manifest (a dict), or of the edit folder (or its ``manifest.json``) that holds one;
-    and that folder (None for a dict), where the request's mask files are."""
+    """The request of a manifest (a dict), of the edit folder (or its ``manifest.json``) that holds one, or a
+    request itself (``session.edit_requests()``); and that folder (None for a dict), where the request's mask
+    files are."""
     folder = None
     manifest = manifest_or_folder
     if not isinstance(manifest_or_folder, Mapping):
@@ -53,20 +56,20 @@ def read_request(manifest_or_folder: Mapping | str | Path) -> tuple[dict, Path |
             raise ReplayError(f"{folder} holds no edit manifest ({EDIT_MARKER} written by an edit): give the folder "
                               "an edit was saved to")
         manifest = json.loads((folder / EDIT_MARKER).read_text())
-    request = manifest.get("request")
+    request = manifest.get("request", manifest if "operations" in manifest else None)
     if not isinstance(request, Mapping) or request.get("format") != REQUEST_FORMAT:
         raise ReplayError("this manifest holds no request to replay (an edit from before requests were recorded, "
                           f"or another format than {REQUEST_FORMAT}): run the edit again")
     return dict(request), folder
 
 
-def check_request(request: Mapping, model, session) -> None:
+def check_request(request: Mapping, model: DEditModel, session: Session) -> None:
     """Refuse to replay ``request`` with ``model`` and ``session`` when the images would not be the same."""
     check_session(request, session)
     check_model(request, model)
 
 
-def check_session(request: Mapping, session) -> None:
+def check_session(request: Mapping, session: Session) -> None:
     """Refuse another session, or the same with other learned weights."""
     if request["session_id"] != session.id:
         raise ReplayError(f"the request is an edit of session {request['session']} (id {request['session_id']}), "
@@ -77,7 +80,7 @@ def check_session(request: Mapping, session) -> None:
                           "since, so the images would differ; replay on a copy of the session made before that")
 
 
-def check_model(request: Mapping, model) -> None:
+def check_model(request: Mapping, model: DEditModel) -> None:
     """Refuse another model, model profile or dtype."""
     differences = []
     profile = model_facts(model).profile().name
@@ -102,7 +105,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from .edits import Editor
     from .models import load_model
-    from .session import Session, SessionError
+    from .session import SessionError
     try:
         request, folder = read_request(args.edit)
         session_dir = args.session or Path(request["session"])

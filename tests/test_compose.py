@@ -175,6 +175,8 @@ def test_a_composed_edit_keeps_every_pixel_outside_its_regions_and_records_one_r
     assert result.manifest["prompts"]["hat"] == "a red hat"
     requests = Session.open(s.folder).edit_requests()
     assert len(requests) == before + 1
+    again = editor.replay(requests[-1])                      # from the history: the same request, the same bytes
+    assert all(np.array_equal(a, b) for a, b in zip(result.images, again.images))
     assert requests[-1]["operations"] == [{"kind": "move", "item": "top", "dx": 2, "dy": 1, "scale": 1.0, "mask": None,
                                            "mask_file": None}, {**edits[1]}, {**edits[2], "mask": None, "mask_file": None}]
 
@@ -190,6 +192,27 @@ def test_an_operation_composed_with_no_ops_samples_the_same_images(finetuned):
                                          {"kind": "text", "item": "top", "prompt": "*"}], seed=3, **FAST)
     assert all(np.array_equal(a, b) for a, b in zip(alone.images, with_noops.images))
     assert with_noops.kind == "composed" and alone.kind == "text"
+
+
+def test_edits_are_checked_by_field_before_any_model_loads_and_run_headless(finetuned, tmp_path):
+    from dedit_nb.notebook import check_edit_params, headless_edit
+    model, s, _ = finetuned
+    for edits, name, message in (
+            ([{"kind": "text", "item": "chair", "prompt": "a chair"}], "item", "has no item 'chair'"),
+            ([{"kind": "image", "item": 0, "source_item": 9}], "source_item", "items 0..2"),
+            ([{"kind": "recon"}, {"kind": "move", "item": "top", "dx": 10_000}], "dx", "would leave the image"),
+            ([{"kind": "remove", "item": 0}, {"kind": "move", "item": 0, "dx": 2}], "edits", "two mask changes")):
+        with pytest.raises(ParameterError) as err:
+            check_edit_params(s, "recon", edits=edits)
+        assert err.value.name == name and message in str(err.value), edits
+    with pytest.raises(ParameterError, match="parameter 'steps': should be an integer >= 1, got 0"):
+        check_edit_params(s, "recon", steps=0)
+    config = check_edit_params(s, "recon", edits=[{"kind": "remove", "item": "top"}], seed=4, **FAST)
+    result = headless_edit(model, s, "text", tmp_path / "out", edits=[{"kind": "remove", "item": "top"},
+                                                                     {"kind": "text", "item": 0, "prompt": "a cup"}],
+                           record=False, config=config)
+    saved = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert saved["kind"] == "composed" and saved["sampling"]["seed"] == 4 and result.manifest["seeds"] == [4]
 
 
 def test_add_and_reshape_through_the_editor(finetuned, tmp_path):
