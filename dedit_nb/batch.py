@@ -11,6 +11,7 @@ A grid file::
     parameters: {session_dir: runs/session_a, edit: text, item: 1}   # shared by every run
     grid: {prompt: [a green circle, a white circle], seed: [0, 1]}    # every combination
     runs: [{edit: remove}]                 # extra parameter sets, each merged over `parameters`
+    # 03's `edits` varies like any parameter: runs: [{edits: [{kind: remove, item: 1}, {kind: add, ...}]}]
 
 Each run gets its own folder ``run-NNN`` with the executed notebook and its outputs (``output_dir`` is set
 to that folder). A failing run is recorded with the failing cell and error, and the batch goes on. At the
@@ -19,7 +20,8 @@ files but no report of ours is never written into: the batch goes to the next nu
 
 A grid file is data, never code: it is read with ``yaml.safe_load`` and refused when aliases expand it past
 :data:`MAX_GRID_VALUES` values; every parameter name must be one of the notebook's parameters and every value
-plain data (text, numbers, booleans, null, lists and mappings of them), all checked before any run starts (papermill
+plain data (text, numbers, booleans, null, lists and mappings of them), checked by the notebook's parameter
+schemas (:data:`notebook.NOTEBOOK_PARAMETERS`; each operation of ``edits`` by its kind's), all before any run starts (papermill
 writes parameters into the notebook as Python). More than :data:`CONFIRM_RUNS` runs need ``--yes``; more than
 :data:`MAX_RUNS` are refused.
 """
@@ -45,6 +47,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from .notebook import NOTEBOOK_PARAMETERS, ParameterError, check_values
+from .operations import operations_from
 from .quality import quality_summary
 from .reruns import BATCH_MARKER, choose_folder
 from .session import atomic_write_bytes, png_bytes
@@ -53,6 +56,9 @@ CONFIRM_RUNS = 100           # a grid of more runs than this starts only when co
 MAX_RUNS = 100_000           # and one of more is refused
 MAX_GRID_VALUES = 100_000    # values in a grid file once its aliases are expanded ("billion laughs")
 CONTACT_SHEET_TILES = 400    # runs shown on the contact sheet (the index lists every run)
+# the quality figures (quality_summary's titles) under each tile; the index has them all
+CONTACT_SHEET_FIGURES = ("preserved px changed", "PSNR preserved (dB)", "seam")
+BITMAP_FONT_TEXT = str.maketrans({"∞": "inf", "–": "-"})     # PIL's default font has no glyph for these
 
 
 class GridError(ValueError):
@@ -155,6 +161,8 @@ def check_run(notebook: str | None, parameters: dict, where: str = "the run") ->
     if known is not None:
         try:
             check_values(known, parameters)
+            if parameters.get("edits") and "edits" in known:
+                operations_from(parameters["edits"])      # each operation by its kind's schema
         except ParameterError as exc:
             raise GridError(f"{where}: {exc} ({notebook})") from exc
 
@@ -329,10 +337,13 @@ def md_escape(value) -> str:
 
 def contact_sheet(results: list[RunResult], varying: list[str], path: Path, tile: int = 160) -> None:
     """One tile per run (its first image, scaled up without blurring small images), captioned with the
-    parameters that vary; failed runs are red tiles with the error."""
+    parameters that vary and the main quality figures (:data:`CONTACT_SHEET_FIGURES`); failed runs are red
+    tiles with the error."""
     cols = min(4, max(1, len(results)))
     rows = (len(results) + cols - 1) // cols
-    caption_h = 14 * max(2, len(varying) + 1)
+    figures = [[f"{k}: {summary[k]}".translate(BITMAP_FONT_TEXT) for k in CONTACT_SHEET_FIGURES if k in summary]
+               for summary in map(quality_summary, (r.quality for r in results))]
+    caption_h = 14 * max(2, len(varying) + 1 + max(map(len, figures), default=0))
     sheet = Image.new("RGB", (cols * tile, rows * (tile + caption_h)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, r in enumerate(results):
@@ -349,6 +360,7 @@ def contact_sheet(results: list[RunResult], varying: list[str], path: Path, tile
             for j, chunk in enumerate(_wrap(r.error or "", 26)[:8]):
                 draw.text((x + 6, y + 24 + 12 * j), chunk, fill=(90, 0, 0))
         captions = [r.name] + [f"{k}={r.parameters[k]}" for k in varying if r.parameters.get(k) is not None]
+        captions += figures[i]
         for j, text in enumerate(captions):
             draw.text((x + 4, y + tile + 2 + 14 * j), text[:28], fill="black")
     atomic_write_bytes(path, png_bytes(np.asarray(sheet)))

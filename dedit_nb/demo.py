@@ -3,8 +3,9 @@
     python -m dedit_nb.demo [--output runs/demo]
 
 It runs the notebooks headless with papermill, as a user's batch would: 01_segment on both bundled scenes,
-02_finetune on them jointly, then 03_edit for reconstruct, text, move, remove and image edits, collected
-with a contact sheet and an index under ``runs/demo/edits``.
+02_finetune on them jointly, then 03_edit for reconstruct, text, move, remove and image edits, a composed
+edit (a recolour and a removal in one pass) and an added item, collected with a contact sheet (each tile with
+its quality figures) and an index under ``runs/demo/edits``.
 """
 from __future__ import annotations
 
@@ -32,6 +33,17 @@ def _item(session, colour: str) -> str:
     raise RuntimeError(f"no {colour} item among {labels}; the offline segmenter changed?")
 
 
+def _title(p: dict) -> str:
+    """A short title of a demo run from its 03 parameters (a composed run: its operations joined by +)."""
+    if p.get("edits"):
+        return " + ".join(_title({"edit": op["kind"], **op}) for op in p["edits"])
+    item = str(p.get("item", "")).split(",")[0]
+    detail = {"text": f"'{p.get('prompt')}'", "move": f"{item} dx={p.get('dx')} dy={p.get('dy')}",
+              "remove": item, "image": "circle <- green triangle's item", "recon": "",
+              "add": f"'{p.get('prompt')}' at {p.get('box')}"}.get(p["edit"], "")
+    return f"{p['edit']} {detail}".strip()
+
+
 def overview(results, path: Path) -> None:
     """The two bundled scenes and each edit's first image side by side, titled (the README's picture)."""
     import matplotlib
@@ -41,12 +53,7 @@ def overview(results, path: Path) -> None:
     tiles = [("scene_a (edited)", EXAMPLES / "scene_a.png"), ("scene_b (lends an item)", EXAMPLES / "scene_b.png")]
     for r in results:
         if r.ok and r.images:
-            p = r.parameters
-            item = p.get("item", "").split(",")[0]
-            detail = {"text": f"'{p.get('prompt')}'", "move": f"{item} dx={p.get('dx')} dy={p.get('dy')}",
-                      "remove": item, "image": "circle <- green triangle's item",
-                      "recon": ""}.get(p["edit"], "")
-            tiles.append((f"{p['edit']} {detail}".strip(), Path(r.folder) / r.images[0]))
+            tiles.append((_title(r.parameters), Path(r.folder) / r.images[0]))
     fig, axes = plt.subplots(1, len(tiles), figsize=(2.2 * len(tiles), 2.6))
     for ax, (title, file) in zip(axes, tiles):
         ax.imshow(Image.open(file), interpolation="nearest")
@@ -93,7 +100,11 @@ def main(argv=None) -> int:
                      {"edit": "text", "item": blue, "prompt": "a purple square"},
                      {"edit": "move", "item": blue, "dx": -12, "dy": 10},
                      {"edit": "remove", "item": red},
-                     {"edit": "image", "item": red, "source_session": str(out / "scene_b"), "source_item": green}]}
+                     {"edit": "image", "item": red, "source_session": str(out / "scene_b"), "source_item": green},
+                     {"edits": [{"kind": "text", "item": red, "prompt": "a purple circle"},
+                                {"kind": "remove", "item": blue}]},
+                     {"edits": [{"kind": "add", "name": "green square", "prompt": "a green square",
+                                 "box": [2, 2, 12, 12]}]}]}
     start = time.time()
     results = run_batch(spec)
     timings["edits"] = time.time() - start

@@ -31,18 +31,6 @@ REGION_MEANINGS = {
     "active": "generated",
 }
 
-# The interactive edit panel and 03_edit's parameters cell start from these values (a test checks that the
-# notebook's cell repeats them), and from the model profile's steps, guidance, strength and soft band.
-EDIT_DEFAULTS = {"seed": 0, "num_images": 2, "scheduler": "ddim"}
-
-
-def edit_defaults(model) -> dict:
-    """Where the edit panel starts for ``model``: its profile's sampling settings, then :data:`EDIT_DEFAULTS`."""
-    from .profiles import resolve
-    return {**resolve(model, dict.fromkeys(("strength", "guidance", "steps", "edge_thickness"))).values,
-            **EDIT_DEFAULTS}
-
-
 def item_colour(k: int) -> tuple[int, int, int]:
     return tuple(int(c) for c in ITEM_COLOURS[k % len(ITEM_COLOURS)])
 
@@ -176,9 +164,12 @@ def shorten(text: str, limit: int = 60) -> str:
 
 
 def edit_summary(kind: str, params: Mapping) -> str:
-    """A one-line plain-text description of an edit's parameters, e.g. ``text · item: bag · prompt: a red bag``."""
+    """A one-line plain-text description of an edit's parameters, e.g. ``text · item: bag · prompt: a red bag``;
+    a composed edit's operations one after the other (``composed: remove · item: bag + text · ...``)."""
+    if params.get("operations"):
+        return f"{kind}: " + " + ".join(edit_summary(op.get("kind", "?"), op) for op in params["operations"])
     parts = [kind]
-    for key in ("item", "prompt", "source_item", "source_image", "template"):
+    for key in ("item", "name", "prompt", "source_item", "source_image", "template"):
         if params.get(key) not in (None, ""):
             parts.append(f"{key.replace('_', ' ')}: {shorten(params[key], 40)}")
     for label, move in (params.get("moves") or {}).items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -21,12 +21,13 @@ from .finetune import finetune
 from .masks import PartitionError
 from .models import DEditModel
 from .operations import flat_operation, operation_from_dict, operations_from
-from .parameters import MAX_FINETUNE_SEED, SAMPLING, OneLineError, ParameterError, closest
+from .parameters import (EDITS, FINETUNE, OPERATIONS, SAMPLING, SEGMENTATION, Field, OneLineError, ParameterError,
+                         closest)
 from .plans import plan_edit
 from .profiles import Resolved, model_facts, resolve
 from .reruns import choose_folder
 from .sampler import MAX_SEED, SCHEDULERS, SamplingConfig
-from .segment import METHODS
+from .segment import METHODS, Partition, segment_session
 from .session import Session, SessionError
 
 if TYPE_CHECKING:
@@ -38,95 +39,45 @@ class NotebookStop(OneLineError, RuntimeError):
     interrupted finetune, a session that is not finetuned yet)."""
 
 
-@dataclass(frozen=True)
-class Check:
-    """What one parameter may be: its types, an optional range, choices, and whether None is allowed."""
-
-    kinds: tuple[type, ...]
-    what: str                          # e.g. "an integer >= 1", for the error message
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False             # low itself is not allowed
-    choices: tuple = ()
-    optional: bool = False
-
-    def __call__(self, name: str, value, papermill: bool = False) -> None:
-        if value is None and self.optional:
-            return
-        typed = isinstance(value, self.kinds) and not (isinstance(value, bool) and bool not in self.kinds)
-        if isinstance(value, list) and typed and list in self.kinds:
-            typed = all(isinstance(v, str) for v in value)
-        if not typed:
-            hint = ""
-            if papermill and isinstance(value, str) and (int in self.kinds or float in self.kinds):
-                hint = (f" (a string: papermill's -r passes values as text; pass it with -p {name} {value}, "
-                        "which reads numbers)")
-            raise ParameterError(name, f"should be {self.what}, got {value!r}{hint}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ParameterError(name, f"should be {self.what}, got {value!r} (not a finite number)")
-        if self.choices and value not in self.choices:
-            raise ParameterError(name, f"{value!r} is not one of {self.choices}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-                raise ParameterError(name, f"should be {self.what}, got {value!r}")
-            if self.high is not None and value > self.high:
-                raise ParameterError(name, f"should be {self.what}, got {value!r}")
+def _text(name: str, optional: bool = False) -> Field:
+    return Field(name, "text", optional=optional)
 
 
-def integer(low: int | None = None, high: int | None = None) -> Check:
-    what = "an integer" + (f" >= {low}" if low is not None else "") + (f" <= {high}" if high is not None else "")
-    return Check((int,), what, low, high)
+def _flag(name: str) -> Field:
+    return Field(name, "bool", False, widget="checkbox")
 
 
-def number(low: float | None = None, high: float | None = None, low_open: bool = False) -> Check:
-    bound = (f" > {low}" if low_open else f" >= {low}") if low is not None else ""
-    what = "a number" + (f" between {low} and {high}" if low is not None and high is not None else bound)
-    return Check((int, float), what, low, high, low_open)
+def _fields(*fields: Field) -> dict[str, Field]:
+    return {f.name: f for f in fields}
 
 
-def text(optional: bool = False, choices: tuple = ()) -> Check:
-    what = f"one of {choices}" if choices else "a string" + (" or None" if optional else "")
-    return Check((str,), what, choices=choices, optional=optional)
-
-
-FLAG = Check((bool,), "True or False")
-ITEM = Check((int, str), "an item index or name", low=0, optional=True)
-IMAGE = Check((int, str), "an image index (>= 0) or name", low=0)
-
-NOTEBOOK_PARAMETERS: dict[str, dict[str, Check]] = {
-    "01_segment": {
-        "image_path": text(optional=True), "session_dir": text(), "model": text(), "resolution": integer(8),
-        "multiple": integer(1),
-        "segmenter": text(choices=METHODS), "num_items": integer(1), "checkpoint": text(optional=True),
-        "panoptic_model": text(optional=True), "detector": text(optional=True), "text": text(),
-        "overwrite": FLAG, "interactive": FLAG},
-    "02_finetune": {
-        "session_dir": text(), "model": text(), "num_tokens": integer(1), "stage1_steps": integer(0),
-        "stage2_steps": integer(0), "stage1_lr": number(0, low_open=True), "stage2_lr": number(0, low_open=True),
-        "lora": FLAG, "lora_lr": number(0, low_open=True), "batch_size": integer(1),
-        "extra_sessions": Check((list,), "a list of session folders, e.g. ['runs/session_b']"),
-        "seed": integer(0, MAX_FINETUNE_SEED), "recon_steps": integer(1), "recon_guidance": number(0),
-        "device": text(optional=True), "resume": FLAG, "force": FLAG, "auto_memory": FLAG},
-    "03_edit": {
-        "session_dir": text(), "model": text(), "edit": text(choices=EDIT_KINDS), "item": ITEM, "prompt": text(),
-        "dx": number(), "dy": number(), "scale": number(0, low_open=True), "source_session": text(optional=True),
-        "source_image": IMAGE, "source_item": ITEM, "strength": number(0, 1), "guidance": number(0),
-        "steps": integer(1), "edge_thickness": integer(0), "seed": integer(0, MAX_SEED), "num_images": integer(1),
-        "scheduler": text(choices=tuple(SCHEDULERS)), "output_dir": text(), "overwrite": FLAG, "device": text(optional=True),
-        "auto_memory": FLAG, "interactive": FLAG, "batch_grid": text(optional=True)},
+# A notebook's parameters, in the order of its parameters cell: the fields of the API's schemas
+# (dedit_nb.parameters) and a few of the notebooks' own (folders, model, switches). 03's single-edit
+# parameters are the operations' fields, each optional (an edit leaves the others' unused).
+EDIT_FIELDS = {f.name: replace(f, optional=True) for schema in OPERATIONS.values() for f in schema}
+NOTEBOOK_PARAMETERS: dict[str, dict[str, Field]] = {
+    "01_segment": _fields(_text("image_path", optional=True), _text("session_dir"), _text("model"), *SEGMENTATION,
+                          _flag("overwrite"), _flag("interactive")),
+    "02_finetune": _fields(
+        _text("session_dir"), _text("model"),
+        *(FINETUNE[n] for n in ("num_tokens", "stage1_steps", "stage2_steps", "stage1_lr", "stage2_lr", "lora",
+                                "lora_lr", "batch_size")),
+        Field("extra_sessions", "paths", [], "sessions finetuned jointly with this one"), FINETUNE["seed"],
+        replace(SAMPLING["steps"], name="recon_steps"), replace(SAMPLING["guidance"], name="recon_guidance"),
+        _text("device", optional=True), _flag("resume"), _flag("force"), _flag("auto_memory")),
+    "03_edit": _fields(
+        _text("session_dir"), _text("model"), Field("edit", "text", "text", choices=EDIT_KINDS),
+        *(EDIT_FIELDS[n] for n in ("item", "prompt", "dx", "dy", "scale", "source_session", "source_image",
+                                   "source_item", "name", "box", "mask_file")), EDITS,
+        *(SAMPLING[n] for n in ("strength", "guidance", "steps", "edge_thickness", "seed", "num_images",
+                                "scheduler")),
+        _text("output_dir"), _flag("overwrite"), _text("device", optional=True), _flag("auto_memory"),
+        _flag("interactive"), _text("batch_grid", optional=True)),
 }
 # Parameters a model profile sets (dedit_nb.profiles): None, their default, takes the profile's value. Each
-# maps to the profile setting it stands for.
+# maps to the profile setting it stands for (its field's ``profile``).
 PROFILE_PARAMETERS: dict[str, dict[str, str]] = {
-    "01_segment": {"resolution": "resolution", "multiple": "multiple"},
-    "02_finetune": {**{n: n for n in ("stage1_steps", "stage2_steps", "stage1_lr", "stage2_lr", "lora_lr",
-                                      "batch_size")}, "recon_steps": "steps", "recon_guidance": "guidance"},
-    "03_edit": {n: n for n in ("strength", "guidance", "steps", "edge_thickness")},
-}
-NOTEBOOK_PARAMETERS = {
-    notebook: {name: replace(check, what=f"{check.what} or None (the model profile's value)", optional=True)
-               if name in PROFILE_PARAMETERS[notebook] else check for name, check in spec.items()}
-    for notebook, spec in NOTEBOOK_PARAMETERS.items()}
+    notebook: {name: f.profile for name, f in spec.items() if f.profile} for notebook, spec in NOTEBOOK_PARAMETERS.items()}
 RECON_CHECK = "reconstruction-check"   # the history record of 02's reconstruction PSNR
 PAPERMILL_MARK = "# Parameters"        # the comment papermill's Python translator opens its injected cell with
 
@@ -142,13 +93,13 @@ def check_parameters(notebook: str, namespace: dict) -> None:
     check_values(spec, {name: namespace.get(name) for name in spec}, papermill=bool(injected))
 
 
-def check_values(spec: dict[str, Check], values: dict, papermill: bool = False) -> None:
+def check_values(spec: dict[str, Field], values: dict, papermill: bool = False) -> None:
     """Check named values against ``spec``; a name not in it fails, naming the closest one. ``papermill``:
     the values came from papermill's command line (its -r/-p advice applies)."""
     for name, value in values.items():
         if name not in spec:
             raise ParameterError(name, f"unknown parameter{closest(name, list(spec))}")
-        spec[name](name, value, papermill)
+        spec[name].check(value, papermill)
 
 
 def injected_names(namespace: dict) -> list[str]:

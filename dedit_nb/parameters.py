@@ -50,11 +50,13 @@ class ParameterError(OneLineError, ValueError):
 # the Python types of each field type
 KINDS: dict[str, tuple[type, ...]] = {
     "int": (int,), "number": (int, float), "text": (str,), "bool": (bool,), "item": (int, str),
-    "image": (int, str), "paths": (list,), "box": (list, tuple), "mask": (object,), "record": (dict,)}
+    "image": (int, str), "paths": (list,), "box": (list, tuple), "mask": (object,), "record": (dict,),
+    "operations": (list,)}
 WHAT = {"int": "an integer", "number": "a number", "text": "a string", "bool": "True or False",
         "item": "an item index or name", "image": "an image index (>= 0) or name",
         "paths": "a list of folders, e.g. ['runs/session_b']", "box": "a box [x0, y0, x1, y1] in pixels",
-        "mask": "a boolean mask (H, W)", "record": "a record (dict)"}
+        "mask": "a boolean mask (H, W)", "record": "a record (dict)",
+        "operations": "a list of operation dicts, e.g. [{'kind': 'move', 'item': 1, 'dx': 4}]"}
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ class Field:
         typed = isinstance(value, self.kinds) and not (isinstance(value, bool) and bool not in self.kinds)
         if typed and self.type == "paths":
             typed = all(isinstance(v, str) for v in value)
+        if typed and self.type == "operations":      # each checked by its kind's schema (operations_from)
+            typed = all(isinstance(v, Mapping) for v in value)
         if typed and self.type == "mask":
             typed = getattr(value, "ndim", None) == 2
         if typed and self.type == "box":
@@ -316,3 +320,6 @@ OPERATIONS: dict[str, Schema] = {
     "reshape": Schema("reshape", (ITEM, *MASK_FIELDS)),
 }
 EDIT_KINDS = tuple(OPERATIONS)
+EDITS = Field("edits", "operations", None, "several operations sampled together in one pass (instead of the single "
+              "edit's parameters), e.g. [{'kind': 'move', 'item': 1, 'dx': 4}, {'kind': 'remove', 'item': 2}]",
+              "none", optional=True)

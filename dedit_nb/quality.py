@@ -22,8 +22,10 @@ edit: the union of its operations' regions) and returns plain numbers for ``mani
   absolute change in levels.
 
 Scores that need networks (:data:`WEIGHTED_SCORES`) are computed only by a :class:`WeightedScorer` built from
-local weights the user passes (``metrics_weights={...}``); otherwise the record says in one line that they are
-unavailable.
+local weights the user passes (``metrics_weights={...}``; formats in :mod:`dedit_nb.perceptual`), under
+``weight_scores``: ``lpips_piebench`` (LPIPS of both images multiplied by the preserved mask, as PIE-Bench scores
+background preservation), ``clip_text_image`` and ``dino_structure_distance`` (whole images); otherwise the
+record says in one line that they are unavailable.
 """
 from __future__ import annotations
 
@@ -41,9 +43,12 @@ SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2               # K1, K2 for data range 1
 SEAM_RING = 3                                         # pixels each side of the border whose steps are "inside"
 
 WEIGHTED_SCORES = {"clip": "CLIP text-image score (100 x cosine, as torchmetrics' CLIPScore), a transformers "
-                           "CLIPModel folder with its tokenizer"}
+                           "CLIPModel folder with its tokenizer",
+                   "lpips": "LPIPS of the masked images (PIE-Bench's convention), a folder of config.json, "
+                            "backbone.safetensors and linear.safetensors (dedit_nb.perceptual)",
+                   "dino": "DINO structure distance of the whole images, a transformers ViTModel or Dinov2Model folder"}
 UNAVAILABLE = ("weight-based scores (LPIPS, CLIP text-image, DINO structure) unavailable: pass "
-               "metrics_weights={'clip': FOLDER} with local weights to compute them")
+               "metrics_weights={'lpips': FOLDER, 'clip': FOLDER, 'dino': FOLDER} with local weights to compute them")
 
 
 def quality_record(original: np.ndarray, edited: np.ndarray, regions, text: str | None = None,
@@ -213,11 +218,20 @@ class WeightedScorer:
                                         f"folder of {WEIGHTED_SCORES[name]}")
             self.folders[name] = folder
         self._clip = None
+        from . import perceptual       # torch and torchvision: only when weights are passed
+        self.lpips = perceptual.LPIPS.from_folder(self.folders["lpips"]) if "lpips" in self.folders else None
+        self.dino = perceptual.DinoStructure(self.folders["dino"]) if "dino" in self.folders else None
 
     def __call__(self, original: np.ndarray, edited: np.ndarray, regions, text: str | None) -> dict:
         scores = {}
+        if self.lpips is not None:
+            keep = ~(np.asarray(regions.active, bool) | np.asarray(regions.soft, bool))
+            scores["lpips_piebench"] = self.lpips(original * keep[..., None], edited * keep[..., None]) \
+                if keep.any() else None
         if "clip" in self.folders:
             scores["clip_text_image"] = self.clip_score(edited, text) if text else None
+        if self.dino is not None:
+            scores["dino_structure_distance"] = self.dino(original, edited)
         return scores
 
     def clip_score(self, image: np.ndarray, text: str) -> float:

@@ -91,3 +91,30 @@ def test_a_rerun_into_the_same_folder_lists_only_its_own_images(tmp_path):
     assert _written_images(tmp_path) == ["image_0.png"]
     (tmp_path / "manifest.json").unlink()
     assert _written_images(tmp_path) == []                                  # a failed run wrote none
+
+
+def test_contact_sheet_tiles_carry_their_runs_quality_figures(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import ImageDraw
+    from dedit_nb import masks as M
+    from dedit_nb.batch import contact_sheet
+    from dedit_nb.quality import quality_record
+    original = np.zeros((24, 24, 3), np.uint8)
+    active = np.zeros((24, 24), bool)
+    active[8:16, 8:16] = True
+    edited = original.copy()
+    edited[active] = 200
+    from PIL import Image
+    Image.fromarray(edited).save(tmp_path / "a.png")
+    records = [quality_record(original, img, M.edit_regions(active, 2)) for img in (edited, edited + 1)]
+    drawn = []
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, **kw: drawn.append((xy, text)))
+    results = [RunResult(f"run-00{i}", {"seed": i}, True, str(tmp_path), images=["a.png"], quality=q)
+               for i, q in enumerate(records)] + [RunResult("run-002", {"seed": 2}, False, str(tmp_path), error="x")]
+    contact_sheet(results, ["seed"], tmp_path / "sheet.png")
+    texts = [t for _, t in drawn]
+    leaked = records[1]["preserved_pixels_changed"]
+    assert texts.count("preserved px changed: 0") == 1 and f"preserved px changed: {leaked}" in texts
+    assert "PSNR preserved (dB): inf" in texts and sum(t.startswith("seam: ") for t in texts) == 2   # ASCII
+    height = Image.open(tmp_path / "sheet.png").height
+    assert all(y < height for (_, y), _ in drawn)           # every caption line on the sheet

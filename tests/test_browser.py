@@ -336,7 +336,7 @@ def test_edit_panel_in_jupyterlab(jupyter, tmp_path, tiny_model_dirs):
         generate.click()
         error = output.locator(".dedit-error")
         error.wait_for(state="visible", timeout=30_000)
-        assert "needs a prompt" in error.inner_text()
+        assert "needs prompt" in error.inner_text()
         assert error.evaluate("el => getComputedStyle(el).color") == "rgb(176, 0, 32)"   # styled as an error
         output.locator("select").first.select_option(index=1)
         page.wait_for_function("() => /right & <b>side/.test(document.querySelector('.dedit-status').textContent)",

@@ -39,6 +39,11 @@ EDITS = {
     "move-two": lambda ed, **kw: ed.move(0, {"top": (0, 3), "left": (2, 0)}, priority=["left", "top"], **SAMPLING,
                                          **kw),
     "remove": lambda ed, **kw: ed.remove(0, "top", **SAMPLING, **kw),
+    "add": lambda ed, **kw: ed.add(0, "a red hat", box=[2, 2, 12, 10], name="hat", **SAMPLING, **kw),
+    "reshape": lambda ed, **kw: ed.reshape(0, "top", box=[0, 0, 24, 12], **SAMPLING, **kw),
+    "composed": lambda ed, **kw: ed.run(0, [{"kind": "move", "item": "top", "dx": 2, "dy": 1},
+                                            {"kind": "add", "name": "hat", "prompt": "a red hat",
+                                             "box": [40, 30, 60, 44]}], **SAMPLING, **kw),
 }
 
 
@@ -62,9 +67,9 @@ def test_every_edit_holds_the_hard_region_in_latents_and_keeps_its_pixels_exactl
             assert img.shape == original.shape and img.dtype == np.uint8
             assert np.array_equal(img[r.hard], original[r.hard]), name
         assert [q["preserved_pixels_changed"] for q in result.manifest["quality"]] == [0], name
-        assert M.check_labels(result.labels, 3) is not None
+        assert M.check_labels(result.labels, len(result.manifest["prompts"])) is not None
     assert [h["kind"] for h in Session.open(s.folder).history] == \
-        ["text", "text", "image", "image", "move", "move", "move", "remove"]
+        ["text", "text", "image", "image", "move", "move", "move", "remove", "add", "reshape", "composed"]
 
 
 def test_run_edit_passes_the_step_hook_and_scheduler_through(finetuned):

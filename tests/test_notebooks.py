@@ -59,6 +59,32 @@ def test_edit_notebook_writes_outputs_matching_its_parameters(finetuned_session)
     assert "memory: cpu memory is not checked" in printed(tmp / "03.ipynb")   # the memory line, before sampling
 
 
+def test_edit_notebook_samples_its_edits_in_one_pass_and_refuses_a_bad_operation_early(finetuned_session):
+    import numpy as np
+    import papermill as pm
+    tmp, session_dir, model = finetuned_session
+    out = tmp / "composed"
+    edits = [{"kind": "text", "item": 1, "prompt": "a white circle"}, {"kind": "remove", "item": 2},
+             {"kind": "add", "name": "square", "prompt": "a green square", "box": [2, 2, 10, 8]}]
+    execute("03_edit.ipynb", tmp / "03-composed.ipynb", session_dir=str(session_dir), model=model, edits=edits,
+            steps=2, num_images=1, edge_thickness=1, output_dir=str(out), interactive=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "composed"
+    assert [op["kind"] for op in manifest["request"]["operations"]] == ["text", "remove", "add"]
+    labels = np.load(out / "labels.npy")
+    assert (labels == 3).sum() == 8 * 6 and (labels[2:8, 2:10] == 3).all() and not (labels == 2).any()
+    assert manifest["quality"][0]["preserved_pixels_changed"] == 0
+    assert "'preserved px changed': '0'" in printed(tmp / "03-composed.ipynb")    # the quality summary
+    before = (session_dir / "session.json").read_bytes()
+    for bad, name in [([{"kind": "remove", "item": "chair"}], "item"), ([{"kind": "add", "prompt": "a hat"}], "mask"),
+                      ([{"kind": "remove", "item": 1, "dx": 2}], "dx")]:
+        with pytest.raises(pm.PapermillExecutionError) as err:
+            execute("03_edit.ipynb", tmp / "bad.ipynb", session_dir=str(session_dir), model=model, edits=bad,
+                    output_dir=str(tmp / "bad"), interactive=False)
+        assert f"parameter '{name}'" in str(err.value) and err.value.exec_count == 4    # the check cell
+    assert (session_dir / "session.json").read_bytes() == before and not (tmp / "bad").exists()
+
+
 def test_a_wrong_parameter_fails_early_and_names_it(finetuned_session):
     import papermill as pm
     tmp, session_dir, model = finetuned_session

@@ -168,3 +168,17 @@ def test_the_maximums_strength_1_and_eta_1_pass_the_notebook_check_and_the_api(t
     assert SamplingConfig(strength=1.0, eta=1.0, **lowest).strength == 1.0
     with pytest.raises(ValueError, match="SamplingConfig.strength: should be a number between 0 and 1"):
         SamplingConfig(strength=1.000001)
+
+
+def test_a_grid_varies_edits_and_checks_every_run_by_the_schemas():
+    from dedit_nb.batch import GridError, expand
+    spec = {"parameters": {"edit": "add", "box": [0, 0, 4, 4], "prompt": "a hat"},
+            "grid": {"edits": [[{"kind": "remove", "item": 1}], [{"kind": "move", "item": 1, "dx": 2}]]}}
+    assert [s["edits"][0]["kind"] for s in expand(spec, "03_edit")] == ["remove", "move"]
+    for bad, name in [({"edits": {"kind": "remove", "item": 1}}, "edits"), ({"edits": ["remove"]}, "edits"),
+                      ({"edits": [{"kind": "remove", "itme": 1}]}, "itme"),
+                      ({"edits": [{"kind": "move", "item": 1, "dx": "4"}]}, "dx"),
+                      ({"edits": [{"kind": "recolour"}]}, "kind"), ({"box": [0, 0, 4]}, "box"),
+                      ({"strength": 2}, "strength"), ({"edit": "add", "name": 3}, "name")]:
+        with pytest.raises(GridError, match=f"parameter '{name}'"):
+            expand({"parameters": bad}, "03_edit")

@@ -52,12 +52,17 @@ def _check_half_precision_run(tmp_path, photo, folder, dtype, lora):
     original = s.images[0].working
     for run in (lambda: editor.reconstruct(0, **SAMPLING), lambda: editor.text(0, "left", "a red bag", **SAMPLING),
                 lambda: editor.image(0, "top", "flipped", 0, **SAMPLING),
-                lambda: editor.move(0, {"top": (2, 2)}, **SAMPLING), lambda: editor.remove(0, "top", **SAMPLING)):
+                lambda: editor.move(0, {"top": (2, 2)}, **SAMPLING), lambda: editor.remove(0, "top", **SAMPLING),
+                lambda: editor.add(0, "a red hat", box=[2, 2, 8, 8], **SAMPLING),
+                lambda: editor.reshape(0, "top", box=[0, 0, 8, 4], **SAMPLING),
+                lambda: editor.run(0, [{"kind": "text", "item": "top", "prompt": "a red *"},
+                                       {"kind": "add", "prompt": "a hat", "box": [16, 10, 22, 15]}], **SAMPLING)):
         out = run()
         hard = out.regions.hard
         for img in out.images:
             assert np.array_equal(img[hard], original[hard]), out.kind
             assert len(np.unique(img[out.regions.active])) > 1, out.kind             # no NaN-black image
+        assert [q["preserved_pixels_changed"] for q in out.manifest["quality"]] == [0] * len(out.images), out.kind
 
 
 @pytest.mark.parametrize("family,dtype,lora", FAST_CASES)

@@ -74,6 +74,35 @@ def test_preserved_scores_ignore_every_pixel_outside_the_preserved_region():
     assert Q.ssim(x, y2, ~active) == Q.ssim(x, y, ~active)
 
 
+def test_ssim_over_the_preserved_pixels_only_equals_the_windowed_definition():
+    """Reference: each pixel's 11 x 11 Gaussian window (edges mirrored), its statistics weighted by the window
+    and the preserved mask, averaged over the preserved pixels away from the border."""
+    a, b = pair(24, 26, seed=7)
+    keep = np.ones(a.shape[:2], bool)
+    keep[6:15, 9:20] = False
+    r = Q.SSIM_RADIUS
+    g = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * Q.SSIM_SIGMA ** 2))
+    window = np.outer(g, g)
+    x, y, w = (np.pad(v, [(r, r), (r, r)] + [(0, 0)] * (v.ndim - 2), mode="symmetric")
+               for v in (a / 255, b / 255, keep.astype(float)))
+    scores = []
+    for i in range(r, a.shape[0] - r):
+        for j in range(r, a.shape[1] - r):
+            if not keep[i, j]:
+                continue
+            weights = (window * w[i:i + 2 * r + 1, j:j + 2 * r + 1])[..., None]
+            total = weights.sum()
+
+            def mean(v):
+                return (weights * v[i:i + 2 * r + 1, j:j + 2 * r + 1]).sum(axis=(0, 1)) / total
+            mx, my = mean(x), mean(y)
+            vx, vy, cxy = mean(x * x) - mx ** 2, mean(y * y) - my ** 2, mean(x * y) - mx * my
+            scores.append(((2 * mx * my + Q.SSIM_C1) * (2 * cxy + Q.SSIM_C2))
+                          / ((mx ** 2 + my ** 2 + Q.SSIM_C1) * (vx + vy + Q.SSIM_C2)))
+    active = ~keep
+    assert Q.quality_record(a, b, regions(active))["ssim_preserved"] == pytest.approx(np.mean(scores), abs=1e-6)
+
+
 def test_seam_colour_shift_and_active_change_on_hand_built_edits():
     original = np.full((30, 30, 3), 100, np.uint8)
     active = np.zeros((30, 30), bool)
@@ -143,3 +172,84 @@ def test_clip_text_image_score_from_a_local_random_model(tmp_path):
     expected = 100 * max((out.logits_per_image / model.logit_scale.exp()).item(), 0.0)
     assert expected > 0 and record["weight_scores"]["clip_text_image"] == pytest.approx(expected, abs=1e-4)
     assert Q.quality_record(a, b, regions(active), None, scorer)["weight_scores"] == {"clip_text_image": None}
+
+
+def lpips_folder(folder, net="alex", seed=0):
+    """A randomly initialised LPIPS in the documented local format (linear weights >= 0, as trained ones are)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from dedit_nb.perceptual import LPIPS
+    torch.manual_seed(seed)
+    model = LPIPS(net)
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"net": net}))
+    save_file(model.features.state_dict(), folder / "backbone.safetensors")
+    save_file({k: v.abs() for k, v in model.state_dict().items() if k.startswith("lin")}, folder / "linear.safetensors")
+    return folder
+
+
+def test_lpips_from_local_random_weights_is_a_distance_of_the_masked_images(tmp_path):
+    a, b = pair(64, 64, seed=4)
+    active = np.zeros(a.shape[:2], bool)
+    active[16:40, 20:44] = True
+    scorer = Q.WeightedScorer({"lpips": lpips_folder(tmp_path / "lpips")})
+    kept = a.copy()
+    kept[active] = b[active]                     # only the active pixels changed: the masked images are equal
+    assert Q.quality_record(a, kept, regions(active), scorer=scorer)["weight_scores"] == {"lpips_piebench": 0.0}
+    changed = Q.quality_record(a, b, regions(active), scorer=scorer)["weight_scores"]["lpips_piebench"]
+    assert changed > 0
+    assert Q.quality_record(b, a, regions(active), scorer=scorer)["weight_scores"]["lpips_piebench"] == \
+        pytest.approx(changed, rel=1e-6)
+    assert scorer.lpips(a, a) == 0 and scorer.lpips(a, b) > 0
+    assert Q.quality_record(a, b, regions(np.ones(a.shape[:2], bool)), scorer=scorer)["weight_scores"] == \
+        {"lpips_piebench": None}                 # nothing preserved: no background score, as PIE-Bench
+    (tmp_path / "lpips" / "linear.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no linear.safetensors"):
+        Q.WeightedScorer({"lpips": tmp_path / "lpips"})
+    lpips_folder(tmp_path / "vgg", net="vgg16")
+    (tmp_path / "vgg" / "config.json").write_text('{"net": "alex"}')     # vgg16 weights under an alex config
+    with pytest.raises(RuntimeError):
+        Q.WeightedScorer({"lpips": tmp_path / "vgg"})
+
+
+def vit_folder(folder, kind="vit"):
+    import torch
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+    torch.manual_seed(5)
+    shape = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2)
+    model = ViTModel(ViTConfig(**shape), add_pooling_layer=False) if kind == "vit" else Dinov2Model(Dinov2Config(**shape))
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2"])
+def test_dino_structure_distance_from_a_local_random_vit(tmp_path, kind):
+    model = vit_folder(tmp_path / kind, kind)
+    a, b = pair(32, 32, seed=6)
+    active = np.zeros(a.shape[:2], bool)
+    active[8:20, 8:20] = True
+    scorer = Q.WeightedScorer({"dino": tmp_path / kind})
+    scores = Q.quality_record(a, a.copy(), regions(active), scorer=scorer)["weight_scores"]
+    assert scores == {"dino_structure_distance": 0.0}
+    assert Q.quality_record(a, b, regions(active), scorer=scorer)["weight_scores"]["dino_structure_distance"] > 0
+    if kind == "vit":       # reference: the last layer's keys from its input hidden state, cosine over all tokens
+        import torch
+        from PIL import Image
+        from dedit_nb.perceptual import IMAGENET_MEAN, IMAGENET_STD
+
+        def similarity(image):
+            x = (np.asarray(Image.fromarray(image).resize((32, 32), Image.BICUBIC), np.float32) / 255
+                 - IMAGENET_MEAN) / IMAGENET_STD
+            with torch.no_grad():
+                states = model(pixel_values=torch.tensor(x, dtype=torch.float32).permute(2, 0, 1)[None],
+                               output_hidden_states=True).hidden_states
+                last = model.layers[-1]
+                keys = torch.nn.functional.normalize(last.attention.k_proj(last.layernorm_before(states[-2]))[0], dim=-1)
+            return keys @ keys.T
+        expected = float((similarity(a) - similarity(b)).square().mean())
+        assert scorer.dino(a, b) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="'dino'"):
+        Q.WeightedScorer({"dinov3": tmp_path / kind})

@@ -281,7 +281,7 @@ def test_edit_panel_generates_into_the_gallery(tmp_path, tiny_model_dirs):
     moved = panel.run()
     assert moved.kind == "move" and np.array_equal(moved.labels == 1, M.transform_mask(labels == 1, -4, 2))
     assert len(panel.gallery.cards) == 2
-    panel.kind.value, panel.source.value, panel.prompt.value = "image", (0, 0), ""
+    panel.kind.value, panel.source.value = "image", (0, 0)
     transplanted = panel.run()
     assert transplanted.kind == "image" and transplanted.manifest["params"]["source_item"] == "left"
     assert transplanted.manifest["prompts"]["right"] == s.images[0].items[0].prompt()
@@ -292,6 +292,82 @@ def test_edit_panel_generates_into_the_gallery(tmp_path, tiny_model_dirs):
     assert transplanted.manifest["sampling"]["scheduler"] == "ddim"
     panel.scheduler.value = "ddim"
     assert not np.array_equal(panel.run().images[0], ancestral.images[0])   # same seed, another sampler
+
+
+def test_edit_panel_collects_operations_and_samples_them_in_one_pass(tmp_path, tiny_model_dirs):
+    """A text edit, a move dragged in the canvas and an item added from a drawn mask, listed, then one Generate:
+    one composed edit; a reshape starts its canvas from the item's mask; a box by coordinates adds an item."""
+    from widgets import EditPanel
+    model, s, labels = finetuned_halves(tmp_path, tiny_model_dirs["sd"], ["left", "right"])
+    started = EditPanel(model, s, edits=[{"kind": "remove", "item": "left"}],        # 03's edits start the list
+                        sampling={"scheduler": "PNDMScheduler"})                     # any diffusers class
+    assert started.sampling()["scheduler"] == "PNDMScheduler"
+    assert started.operations.operations == [{"kind": "remove", "item": "left"}]
+    assert started.operations.chooser.options[0][0] == "1. remove: item='left'"
+    panel = EditPanel(model, s, sampling={"steps": 2, "num_images": 1, "edge_thickness": 1})
+    assert panel.sampling()["steps"] == 2 and panel.sampling()["num_images"] == 1     # 03's values, not defaults
+    panel.kind.value, panel.item.value, panel.prompt.value = "text", 0, "a red bag"
+    panel.operations.add_button.click()
+    panel.kind.value = "move"
+    panel.canvas.mouse_down(24, 10)
+    panel.canvas.mouse_up(20, 12)                            # item 1 dragged by (-4, 2)
+    panel.operations.add_button.click()
+    panel.kind.value, panel.item_name.value, panel.prompt.value = "add", "hat", "a red hat"
+    assert shown_in(panel, panel.draw_canvas) and not shown_in(panel, panel.canvas)
+    panel.operations.add_button.click()
+    assert "paint the mask" in panel.error.value and len(panel.operations.operations) == 2   # nothing drawn yet
+    panel.draw_canvas.apply_coordinates("3,3 8,3")           # a brush stroke: the new item's pixels
+    drawn = panel.drawing.labels == 1
+    assert drawn.any() and not drawn[20:].any()
+    panel.operations.add_button.click()
+    assert [op["kind"] for op in panel.operations.operations] == ["text", "move", "add"]
+    assert panel.operations.operations[1] == {"kind": "move", "item": 1, "dx": -4.0, "dy": 2.0, "scale": 1.0}
+    assert panel.operations.chooser.options[2][0].startswith("3. add: name='hat', prompt='a red hat', mask=")
+    calls = []
+    real = panel.editor_backend.run
+    panel.editor_backend.run = lambda *a, **k: calls.append(a[1]) or real(*a, **k)
+    result = panel.run()
+    assert len(calls) == 1 and result.kind == "composed" and len(panel.gallery.cards) == 1   # one sampling pass
+    assert np.array_equal(result.labels == 2, drawn)                 # the added item, drawn on top
+    assert (result.labels == 1).sum() and result.manifest["prompts"]["left"] == "a red bag"
+    assert np.array_equal(result.labels[~drawn] == 1, (M.transform_mask(labels == 1, -4, 2))[~drawn])
+    panel.operations.remove(0)                              # drop the text edit
+    assert [op["kind"] for op in panel.operations.operations] == ["move", "add"]
+    panel.operations.clear()
+    assert panel.operations.operations == [] and panel.operations.chooser.layout.display == "none"
+    panel.kind.value, panel.item.value = "reshape", 1
+    assert np.array_equal(panel.drawing.labels == 1, labels == 1)   # starts from the item's own mask
+    panel.item.value = 0
+    assert np.array_equal(panel.drawing.labels == 1, labels == 0)
+    panel.kind.value, panel.pixel_source.value, panel.box.value = "add", "box", "2, 2, 10, 6"
+    assert shown_in(panel, panel.box) and shown_in(panel, panel.canvas) and not shown_in(panel, panel.draw_canvas)
+    boxed = panel.run()                                      # the list is empty: the edit the controls show
+    assert boxed.kind == "add" and (boxed.labels == 2).sum() == 8 * 4 and (boxed.labels[2:6, 2:10] == 2).all()
+    panel.box.value = "2, 2"
+    assert panel.run() is None and "two corners" in panel.error.value
+
+
+def test_edit_panel_controls_and_defaults_are_the_schemas(tmp_path, tiny_model_dirs):
+    from dedit_nb.parameters import OPERATIONS, SAMPLING
+    from widgets import EditPanel
+    model, s, _ = finetuned_halves(tmp_path, tiny_model_dirs["sd"], ["left", "right"])
+    panel = EditPanel(model, s)
+    assert list(panel.kind.options) == list(OPERATIONS)
+    assert set(panel.sampling_controls) == {f.name for f in SAMPLING if f.widget != "none"}
+    for name, control in panel.sampling_controls.items():
+        field = SAMPLING[name]
+        assert control.tooltip == field.help, name
+        if field.default is not None:
+            assert control.value == field.default, name       # the schema's default (no profile setting)
+        if field.low is not None and hasattr(control, "min"):
+            assert control.min == field.low, name
+        if field.choices:
+            assert list(control.options) == list(field.choices), name
+    assert panel.item_name.value == OPERATIONS["add"]["name"].default
+    panel.kind.value = "text"
+    assert panel.prompt.tooltip == OPERATIONS["text"]["prompt"].help
+    panel.kind.value = "add"
+    assert panel.prompt.tooltip == OPERATIONS["add"]["prompt"].help
 
 
 # --- the view, keys, status -------------------------------------------------------------------------------
@@ -538,11 +614,13 @@ def test_a_card_tooltip_keeps_hostile_names_and_prompts_inside_its_attribute(tmp
 
 
 def test_edit_panel_shares_the_selection_and_hides_what_does_not_apply(tmp_path, tiny_model_dirs):
-    from dedit_nb.display import edit_defaults
+    from dataclasses import asdict
+    from dedit_nb.sampler import SamplingConfig
     from widgets import EditPanel
     model, s, _ = finetuned_halves(tmp_path, tiny_model_dirs["sd"], ["left", "<b>right</b>"])
     panel = EditPanel(model, s)
-    assert panel.sampling() == edit_defaults(model) and panel.sampling()["steps"] == 50   # the SD 1.x profile
+    profile = {k: v for k, v in asdict(SamplingConfig.for_model(model)).items() if k != "profile"}
+    assert panel.sampling() == profile and panel.sampling()["steps"] == 50   # the schema's and SD 1.x profile's
     panel.strength.value = 0.1 + 0.2                                         # 0.30000000000000004
     assert panel.sampling()["strength"] == 0.3
     panel.canvas.mouse_down(24, 10); panel.canvas.mouse_up(24, 10)           # a click on item 1 in the canvas
@@ -556,17 +634,21 @@ def test_edit_panel_shares_the_selection_and_hides_what_does_not_apply(tmp_path,
     panel.kind.value = "move"
     assert shown() == {"moves"} and panel.canvas.rows["move"].layout.display is None
     panel.kind.value = "image"
-    assert shown() == {"item", "source", "prompt"} and panel.prompt.description == "template"
+    assert shown() == {"item", "source", "template"}
+    panel.kind.value = "add"
+    assert shown() == {"name", "prompt", "pixels"}
+    panel.kind.value = "reshape"
+    assert shown() == {"item", "pixels"}
     panel.kind.value = "recon"
     assert shown() == set()
     seen = []
-    real = panel.editor_backend.reconstruct
-    panel.editor_backend.reconstruct = lambda *a, **k: (seen.append(panel.generate.disabled), real(*a, **k))[1]
+    real = panel.editor_backend.run
+    panel.editor_backend.run = lambda *a, **k: (seen.append(panel.generate.disabled), real(*a, **k))[1]
     panel.steps.value = 2
     assert panel.run() is not None and seen == [True] and not panel.generate.disabled   # disabled while running
     panel.kind.value, panel.prompt.value = "text", ""
     assert panel.run() is None and not panel.generate.disabled
-    assert "dedit-error" in panel.error.value and "needs a prompt" in panel.error.value
+    assert "dedit-error" in panel.error.value and "needs prompt" in panel.error.value     # the schema's word
 
 
 # --- limits of the editor and the API (issue 14.7) ------------------------------------------------------
@@ -891,7 +973,7 @@ def test_panel_state_follows_the_edit(tmp_path, tiny_model_dirs):
     assert shown_in(panel, panel.strength) and shown_in(panel, panel.edge)
     panel.prompt.value = ""
     panel.generate.click()
-    assert "needs a prompt" in panel.error.value
+    assert "needs prompt" in panel.error.value
     panel.seed.value = 3
     assert panel.error.value == ""                                           # any change clears the error
     import time

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from dedit_nb import masks as M
-from dedit_nb.display import (EDIT_DEFAULTS, ITEM_COLOURS, REGION_COLOURS, edit_summary, item_borders, item_overlay,
+from dedit_nb.display import (ITEM_COLOURS, REGION_COLOURS, edit_summary, item_borders, item_overlay,
                               item_thumbnails, region_picture, tidy_numbers)
 from dedit_nb.domain import (MIN_RECON_PSNR, RECOMMENDED_MODEL, domain_notes, psnr, reconstruction_note,
                              scene_likeness)
@@ -79,15 +79,9 @@ def test_region_colours_and_readable_numbers():
         {"g": 5.0, "s": [0.3, 2], "n": "x", "b": True}
     summary = edit_summary("text", {"item": "gold & <b>", "prompt": "a" * 100, "item_index": 1})
     assert summary.startswith("text · item: gold & <b> · prompt: ") and summary.endswith("…") and "{" not in summary
-
-
-def test_edit_defaults_are_the_notebook_parameters():
-    """03_edit's parameters cell and the interactive panel start from the same values."""
-    nb = json.loads((ROOT / "notebooks" / "03_edit.ipynb").read_text())
-    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
-    values = {node.targets[0].id: ast.literal_eval(node.value)
-              for node in ast.parse("".join(cell["source"])).body if isinstance(node, ast.Assign)}
-    assert {k: values[k] for k in EDIT_DEFAULTS} == EDIT_DEFAULTS
+    composed = edit_summary("composed", {"operations": [{"kind": "remove", "item": "bag", "item_index": 1},
+                                                        {"kind": "add", "name": "hat", "prompt": "a red hat"}]})
+    assert composed == "composed: remove · item: bag + add · name: hat · prompt: a red hat"
 
 
 def test_rerun_folders_are_numbered_never_overwritten(tmp_path):
