@@ -122,6 +122,16 @@ def test_mask_editor_modules_import_only_the_layers_below_them():
         assert not upward, f"widgets.{layer} imports widgets.{sorted(upward)}, which are not below it"
 
 
+MAX_MODULE_LINES = 450     # a module longer than this does more than one job: split it by job
+
+
+def test_no_module_of_the_package_or_the_widgets_passes_the_line_limit():
+    long = {str(path.relative_to(ROOT)): n for folder in ("dedit_nb", "widgets")
+            for path in sorted((ROOT / folder).rglob("*.py"))
+            if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines (split them by job): {long}"
+
+
 def test_no_pickle_loading():
     """Untrusted files are never unpickled: every torch.load passes weights_only=True."""
     for path in list((ROOT / "dedit_nb").rglob("*.py")) + list((ROOT / "widgets").rglob("*.py")):
