@@ -16,7 +16,8 @@ from dedit_nb.sampler import SamplingConfig
 from dedit_nb.session import png_bytes
 
 from .gallery import ResultGallery, upscale
-from .mask_editor import MASK_TOOLS, MaskEditor, parse_points
+from .mask_editor import MASK_TOOLS, MaskEditor
+from .mask_tools import parse_points
 from .operation_list import OperationList
 from .state import ItemState
 
