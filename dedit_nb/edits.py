@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -229,6 +229,9 @@ class Editor:
         self.session.check_weights_current()
         self.model.use_session(self.session)
         cond = C.encode_items(self.model, prompts, lengths, areas, [it.name for it in entry.items])
+        adapters = self.model.delta.item_adapters   # a per-item session: each prompt's item brings its adapter
+        if adapters is not None:
+            cond = replace(cond, slots=adapters.slots_for(prompts), adapters=adapters)
         images = masked_sample(self.model, cond, C.latent_labels(self.model, labels, n), entry.working,
                                regions, config, progress=self.progress, callback_on_step_end=callback_on_step_end)
         manifest = {"kind": kind, "session": str(self.session.folder), "session_id": self.session.id,

@@ -26,6 +26,7 @@ class FinetuneConfig:
     lora: bool = False
     lora_rank: int = 4
     lora_lr: float = SD1.lora_lr
+    per_item: bool = False                 # stage 2: one LoRA per item (lora_rank, lora_lr), routed by the item map
     batch_size: int = SD1.batch_size
     grad_accum: int = 1
     checkpoint_every: int = 50
@@ -53,6 +54,9 @@ class FinetuneConfig:
         for name in ("stage1_lr", "stage2_lr", "lora_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"FinetuneConfig.{name} must be a finite number > 0, got {getattr(self, name)}")
+        if self.per_item and self.lora:
+            raise ValueError("FinetuneConfig: per_item=True trains one LoRA per item in place of the shared one; "
+                             "pass lora=False with it")
         if not 0 <= self.seed <= MAX_FINETUNE_SEED:
             raise ValueError(f"FinetuneConfig.seed must be between 0 and {MAX_FINETUNE_SEED}, got {self.seed}")
 

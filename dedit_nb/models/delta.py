@@ -1,11 +1,15 @@
 """The learned UNet delta: the parameters a finetune's stage 2 trained, in place on the UNet or not.
 
-One owner for both modes: ``'attn'`` replaces the q/k/v weights of the cross-attention layers (the loaded
-values are kept on the CPU to restore them), ``'lora'`` adds a peft LoRA adapter (unloaded to restore).
+One owner for the modes: ``'attn'`` replaces the q/k/v weights of the cross-attention layers (the loaded
+values are kept on the CPU to restore them), ``'lora'`` adds a peft LoRA adapter (unloaded to restore),
+``'per_item'`` leaves the UNet as loaded and holds each item's adapter (:mod:`.adapters`), which the item
+layouts route.
 """
 from __future__ import annotations
 
 import torch
+
+from .adapters import PER_ITEM_MODE, ItemAdapters
 
 LORA_ADAPTER = "dedit"
 
@@ -17,6 +21,7 @@ class UNetDelta:
         self.unet = unet
         self._pristine: dict[str, torch.Tensor] = {}   # UNet parameters as loaded, before a delta replaced them
         self.lora_adapter: str | None = None
+        self.item_adapters: ItemAdapters | None = None  # a per-item session's adapters (the UNet stays as loaded)
         self._delta_source: dict | None = None          # the session tensors whose delta is in place now
 
     @property
@@ -64,12 +69,17 @@ class UNetDelta:
             for n, value in self._pristine.items():
                 params[n].data = value.to(params[n].device, copy=True)
         self._pristine.clear()
+        self.item_adapters = None
         self._delta_source = None
 
     def load_unet_delta(self, mode: str, tensors: dict[str, torch.Tensor], lora: dict | None = None) -> None:
         """Put learned UNet parameters in place ('attn': replaced q/k/v weights; 'lora': adapter weights)."""
         self.reset_unet()
         if not tensors:
+            return
+        if mode == PER_ITEM_MODE:
+            self.item_adapters = ItemAdapters.from_saved(self.unet, tensors, lora["rank"], lora["alpha"])
+            self._delta_source = tensors
             return
         if mode == "lora":
             self.add_lora(lora["rank"], lora["alpha"], lora["target_modules"])

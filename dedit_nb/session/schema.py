@@ -155,8 +155,8 @@ def _check_weights_entry(data: dict, key: str, path: Path) -> None:
     if missing:
         _fail(path, f"{key}.files lists no {' or '.join(missing)} weights although the finetune reached stage "
               f"{state['stage']}; edits would run without them", fix)
-    if info.get("mode") not in ("attn", "lora"):
-        _fail(path, f"{key}.mode should be 'attn' or 'lora', got {json.dumps(info.get('mode'))}", fix)
+    if info.get("mode") not in ("attn", "lora", "per_item"):
+        _fail(path, f"{key}.mode should be 'attn', 'lora' or 'per_item', got {json.dumps(info.get('mode'))}", fix)
 
 
 def _load_images(folder: Path, records: list[ImageRecord]) -> list[ImageEntry]:
