@@ -194,3 +194,150 @@ def test_a_per_item_session_reconstructs_and_edits_with_its_items_adapters(tmp_p
 def test_per_item_mode_replaces_the_shared_lora():
     with pytest.raises(ValueError, match="per_item=True"):
         FinetuneConfig(per_item=True, lora=True)
+
+
+# --- bank files ------------------------------------------------------------------------------------------
+import json   # noqa: E402
+
+from dedit_nb.bank import BankFileError, files as bank_files   # noqa: E402
+from dedit_nb.bank.__main__ import main as bank_cli   # noqa: E402
+from dedit_nb.session import SessionError   # noqa: E402
+
+
+@pytest.fixture
+def banked(tmp_path, photo, tiny_model_dirs):
+    """A per-item session of the tiny SD model with its 'top' item exported, and a fresh session to import into."""
+    model = load_model(str(tiny_model_dirs["sd"]))
+    source = per_item_session(tmp_path, photo, model, "source")
+    finetune(model, source, FinetuneConfig(stage2_steps=2, **PER_ITEM), progress=False)
+    path = source.export_item(0, "top", tmp_path / "bank" / "top")
+    target = per_item_session(tmp_path, photo[::-1].copy(), model, "target")
+    return model, source, path, target
+
+
+def test_an_exported_item_holds_its_tokens_adapter_crop_and_base_model(banked):
+    model, source, path, _ = banked
+    assert path.suffix == ".safetensors" and path.exists()
+    item = bank_files.read(path)
+    top = source.image(0).items[2]
+    assert (item.name, item.template, item.rank) == ("top", top.template, 4)
+    assert item.base == source.weights_meta["base"]
+    rows = source.load_weights("tokens")
+    assert [item.rows[f"0/{t}"].tolist() for t in item.tokens] == [rows[f"0/{t}"].tolist() for t in top.tokens]
+    adapter = {k.split("/", 1)[1]: v for k, v in source.load_weights("unet").items() if k.startswith(top.tokens[0])}
+    assert set(item.adapter) == set(adapter)
+    assert all(torch.equal(item.adapter[k], adapter[k].half()) for k in adapter)
+    labels = source.image(0).labels
+    assert item.mask.shape == item.crop.shape[:2] and item.mask.sum() == (labels == 2).sum()
+    assert np.array_equal(item.crop[item.mask], source.image(0).working[labels == 2])
+
+
+def test_a_bank_file_of_sd15_at_rank_4_is_under_1_mb():
+    from dedit_nb.memory.configs import model_from_configs
+    assert bank_files.file_size(model_from_configs("sd15"), num_tokens=5, rank=4) <= 1_000_000
+
+
+def test_importing_adds_a_bank_item_without_training_and_once(banked, tmp_path):
+    model, _, path, target = banked
+    assert target.import_item(path, model=model) == "top"
+    assert target.import_item(path) == "top"                       # the same file again: no second entry
+    again = Session.open(target.folder)
+    [entry] = again.bank_items
+    assert (target.folder / entry["file"]).read_bytes() == path.read_bytes()
+    assert not again.has_weights                                   # nothing was trained
+    assert again.bank_item("top").tokens == bank_files.read(path).tokens
+    other = tmp_path / "copy.safetensors"
+    other.write_bytes(bank_files.to_bytes(dataclasses_replace(bank_files.read(path), template="a *")))
+    assert target.import_item(other) == "top-2"                    # another item of that name: numbered
+
+
+def dataclasses_replace(item, **changes):
+    import dataclasses
+    return dataclasses.replace(item, **changes)
+
+
+def test_a_bank_item_of_another_base_model_is_refused_by_name(banked, tmp_path, photo):
+    from dedit_nb.testing import build_tiny_model
+    _, _, path, target = banked
+    other = load_model(str(build_tiny_model("sd", tmp_path / "other-model", seed=7)))
+    with pytest.raises(SessionError, match="made on the model .*, not on .*other-model"):
+        target.import_item(path, model=other)
+    assert "bank" not in json.loads((target.folder / "session.json").read_text())
+
+
+def test_bad_bank_files_get_clear_errors(banked, tmp_path):
+    from safetensors.torch import save_file
+    _, _, path, target = banked
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 20)
+    with pytest.raises(BankFileError, match="not a readable safetensors file"):
+        target.import_item(junk)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, str(plain))
+    with pytest.raises(BankFileError, match="not a bank item"):
+        bank_files.read(plain)
+    item = bank_files.read(path)
+    next(iter(item.adapter.values()))[0, 0] = float("nan")
+    broken = tmp_path / "nan.safetensors"
+    broken.write_bytes(bank_files.to_bytes(item))
+    with pytest.raises(BankFileError, match="NaN"):
+        bank_files.read(broken)
+    with pytest.raises(BankFileError, match="is not a file"):
+        bank_files.read(tmp_path / "missing.safetensors")
+
+
+def test_exporting_never_replaces_a_users_file(banked, tmp_path):
+    _, source, path, _ = banked
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"the user's")
+    for overwrite in (False, True):
+        with pytest.raises((FileExistsError, BankFileError)):
+            source.export_item(0, "left", mine, overwrite=overwrite)
+    assert mine.read_bytes() == b"the user's"
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(path)
+    with pytest.raises(FileExistsError, match="link"):
+        source.export_item(0, "left", link, overwrite=True)
+    with pytest.raises(FileExistsError, match="exists"):
+        source.export_item(0, "left", path)
+    assert bank_files.read(path).name == "top"
+    assert bank_files.read(source.export_item(0, "left", path, overwrite=True)).name == "left"
+
+
+def test_only_per_item_sessions_export(tmp_path, photo, tiny_model_dirs):
+    model = load_model(str(tiny_model_dirs["sd"]))
+    s = per_item_session(tmp_path, photo, model)
+    finetune(model, s, FinetuneConfig(stage2_steps=1, **{**PER_ITEM, "per_item": False}), progress=False)
+    with pytest.raises(SessionError, match="per_item=True"):
+        s.export_item(0, "top", tmp_path / "x")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_bank_command_lists_shows_exports_and_imports(banked, tmp_path, capsys):
+    _, source, path, target = banked
+    assert bank_cli(["export", str(source.folder), "0", "left", str(tmp_path / "bank" / "left")]) == 0
+    capsys.readouterr()
+    assert bank_cli(["list", str(tmp_path / "bank")]) == 0
+    assert [line.split("\t")[:2] for line in capsys.readouterr().out.splitlines()] == [
+        ["left.safetensors", "left"], ["top.safetensors", "top"]]
+    assert bank_cli(["show", str(path)]) == 0
+    assert "name: top" in capsys.readouterr().out
+    assert bank_cli(["import", str(target.folder), str(path), "--name", "lamp"]) == 0
+    assert bank_cli(["list", str(target.folder)]) == 0
+    assert capsys.readouterr().out.startswith("lamp\nlamp\t")
+    assert bank_cli(["export", str(source.folder), "0", "left", str(path)]) == 1
+    assert "exists" in capsys.readouterr().err
+
+
+def test_the_palette_imports_a_bank_item(banked, tmp_path):
+    from widgets import ItemPalette, ItemState
+    _, _, path, target = banked
+    palette = ItemPalette(ItemState.from_session(target, 0), session=target)
+    assert palette.import_button in palette.children[2].children
+    palette.bank_path.value = str(path)
+    palette.import_button.click()
+    assert "imported bank item &#x27;top&#x27;" in palette.message.value
+    assert [e["name"] for e in Session.open(target.folder).bank_items] == ["top"]
+    assert palette.import_item(str(tmp_path / "<b>nothing</b>.safetensors")) is None
+    assert "dedit-error" in palette.message.value and "&lt;b&gt;" in palette.message.value
+    assert ItemPalette(ItemState.from_session(target, 0)).children[2].children[-1].description == "delete selected"
