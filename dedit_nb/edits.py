@@ -6,25 +6,29 @@ parameter). Edits never change the session's items; each is recorded in the sess
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from . import conditioning as C
 from . import masks as M
 from .display import region_legend_handles, region_picture
+from .models import DEditModel
+from .operations import (ImageOp, MoveOp, ReconOp, RemoveOp, TextOp, flat_operation, mask_png,
+                         operation_from_dict, operations_from)
+from .parameters import EDIT_KINDS  # noqa: F401 (dedit_nb.edits.EDIT_KINDS: the kinds of edit)
+from .plans import plan_edit
 from .quality import WeightedScorer, quality_record
+from .replay import ReplayError, check_request, read_request, request_record
 from .reruns import EDIT_MARKER, choose_folder
 from .sampler import SamplingConfig, masked_sample
 from .session import Session, SessionError, atomic_write_bytes, npy_bytes, png_bytes
-
-EDIT_KINDS = ("recon", "text", "image", "move", "remove")
-
 
 @dataclass
 class EditResult:
@@ -36,9 +40,11 @@ class EditResult:
     labels: np.ndarray
     regions: M.Regions
     manifest: dict = field(default_factory=dict)
+    masks: dict[int, np.ndarray] = field(default_factory=dict)   # operation index -> the pixels it drew
 
     def save(self, output_dir: str | Path) -> Path:
-        """Write ``image_<j>.png``, ``hard.png``/``soft.png``/``active.png``, ``labels.npy`` and
+        """Write ``image_<j>.png``, ``hard.png``/``soft.png``/``active.png``, ``labels.npy``, ``mask_<i>.png``
+        for each operation that drew pixels (the request refers to it, so the folder replays on its own) and
         ``manifest.json`` (each file written atomically) into ``output_dir``, replacing an earlier edit there;
         a folder holding other files (the user's) is left alone and the edit goes to the next numbered folder
         (with a warning). Returns the folder written."""
@@ -58,8 +64,18 @@ class EditResult:
         atomic_write_bytes(out / "labels.npy", npy_bytes(self.labels.astype(np.int32)))
         files["labels"] = "labels.npy"
         manifest = {"kind": self.kind, **self.manifest, "files": files}
+        if "request" in manifest:
+            manifest["request"] = copy.deepcopy(manifest["request"])
+            files["masks"] = []
+            for i, mask in sorted(self.masks.items()):
+                name = f"mask_{i}.png"
+                _save_png(out / name, mask_png(mask))
+                files["masks"].append(name)
+                operation = manifest["request"]["operations"][i]
+                operation.pop("mask", None)
+                operation.update({k: None for k in ("box", "mask_file") if k in operation}, mask_file=name)
         atomic_write_bytes(out / EDIT_MARKER, json.dumps(manifest, indent=2).encode())
-        for stale in earlier - set(files["images"]):
+        for stale in earlier - set(files["images"]) - set(files.get("masks", [])):
             (out / stale).unlink(missing_ok=True)   # an earlier edit's extra images would read as this one's
         return out
 
@@ -83,44 +99,38 @@ class EditResult:
 
 
 def _manifest_images(folder: Path) -> set[str]:
-    """The image files an earlier edit's manifest in ``folder`` lists (plain names only)."""
+    """The image and mask files an earlier edit's manifest in ``folder`` lists (plain names only)."""
     try:
-        names = json.loads((folder / EDIT_MARKER).read_text())["files"]["images"]
+        files = json.loads((folder / EDIT_MARKER).read_text())["files"]
+        names = list(files["images"]) + list(files.get("masks", []))
     except (OSError, ValueError, KeyError, TypeError):
         return set()
-    return {n for n in names if isinstance(n, str) and re.fullmatch(r"image_\d+\.png", n)}
+    return {n for n in names if isinstance(n, str) and re.fullmatch(r"(image|mask)_\d+\.png", n)}
 
 
 def _save_png(path: Path, arr: np.ndarray) -> None:
     atomic_write_bytes(path, png_bytes(arr))
 
 
-def _as_move(value) -> M.ItemMove:
-    if isinstance(value, M.ItemMove):
-        return value
-    if isinstance(value, np.ndarray):
-        return M.ItemMove(mask=value)
-    if isinstance(value, Mapping):
-        return M.ItemMove(**value)
-    dx, dy, *rest = value
-    return M.ItemMove(dx=dx, dy=dy, scale=rest[0] if rest else 1.0)
-
-
 class Editor:
     """Runs edits on a finetuned session.
 
     Every run puts the session's learned weights into ``model`` (undoing any other session's), so one
-    loaded model can serve several editors. Every edit method takes the sampling settings of
-    :class:`SamplingConfig` as keywords (steps, guidance, strength, edge_thickness, seed, num_images, eta,
-    scheduler), and ``callback_on_step_end``: a function called after every sampling step with a
-    :class:`sampler.SamplingStep` (step index, number of steps, timestep, latents, and ``preview()`` for
-    RGB images of the current estimate), e.g. for live previews.
+    loaded model can serve several editors. :meth:`run` samples any list of operations
+    (:mod:`dedit_nb.operations`) in one pass; :meth:`text`, :meth:`move` and the others are one operation
+    each. Every edit takes the sampling settings of :class:`SamplingConfig` as keywords (steps, guidance,
+    strength, edge_thickness, seed, num_images, eta, scheduler; those left out are the model profile's), and
+    ``callback_on_step_end``: a function called after every sampling step with a :class:`sampler.SamplingStep`
+    (step index, number of steps, timestep, latents, and ``preview()`` for RGB images of the current
+    estimate), e.g. for live previews.
 
-    Every manifest holds a ``quality`` record per image (:func:`quality.quality_record`); ``metrics_weights``
-    (e.g. ``{"clip": "path/to/clip"}``, local folders) adds the scores that need networks.
+    Every manifest holds the full request (``manifest["request"]``, which :meth:`replay` and
+    ``python -m dedit_nb.replay`` reproduce) and a ``quality`` record per image
+    (:func:`quality.quality_record`); ``metrics_weights`` (e.g. ``{"clip": "path/to/clip"}``, local folders)
+    adds the scores that need networks.
     """
 
-    def __init__(self, model, session: Session, progress: bool = True, record: bool = True,
+    def __init__(self, model: DEditModel, session: Session, progress: bool = True, record: bool = True,
                  metrics_weights: Mapping[str, str | Path] | None = None):
         if not session.has_weights:
             raise SessionError("this session has no learned weights yet; run finetune(model, session) first")
@@ -140,131 +150,126 @@ class Editor:
         self.item_prompt_length = state.get("config", {}).get("item_prompt_length", C.ITEM_PROMPT_LENGTH)
 
     # --- the edits -----------------------------------------------------------------------------------
+    def run(self, image: int | str = 0, edits: Sequence = ({"kind": "recon"},), priority: Sequence | None = None,
+            config: SamplingConfig | None = None, **sampling) -> EditResult:
+        """Sample a list of operations (dicts such as ``{"kind": "move", "item": 1, "dx": 4}``, or
+        :mod:`dedit_nb.operations` records) on one image in ONE sampling pass (:func:`plans.plan_edit`
+        composes them). ``priority`` lists the moved and reshaped items bottom to top. Sampling settings come
+        as keywords (those left out: the model profile's) or as a ready ``config``."""
+        callback_on_step_end = sampling.pop("callback_on_step_end", None)
+        if config is None:      # a given profile record means the values were resolved already
+            config = SamplingConfig(**sampling) if "profile" in sampling else \
+                SamplingConfig.for_model(self.model, **sampling)
+        elif sampling:
+            raise TypeError(f"give the sampling settings as config or as keywords, not both ({sorted(sampling)})")
+        ops = operations_from(edits)
+        entry = self.session.image(image)
+        plan = plan_edit(entry, self.session, ops, priority, self.item_prompt_length)
+        regions = M.edit_regions(plan.active, config.edge_thickness)
+        n = len(plan.names)
+        areas = M.item_areas(plan.labels, n).astype(float).tolist()
+        self.session.check_weights_current()
+        self.model.use_session(self.session)
+        cond = C.encode_items(self.model, plan.prompts, plan.lengths, areas, plan.names)
+        adapters = self.model.delta.item_adapters   # a per-item session: each prompt's item brings its adapter
+        if adapters is not None:
+            cond = replace(cond, slots=adapters.slots_for(plan.prompts), adapters=adapters)
+        images = masked_sample(self.model, cond, C.latent_labels(self.model, plan.labels, n), entry.working,
+                               regions, config, progress=self.progress, callback_on_step_end=callback_on_step_end)
+        kinds = {op.kind for op in ops}
+        kind = kinds.pop() if len(kinds) == 1 else "composed"
+        manifest = {"kind": kind, "session": str(self.session.folder), "session_id": self.session.id,
+                    "image": entry.name, "fit": entry.fit, "model_id": self.model.model_id,
+                    "weights_generation": self.session.weights_generation, "params": plan.params,
+                    "sampling": asdict(config), "seeds": [config.seed + j for j in range(config.num_images)],
+                    "prompts": dict(zip(plan.names, cond.encoded)),
+                    "dropped": {name: d for name, d in zip(plan.names, cond.dropped) if d},
+                    "region_pixels": {r: int(getattr(regions, r).sum()) for r in ("hard", "soft", "active")},
+                    "request": request_record(self.model, self.session, entry.name, ops, priority, config),
+                    "quality": [quality_record(entry.working, img, regions, plan.text, self.scorer)
+                                for img in images]}
+        if self.record:
+            self.session.record_edit(manifest)
+        return EditResult(kind, images, entry.working, plan.labels, regions, manifest, plan.masks)
+
     def reconstruct(self, image: int | str = 0, **sampling) -> EditResult:
         """Regenerate the image from its item prompts (a check of the finetune); nothing is frozen."""
-        entry = self.session.image(image)
-        prompts = [it.prompt() for it in entry.items]
-        active = np.ones(entry.labels.shape, bool)
-        return self._run("recon", image, prompts, [self.item_prompt_length] * len(prompts), entry.labels,
-                         active, sampling, {})
+        return self.run(image, [ReconOp()], **sampling)
 
     def text(self, image: int | str, item: int | str, prompt: str, **sampling) -> EditResult:
         """Replace an item's prompt by ``prompt``; a ``*`` in it stands for the item's own tokens, so
         ``"a red *"`` refines the item rather than replacing it."""
-        if not prompt or not prompt.strip():
-            raise ValueError("a text edit needs a prompt, e.g. 'a red bag' or 'a photo of * in gold'")
-        entry = self.session.image(image)
-        k = entry.item_index(item)
-        self._require_pixels(entry, k)
-        prompts = [it.prompt() for it in entry.items]
-        lengths = [self.item_prompt_length] * len(prompts)
-        prompts[k] = entry.items[k].prompt(prompt) if "*" in prompt else prompt
-        lengths[k] = C.TEXT_PROMPT_LENGTH
-        return self._run("text", image, prompts, lengths, entry.labels, entry.labels == k, sampling,
-                         {"item": entry.items[k].name, "item_index": k, "prompt": prompt})
+        return self.run(image, [TextOp(item, prompt)], **sampling)
 
     def image(self, image: int | str, item: int | str, source_image: int | str, source_item: int | str,
               template: str | None = None, source_session: Session | None = None, **sampling) -> EditResult:
         """Put an item learned from another image in place of ``item``. The source image is one of this
         session's, or of ``source_session`` when that was finetuned jointly with it (``extra_sessions``).
         ``template`` (e.g. ``"a photo of * in gold"``) adds text around the source item's tokens."""
-        entry = self.session.image(image)
-        owner = self.session if source_session is None else source_session
-        self.session.check_joint(owner)
-        source = owner.image(source_image)
-        k = entry.item_index(item)
-        sk = source.item_index(source_item)
-        self._require_pixels(entry, k)
-        prompts = [it.prompt() for it in entry.items]
-        lengths = [self.item_prompt_length] * len(prompts)
-        prompts[k] = source.items[sk].prompt(template)
-        if template:
-            lengths[k] = C.TEXT_PROMPT_LENGTH
-        return self._run("image", image, prompts, lengths, entry.labels, entry.labels == k, sampling,
-                         {"item": entry.items[k].name, "item_index": k, "source_image": source.name,
-                          "source_session": str(source_session.folder) if source_session is not None else None,
-                          "source_item": source.items[sk].name, "source_item_index": sk, "template": template})
+        return self.run(image, [ImageOp(item, source_image, source_item, template, source_session)], **sampling)
 
     def move(self, image: int | str, moves: Mapping, priority=None, **sampling) -> EditResult:
         """Move, resize or redraw items: ``moves`` maps an item to ``(dx, dy[, scale])``, a dict of
         :class:`masks.ItemMove` fields, or a boolean mask. ``priority`` lists the moved items bottom to top.
         Uncovered pixels go to the nearest unmoved items."""
-        entry = self.session.image(image)
-        resolved = {entry.item_index(k): _as_move(v) for k, v in moves.items()}
-        order = [entry.item_index(k) for k in priority] if priority is not None else None
-        labels, active = M.move_items(entry.labels, resolved, order)
-        prompts = [it.prompt() for it in entry.items]
-        params = {"moves": {entry.items[k].name: {"dx": m.dx, "dy": m.dy, "scale": m.scale,
-                                                   "mask": m.mask is not None} for k, m in resolved.items()},
-                  "priority": [entry.items[k].name for k in (order or resolved)]}
-        return self._run("move", image, prompts, [self.item_prompt_length] * len(prompts), labels, active,
-                         sampling, params)
+        ops = []
+        for item, value in moves.items():
+            move = _as_move(value)
+            ops.append(MoveOp(item, move.dx, move.dy, move.scale, move.mask))
+        return self.run(image, ops, priority, **sampling)
 
     def remove(self, image: int | str, item: int | str, **sampling) -> EditResult:
         """Delete an item; its pixels go to the nearest other items and are regenerated."""
-        entry = self.session.image(image)
-        k = entry.item_index(item)
-        labels, freed = M.remove_item(entry.labels, k)
-        prompts = [it.prompt() for it in entry.items]
-        return self._run("remove", image, prompts, [self.item_prompt_length] * len(prompts), labels, freed,
-                         sampling, {"item": entry.items[k].name, "item_index": k})
+        return self.run(image, [RemoveOp(item)], **sampling)
 
-    # --- machinery -----------------------------------------------------------------------------------
-    @staticmethod
-    def _require_pixels(entry, k: int) -> None:
-        if not (entry.labels == k).any():
-            raise M.PartitionError(f"item {entry.items[k].name!r} has no pixels in image {entry.name!r}")
+    def add(self, image: int | str, prompt: str, mask=None, box=None, mask_file=None, name: str = "new item",
+            **sampling) -> EditResult:
+        """Add a new item with a text prompt over ``mask`` (a boolean array), ``box`` ``[x0, y0, x1, y1]`` or
+        ``mask_file`` (.png or .npy); it takes its pixels from the items beneath."""
+        return self.run(image, [operation_from_dict({"kind": "add", "name": name, "prompt": prompt, "mask": mask,
+                                                     "box": box, "mask_file": mask_file})], **sampling)
 
-    def _run(self, kind, image, prompts, lengths, labels, active, sampling: dict, params: dict) -> EditResult:
-        sampling = dict(sampling)
-        callback_on_step_end = sampling.pop("callback_on_step_end", None)
-        config = SamplingConfig(**sampling)
-        entry = self.session.image(image)
-        if kind == "recon":
-            regions = M.Regions(hard=np.zeros_like(active), soft=np.zeros_like(active), active=active)
-        else:
-            regions = M.edit_regions(active, config.edge_thickness)
-        n = len(entry.items)
-        areas = M.item_areas(labels, n).astype(float).tolist()
-        self.session.check_weights_current()
-        self.model.use_session(self.session)
-        cond = C.encode_items(self.model, prompts, lengths, areas, [it.name for it in entry.items])
-        adapters = self.model.delta.item_adapters   # a per-item session: each prompt's item brings its adapter
-        if adapters is not None:
-            cond = replace(cond, slots=adapters.slots_for(prompts), adapters=adapters)
-        images = masked_sample(self.model, cond, C.latent_labels(self.model, labels, n), entry.working,
-                               regions, config, progress=self.progress, callback_on_step_end=callback_on_step_end)
-        manifest = {"kind": kind, "session": str(self.session.folder), "session_id": self.session.id,
-                    "image": entry.name, "fit": entry.fit, "model_id": self.model.model_id,
-                    "weights_generation": self.session.weights_generation, "params": params,
-                    "sampling": asdict(config), "seeds": [config.seed + j for j in range(config.num_images)],
-                    "prompts": {it.name: p for it, p in zip(entry.items, cond.encoded)},
-                    "dropped": {it.name: d for it, d in zip(entry.items, cond.dropped) if d},
-                    "region_pixels": {r: int(getattr(regions, r).sum()) for r in ("hard", "soft", "active")},
-                    "quality": [quality_record(entry.working, img, regions, params.get("prompt") or
-                                               params.get("template"), self.scorer) for img in images]}
-        if self.record:
-            self.session.record_edit(manifest)
-        return EditResult(kind, images, entry.working, labels, regions, manifest)
+    def reshape(self, image: int | str, item: int | str, mask=None, box=None, mask_file=None,
+                **sampling) -> EditResult:
+        """Give an item a new mask (``mask``, ``box`` or ``mask_file``); the pixels it gives up go to the
+        nearest other items, and both are regenerated."""
+        return self.run(image, [operation_from_dict({"kind": "reshape", "item": item, "mask": mask, "box": box,
+                                                     "mask_file": mask_file})], **sampling)
+
+    def replay(self, manifest_or_folder: Mapping | str | Path, output_dir: str | Path | None = None) -> EditResult:
+        """Run a recorded request again (a manifest, or the folder :meth:`EditResult.save` wrote): the same
+        images byte for byte on the same model and weights, or a :class:`replay.ReplayError` naming what
+        differs (another session, weights generation, model or profile). Saved into ``output_dir`` if given."""
+        request, folder = read_request(manifest_or_folder)
+        check_request(request, self.model, self.session)
+        if output_dir is not None and folder is not None and Path(output_dir).resolve() == folder.resolve():
+            raise ReplayError(f"{output_dir} is the edit being replayed: write the replay to another folder")
+        ops = operations_from(request["operations"], base_dir=folder)
+        result = self.run(request["image"], ops, request["priority"], config=SamplingConfig(**request["sampling"]))
+        if output_dir is not None:
+            result.save(output_dir)
+        return result
 
 
-def run_edit(editor: Editor, kind: str, image=0, item=None, prompt=None, dx=0.0, dy=0.0, scale=1.0,
-             source_image=None, source_item=None, source_session=None, **sampling) -> EditResult:
-    """One edit by name, with flat parameters (what papermill and batch runs pass); ``sampling`` holds
-    :class:`SamplingConfig` settings and, optionally, ``callback_on_step_end`` (see :class:`Editor`)."""
-    if kind not in EDIT_KINDS:
-        raise ValueError(f"unknown edit {kind!r}; choose one of {EDIT_KINDS}")
-    if kind != "recon" and item is None:
-        raise ValueError(f"the {kind} edit needs an item (index or name)")
-    if kind == "recon":
-        return editor.reconstruct(image, **sampling)
-    if kind == "text":
-        return editor.text(image, item, prompt, **sampling)
-    if kind == "image":
-        if source_image is None or source_item is None:
-            raise ValueError("the image edit needs source_image and source_item")
-        return editor.image(image, item, source_image, source_item, template=prompt, source_session=source_session,
-                            **sampling)
-    if kind == "move":
-        return editor.move(image, {item: M.ItemMove(dx=dx, dy=dy, scale=scale)}, **sampling)
-    return editor.remove(image, item, **sampling)
+def _as_move(value) -> M.ItemMove:
+    if isinstance(value, M.ItemMove):
+        return value
+    if isinstance(value, np.ndarray):
+        return M.ItemMove(mask=value)
+    if isinstance(value, Mapping):
+        return M.ItemMove(**value)
+    dx, dy, *rest = value
+    return M.ItemMove(dx=dx, dy=dy, scale=rest[0] if rest else 1.0)
+
+
+def run_edit(editor: Editor, kind: str | None = None, image=0, item=None, prompt=None, dx=0.0, dy=0.0, scale=1.0,
+             source_image=None, source_item=None, source_session=None, name=None, box=None, mask_file=None,
+             edits: Sequence | None = None, priority: Sequence | None = None, **sampling) -> EditResult:
+    """One edit by name with flat parameters (what papermill and batch runs pass), or, when ``edits`` (a list
+    of operation dicts) is given, those operations instead; ``sampling`` holds :class:`SamplingConfig`
+    settings (or ``config``) and, optionally, ``callback_on_step_end`` (see :class:`Editor`)."""
+    if not edits:
+        edits = [flat_operation(kind, item=item, prompt=prompt, dx=dx, dy=dy, scale=scale, source_image=source_image,
+                                source_item=source_item, source_session=source_session, name=name, box=box,
+                                mask_file=mask_file)]
+    return editor.run(image, edits, priority, **sampling)

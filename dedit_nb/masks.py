@@ -150,14 +150,7 @@ def _require_item(labels: np.ndarray, item: int, num_items: int | None = None) -
 
 def remove_item(labels: np.ndarray, item: int) -> tuple[np.ndarray, np.ndarray]:
     """Delete an item: its pixels go to the nearest other items. Returns (new labels, freed pixels)."""
-    labels = np.asarray(labels, dtype=np.int32)
-    _require_item(labels, item)
-    freed = labels == item
-    if freed.all():
-        raise PartitionError(f"item {item} covers the whole image; there is no other item to take its pixels")
-    out = labels.copy()
-    out[freed] = UNASSIGNED
-    return fill_unassigned(out), freed
+    return compose_items(labels, removed=[item])
 
 
 def transform_mask(mask: np.ndarray, dx: float = 0.0, dy: float = 0.0, scale: float = 1.0) -> np.ndarray:
@@ -197,44 +190,77 @@ class ItemMove:
 
 def move_items(labels: np.ndarray, moves: Mapping[int, ItemMove], priority: Sequence[int] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-    """Apply a mask edit to several items at once.
+    """Apply a mask edit to several items at once (:func:`compose_items` with moves only).
 
     Moved items are stacked over the items that stay, and among themselves by ``priority`` (a list of the
     moved items, last on top; default: the order of ``moves``). Pixels that no item covers afterwards go to
     the nearest item that did not move (so a moved item does not grow back into its old place).
     Returns (new labels, active mask = moved items' new pixels plus the refilled pixels).
     """
-    labels = np.asarray(labels, dtype=np.int32)
     if not moves:
         raise PartitionError("a mask edit needs at least one item to move, resize or redraw")
+    return compose_items(labels, moves, priority)
+
+
+def moved_mask(labels: np.ndarray, item: int, move: ItemMove) -> np.ndarray:
+    """Where ``item`` of ``labels`` lies after ``move`` (its drawn mask, or its pixels shifted and scaled)."""
+    _require_item(labels, item)
+    if move.mask is not None:
+        mask = np.asarray(move.mask, dtype=bool)
+        if mask.shape != labels.shape:
+            raise PartitionError(f"edited mask for item {item} is {mask.shape}, the image is {labels.shape}")
+    else:
+        mask = transform_mask(labels == item, move.dx, move.dy, move.scale)
+    if not mask.any():
+        raise PartitionError(
+            f"item {item} would leave the image entirely (dx={move.dx}, dy={move.dy}, scale={move.scale}); "
+            f"use a smaller shift or remove the item instead")
+    return mask
+
+
+def compose_items(labels: np.ndarray, moves: Mapping[int, ItemMove] | None = None,
+                  priority: Sequence[int] | None = None, removed: Sequence[int] = (),
+                  added: Sequence[np.ndarray] = (), num_items: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Several item edits as one new label map: ``moves`` (shifts, resizes, redrawn masks), ``removed``
+    items and ``added`` new items (boolean masks; they get the indices ``num_items``, ``num_items + 1``...).
+
+    The moved and removed items leave their pixels; the moved items are drawn at their new places by
+    ``priority`` (the moved items, last on top; default: the order of ``moves``), the added items on top of
+    everything in their order, taking the pixels of the items beneath. Pixels no item covers then go to the
+    nearest item that was neither moved nor added. Returns (new labels, active mask = the drawn pixels plus
+    the refilled ones).
+    """
+    labels = np.asarray(labels, dtype=np.int32)
+    moves = dict(moves or {})
+    n = int(labels.max()) + 1 if num_items is None else num_items
     order = list(priority) if priority is not None else list(moves)
     if sorted(order) != sorted(moves):
         raise PartitionError(f"priority {order} must list exactly the moved items {sorted(moves)}")
-    new_masks = {}
-    for item, move in moves.items():
+    for item in removed:
         _require_item(labels, item)
-        if move.mask is not None:
-            m = np.asarray(move.mask, dtype=bool)
-            if m.shape != labels.shape:
-                raise PartitionError(f"edited mask for item {item} is {m.shape}, the image is {labels.shape}")
-        else:
-            m = transform_mask(labels == item, move.dx, move.dy, move.scale)
-        if not m.any():
-            raise PartitionError(
-                f"item {item} would leave the image entirely (dx={move.dx}, dy={move.dy}, scale={move.scale}); "
-                f"use a smaller shift or remove the item instead")
-        new_masks[item] = m
+        if item in moves:
+            raise PartitionError(f"item {item} cannot be moved and removed in one edit; do one or the other")
+    new_masks = {item: moved_mask(labels, item, move) for item, move in moves.items()}
     out = labels.copy()
-    moved_old = np.isin(labels, list(moves))
-    out[moved_old] = UNASSIGNED
+    out[np.isin(labels, [*moves, *removed])] = UNASSIGNED
     for item in order:
         out[new_masks[item]] = item
-    covered_by_moved = np.zeros(labels.shape, dtype=bool)
+    drawn = np.zeros(labels.shape, dtype=bool)
     for m in new_masks.values():
-        covered_by_moved |= m
+        drawn |= m
+    for j, mask in enumerate(added):
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != labels.shape or not mask.any():
+            raise PartitionError(f"a new item's mask must be {labels.shape} with at least one pixel; got "
+                                 f"{mask.shape} with {int(mask.sum())} pixels")
+        out[mask] = n + j
+        drawn |= mask
     refill = out == UNASSIGNED
-    out = fill_unassigned(out, donors=~np.isin(out, list(moves)))
-    return out, covered_by_moved | refill
+    if refill.all():
+        raise PartitionError(f"item(s) {list(removed)} cover the whole image; there is no other item to take "
+                             "their pixels")
+    redrawn = [*moves, *range(n, n + len(added))]
+    return fill_unassigned(out, donors=~np.isin(out, redrawn)), drawn | refill
 
 
 def replace_item_mask(labels: np.ndarray, item: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -326,8 +352,6 @@ class Regions:
 def edit_regions(active: np.ndarray, edge_thickness: int) -> Regions:
     """Hard/soft/active regions for an active mask and a soft band width in pixels."""
     active = np.asarray(active, dtype=bool)
-    if edge_thickness < 0:
-        raise ValueError(f"edge_thickness must be >= 0 pixels, got {edge_thickness}")
     if active.all():
         soft = np.zeros_like(active)
     elif not active.any():

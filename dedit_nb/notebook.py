@@ -10,7 +10,6 @@ loaded or written.
 from __future__ import annotations
 
 import ast
-import difflib
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +17,12 @@ from typing import Sequence
 
 from .domain import MIN_RECON_PSNR, domain_notes, psnr, reconstruction_note
 from .edits import EDIT_KINDS, Editor, EditResult, run_edit
-from .finetune import MAX_FINETUNE_SEED, finetune
+from .finetune import finetune
+from .masks import PartitionError
+from .models import DEditModel
+from .operations import flat_operation, operation_from_dict, operations_from
+from .parameters import MAX_FINETUNE_SEED, SAMPLING, OneLineError, ParameterError, closest
+from .plans import plan_edit
 from .profiles import Resolved, model_facts, resolve
 from .reruns import choose_folder
 from .sampler import MAX_SEED, SCHEDULERS, SamplingConfig
@@ -26,26 +30,9 @@ from .segment import METHODS, Partition, segment_session
 from .session import Session, SessionError
 
 
-class OneLineError(Exception):
-    """An error a notebook shows as its message alone: IPython renders ``_render_traceback_`` instead of a
-    traceback whose message is at the bottom of 15 lines of library frames. Code and papermill still get
-    the exception (and papermill fails the run)."""
-
-    def _render_traceback_(self) -> list[str]:
-        return [f"\x1b[31m{type(self).__name__}: {self}\x1b[0m"]
-
-
 class NotebookStop(OneLineError, RuntimeError):
     """A notebook stopped on purpose, saying why and what to do (a photo for the offline model, an
     interrupted finetune, a session that is not finetuned yet)."""
-
-
-class ParameterError(OneLineError, ValueError):
-    """A notebook parameter with a wrong name or value."""
-
-    def __init__(self, name: str, message: str):
-        super().__init__(f"parameter {name!r}: {message}")
-        self.name = name
 
 
 @dataclass(frozen=True)
@@ -125,10 +112,6 @@ NOTEBOOK_PARAMETERS: dict[str, dict[str, Check]] = {
         "scheduler": text(choices=tuple(SCHEDULERS)), "output_dir": text(), "overwrite": FLAG, "device": text(optional=True),
         "auto_memory": FLAG, "interactive": FLAG, "batch_grid": text(optional=True)},
 }
-SAMPLING = ("strength", "guidance", "steps", "edge_thickness", "seed", "num_images", "scheduler")
-# what an edit's sampling settings may be once resolved (headless_edit, batch runs): None is not among them
-SAMPLING_CHECKS = {**{n: NOTEBOOK_PARAMETERS["03_edit"][n] for n in SAMPLING}, "eta": number(0, 1),
-                   "profile": Check((dict,), "a record of dedit_nb.profiles.Resolved", optional=True)}
 # Parameters a model profile sets (dedit_nb.profiles): None, their default, takes the profile's value. Each
 # maps to the profile setting it stands for.
 PROFILE_PARAMETERS: dict[str, dict[str, str]] = {
@@ -152,7 +135,7 @@ def check_parameters(notebook: str, namespace: dict) -> None:
     injected = injected_names(namespace)
     for name in injected:
         if name not in spec:
-            raise ParameterError(name, f"{notebook} has no such parameter{_closest(name, spec)}")
+            raise ParameterError(name, f"{notebook} has no such parameter{closest(name, list(spec))}")
     check_values(spec, {name: namespace.get(name) for name in spec}, papermill=bool(injected))
 
 
@@ -161,13 +144,8 @@ def check_values(spec: dict[str, Check], values: dict, papermill: bool = False) 
     the values came from papermill's command line (its -r/-p advice applies)."""
     for name, value in values.items():
         if name not in spec:
-            raise ParameterError(name, f"unknown parameter{_closest(name, spec)}")
+            raise ParameterError(name, f"unknown parameter{closest(name, list(spec))}")
         spec[name](name, value, papermill)
-
-
-def _closest(name: str, spec: dict) -> str:
-    close = difflib.get_close_matches(name, list(spec), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else f"; the parameters are {list(spec)}"
 
 
 def injected_names(namespace: dict) -> list[str]:
@@ -227,36 +205,30 @@ def segmenter_kwargs(segmenter: str, num_items: int = 6, checkpoint: str | None 
 
 
 def check_edit_params(session: Session, edit: str, item=None, prompt: str = "", source_session: str | None = None,
-                      source_item=None, image=0, source_image=0, **sampling) -> SamplingConfig:
-    """Check an edit's parameters against the session before any model is loaded."""
-    if edit not in EDIT_KINDS:
-        raise ParameterError("edit", f"{edit!r} is not one of {EDIT_KINDS}")
-    entry = session.image(image)
-    if edit != "recon":
-        if item is None or item == "":
-            raise ParameterError("item", f"the {edit} edit needs an item; items: {[i.name for i in entry.items]}")
-        try:
-            entry.item_index(item)
-        except Exception as exc:  # noqa: BLE001
-            raise ParameterError("item", str(exc)) from exc
-    if edit == "text" and not (prompt or "").strip():
-        raise ParameterError("prompt", "the text edit needs a prompt, e.g. 'a red bag' or 'a photo of * in gold'")
-    if edit == "image":
-        if source_item is None or source_item == "":
-            raise ParameterError("source_item", "the image edit needs the item to bring in")
-        source = session
-        if source_session:
-            source = _open_session("source_session", source_session)
-            try:
-                session.check_joint(source)
-            except SessionError as exc:
-                raise ParameterError("source_session", str(exc)) from exc
-        try:
-            source.image(source_image).item_index(source_item)
-        except Exception as exc:  # noqa: BLE001
-            raise ParameterError("source_item", str(exc)) from exc
-    check_values(SAMPLING_CHECKS, sampling)
-    return SamplingConfig(**sampling)
+                      source_item=None, image=0, source_image=0, edits: Sequence | None = None,
+                      priority: Sequence | None = None, **sampling) -> SamplingConfig:
+    """Check an edit's parameters against the session before any model is loaded: the operations (``edits``,
+    else the single edit of the flat parameters) by their schemas and, once the session is finetuned, by
+    planning them (items, source items, masks), and the sampling settings; returns the one
+    :class:`SamplingConfig` of the edit (pass it on as ``config``)."""
+    try:
+        if edits:
+            operations = operations_from(edits)
+        else:
+            operations = [operation_from_dict(flat_operation(
+                edit, item=item, prompt=prompt, source_session=source_session, source_image=source_image,
+                source_item=source_item))]
+        if session.has_weights:
+            plan_edit(session.image(image), session, operations, priority)
+    except (SessionError, PartitionError) as exc:
+        raise ParameterError(getattr(exc, "parameter", "edits" if edits else "item"), str(exc)) from exc
+    unknown = [name for name in sampling if name not in SAMPLING]
+    if unknown:
+        raise ParameterError(unknown[0], f"unknown parameter{closest(unknown[0], SAMPLING.names)}")
+    try:
+        return SamplingConfig(**sampling)
+    except ParameterError as exc:       # named as the notebook's parameter, not SamplingConfig's field
+        raise ParameterError(exc.name, exc.message) from None
 
 
 def create_segmented_session(session_dir: str | Path, image_path: str | Path, resolution: int, multiple: int,
@@ -281,18 +253,24 @@ def edit_recording(session: Session) -> tuple[bool, str | None]:
                    "history was not updated (to record edits, work on a copy: session.copy_to('my-session')).")
 
 
-def headless_edit(model, session: Session, edit: str, output_dir: str | Path, item=None, prompt: str = "",
-                  dx: float = 0.0, dy: float = 0.0, scale: float = 1.0, source_session: str | None = None,
-                  source_image=0, source_item=None, image=0, progress: bool = True, record: bool = True,
-                  **sampling) -> EditResult:
-    """One edit from flat parameters; writes images, regions and manifest.json into ``output_dir``, and
-    records it in the session's history when ``record``."""
-    check_edit_params(session, edit, item, prompt, source_session, source_item, image, source_image, **sampling)
-    source = Session.open(source_session) if source_session else None
+def headless_edit(model: DEditModel, session: Session, edit: str, output_dir: str | Path, item=None,
+                  prompt: str = "", dx: float = 0.0, dy: float = 0.0, scale: float = 1.0,
+                  source_session: str | None = None, source_image=0, source_item=None, image=0,
+                  progress: bool = True, record: bool = True, edits: Sequence | None = None,
+                  priority: Sequence | None = None, config: SamplingConfig | None = None, **sampling) -> EditResult:
+    """One edit from flat parameters, or the operations of ``edits`` (a list of operation dicts) in one
+    sampling pass; writes images, regions and manifest.json into ``output_dir``, and records it in the
+    session's history when ``record``. ``config``: the :class:`SamplingConfig` :func:`check_edit_params`
+    returned (else it is made from ``sampling``)."""
+    if config is None:
+        config = check_edit_params(session, edit, item, prompt, source_session, source_item, image, source_image,
+                                   edits, priority, **sampling)
+    elif sampling:
+        raise TypeError(f"give the sampling settings as config or as keywords, not both ({sorted(sampling)})")
     editor = Editor(model, session, progress=progress, record=record)
     result = run_edit(editor, edit, image=image, item=item, prompt=prompt, dx=dx, dy=dy, scale=scale,
-                      source_image=source_image, source_item=source_item,
-                      source_session=source, **sampling)
+                      source_image=source_image, source_item=source_item, source_session=source_session,
+                      edits=edits, priority=priority, config=config)
     result.save(output_dir)
     return result
 

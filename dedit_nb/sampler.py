@@ -17,8 +17,7 @@ After decoding, hard-region pixels are copied from the original image, so they a
 from __future__ import annotations
 
 import inspect
-import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -28,20 +27,8 @@ from tqdm.auto import tqdm
 from . import conditioning as C
 from . import masks as M
 from .images import rgb_to_tensor, tensor_to_rgb
+from .parameters import MAX_SEED, SAMPLING, SCHEDULERS, ParameterError
 from .profiles import SD1, resolve
-
-# Short names of common diffusers schedulers; any other diffusers scheduler class name works as well.
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-ancestral": "EulerAncestralDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "ddpm": "DDPMScheduler",
-}
-
-
-MAX_SEED = 2**64 - 1        # the largest seed torch.Generator takes
 
 
 @dataclass
@@ -67,28 +54,15 @@ class SamplingConfig:
     def for_model(cls, model, **settings) -> "SamplingConfig":
         """Settings for ``model`` (a loaded model, folder, hub id or "offline"): the steps, guidance, strength
         and soft band of its profile (:mod:`dedit_nb.profiles`) wherever ``settings`` leaves them out or None."""
-        resolved = resolve(model, {n: settings.pop(n, None) for n in ("steps", "guidance", "strength",
-                                                                       "edge_thickness")})
+        resolved = resolve(model, {f.name: settings.pop(f.name, None) for f in SAMPLING if f.profile})
         return cls(**resolved.values, **settings, profile=resolved.record())
 
     def __post_init__(self):
-        for name in ("steps", "guidance", "strength", "edge_thickness", "seed", "num_images", "eta"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not 0.0 <= self.strength <= 1.0:
-            raise ValueError(f"strength is a share of the steps, between 0 and 1; got {self.strength}")
-        if self.num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {self.num_images}")
-        if self.edge_thickness < 0:
-            raise ValueError(f"edge_thickness must be >= 0 pixels, got {self.edge_thickness}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-        if not 0 <= self.seed <= MAX_SEED - (self.num_images - 1):
-            raise ValueError(f"seed must be between 0 and {MAX_SEED - (self.num_images - 1)} (image j uses seed + j, "
-                             f"and torch seeds are below 2**64), got {self.seed}")
-        scheduler_class(self.scheduler)
+        SAMPLING.check(asdict(self), resolved=True)
+        if self.seed > MAX_SEED - (self.num_images - 1):
+            raise ParameterError("seed", f"should be at most {MAX_SEED - (self.num_images - 1)} with num_images="
+                                 f"{self.num_images} (image j uses seed + j, and torch seeds are below 2**64), got "
+                                 f"{self.seed}", SAMPLING.where)
 
 
 def scheduler_class(name: str):

@@ -144,5 +144,5 @@ def test_the_maximums_strength_1_and_eta_1_pass_the_notebook_check_and_the_api(t
             check_edit_params(s, "recon", **{name: value})
         assert err.value.name == name
     assert SamplingConfig(strength=1.0, eta=1.0, **lowest).strength == 1.0
-    with pytest.raises(ValueError, match="strength is a share of the steps"):
+    with pytest.raises(ValueError, match="SamplingConfig.strength: should be a number between 0 and 1"):
         SamplingConfig(strength=1.000001)

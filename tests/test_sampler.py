@@ -201,7 +201,7 @@ def test_scheduler_names_and_their_settings_are_checked():
     with pytest.raises(ValueError, match="unknown scheduler"):
         SamplingConfig(scheduler="AutoencoderKL")
     assert SamplingConfig(scheduler="PNDMScheduler").scheduler == "PNDMScheduler"
-    with pytest.raises(ValueError, match="eta must be >= 0"):
+    with pytest.raises(ValueError, match="SamplingConfig.eta: should be a number between 0 and 1"):
         SamplingConfig(eta=-1)
 
 

@@ -8,7 +8,7 @@ import ipywidgets as W
 import numpy as np
 
 from dedit_nb.display import edit_defaults, tidy_number
-from dedit_nb.edits import EDIT_KINDS, Editor, run_edit
+from dedit_nb.edits import Editor, run_edit
 from dedit_nb.sampler import SCHEDULERS
 from dedit_nb.session import png_bytes
 
@@ -56,8 +56,8 @@ class EditPanel(W.VBox):
         self.canvas = MaskEditor(self.state, display_width=display_width, tools=("move",), save_marker=False)
         self.canvas.apply_moves_button.layout.display = "none"
         wide = {"description_width": "initial"}
-        self.kind = W.ToggleButtons(options=list(EDIT_KINDS), value=edit, description="edit",
-                                    tooltips=[EDIT_TIPS[k] for k in EDIT_KINDS], style={"button_width": "70px"})
+        self.kind = W.ToggleButtons(options=list(EDIT_CONTROLS), value=edit, description="edit",
+                                    tooltips=[EDIT_TIPS[k] for k in EDIT_CONTROLS], style={"button_width": "70px"})
         self.item = W.Dropdown(options=[(f"{k}: {it.name}", k) for k, it in enumerate(entry.items)],
                                description="item")
         if item is not None and item != "":

@@ -1,15 +1,14 @@
 """Finetune settings, result and errors."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from .. import conditioning as C
+from ..parameters import FINETUNE, MAX_FINETUNE_SEED  # noqa: F401  (MAX_FINETUNE_SEED: re-exported)
 from ..profiles import SD1, resolve
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-MAX_FINETUNE_SEED = 2**32 - 1    # each step's noise is seeded from (seed, stage, step), which must stay below 2**64
 
 
 @dataclass
@@ -45,20 +44,10 @@ class FinetuneConfig:
         return cls(**resolved.values, **settings, profile=resolved.record())
 
     def __post_init__(self):
-        for name in ("num_tokens", "batch_size", "grad_accum", "checkpoint_every", "lora_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("stage1_steps", "stage2_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"FinetuneConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("stage1_lr", "stage2_lr", "lora_lr"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"FinetuneConfig.{name} must be a finite number > 0, got {getattr(self, name)}")
+        FINETUNE.check({f.name: getattr(self, f.name) for f in fields(self) if f.name in FINETUNE}, resolved=True)
         if self.per_item and self.lora:
             raise ValueError("FinetuneConfig: per_item=True trains one LoRA per item in place of the shared one; "
                              "pass lora=False with it")
-        if not 0 <= self.seed <= MAX_FINETUNE_SEED:
-            raise ValueError(f"FinetuneConfig.seed must be between 0 and {MAX_FINETUNE_SEED}, got {self.seed}")
 
     def resumable_with(self, other: "FinetuneConfig") -> bool:
         """Whether a finetune started with ``other`` can continue under these settings (only the step

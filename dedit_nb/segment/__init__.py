@@ -11,9 +11,8 @@
 from __future__ import annotations
 
 from .partition import Partition, overlay, overlay_figure, partition_from_masks
+from ..parameters import SEGMENTERS as METHODS
 from .offline import segment_offline
-
-METHODS = ("offline", "sam", "panoptic", "text")
 
 
 def segment(image, method: str = "offline", **kwargs) -> Partition:

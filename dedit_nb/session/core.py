@@ -384,6 +384,11 @@ class Session(BankItems):
         if save:
             self.save()
 
+    def edit_requests(self) -> list[dict]:
+        """The requests of the edits recorded in the history, oldest first (``manifest["request"]``: what
+        ``Editor.replay`` runs again), each with the ``time`` it was recorded."""
+        return [{"time": h.get("time"), **copy.deepcopy(h["request"])} for h in self.history if "request" in h]
+
     # --- persistence ---------------------------------------------------------------------------------
     def _serialize(self) -> dict:
         images = []
