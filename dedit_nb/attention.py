@@ -294,7 +294,10 @@ class GroupedAttnProcessor:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
+        if is_cross and item_layout is not None and item_layout.adapters is not None:
+            hidden_states = item_layout.adapters.route_out(attn, hidden_states, item_layout)
+        else:
+            hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)

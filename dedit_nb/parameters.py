@@ -276,6 +276,9 @@ MASK_FIELDS = (
     Field("mask_file", "text", None, "the item's new pixels as a .png (non-zero pixels) or .npy file", "text",
           optional=True),
 )
+SOURCE_ITEM_FILE = Field("source_item_file", "text", None, "a bank file (.safetensors), or the name of one of the "
+                         "session's bank items, holding the item put in: no joint finetune needed", "text",
+                         optional=True)
 OPERATIONS: dict[str, Schema] = {
     "recon": Schema("recon", ()),
     "text": Schema("text", (
@@ -283,11 +286,12 @@ OPERATIONS: dict[str, Schema] = {
                     "the item ('a photo of * in gold')", "text", required=True))),
     "image": Schema("image", (
         ITEM, Field("source_image", "image", 0, "the image the source item is in", "dropdown", low=0),
-        Field("source_item", "item", None, "the item put in the item's place", "item", low=0, required=True),
+        Field("source_item", "item", None, "the item put in the item's place", "item", low=0, optional=True),
         Field("template", "text", None, "optional text around the source item's tokens ('a photo of * in gold')",
               "text", optional=True),
         Field("source_session", "text", None, "the session folder of the source image, when it is another "
-              "session finetuned jointly with this one", "text", optional=True))),
+              "session finetuned jointly with this one", "text", optional=True),
+        SOURCE_ITEM_FILE)),
     "move": Schema("move", (
         ITEM, Field("dx", "number", 0.0, "shift to the right, in pixels", "slider"),
         Field("dy", "number", 0.0, "shift down, in pixels", "slider"),
@@ -297,8 +301,9 @@ OPERATIONS: dict[str, Schema] = {
     "remove": Schema("remove", (ITEM,)),
     "add": Schema("add", (
         Field("name", "text", "new item", "the new item's name", "text"),
-        Field("prompt", "text", "", "the new item's text prompt ('a red hat')", "text", required=True),
-        *MASK_FIELDS)),
+        Field("prompt", "text", "", "the new item's text prompt ('a red hat'); with source_item_file, an optional "
+              "template around the bank item's tokens", "text"),
+        *MASK_FIELDS, SOURCE_ITEM_FILE)),
     "reshape": Schema("reshape", (ITEM, *MASK_FIELDS)),
 }
 EDIT_KINDS = tuple(OPERATIONS)

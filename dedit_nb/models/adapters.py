@@ -87,6 +87,21 @@ class ItemAdapters:
         return cls(unet, tensors, rank, alpha, base, keys=list(slots))
 
     @classmethod
+    def combine(cls, unet, slots: dict[str, tuple[dict[str, torch.Tensor], int, float]], base=None
+                ) -> "ItemAdapters":
+        """Adapters of several origins (a session's items, bank items) in one stack: ``slots[key]`` is ``(slot
+        tensors, rank, alpha)``; each slot's ``alpha / rank`` is folded into its ``B`` and smaller ranks are padded
+        with zeros, so slots of any rank share one stack."""
+        rank = max(r for _, r, _ in slots.values())
+
+        def fitted(name: str, value: torch.Tensor, r: int, alpha: float) -> torch.Tensor:
+            value = value.float() * (alpha / r if name.endswith("lora_B") else 1.0)
+            pad = (0, 0, 0, rank - r) if name.endswith("lora_A") else (0, rank - r)
+            return F.pad(value, pad)
+        folded = {key: {n: fitted(n, v, r, a) for n, v in tensors.items()} for key, (tensors, r, a) in slots.items()}
+        return cls.stack(unet, folded, rank, float(rank), base)
+
+    @classmethod
     def from_saved(cls, unet, saved: dict[str, torch.Tensor], rank: int, alpha: float) -> "ItemAdapters":
         """Adapters from a session's saved tensors (``"{key}/{layer}.{projection}.lora_A"``), one slot per key."""
         return cls.stack(unet, split_by_item(saved), rank, alpha)
@@ -125,6 +140,16 @@ class ItemAdapters:
         key = self._project(attn, "to_k", layer, encoder_hidden_states, key, token_slots)
         value = self._project(attn, "to_v", layer, encoder_hidden_states, value, token_slots)
         return query, key, value
+
+    def route_out(self, attn, hidden_states: torch.Tensor, layout) -> torch.Tensor:
+        """The layer's output projection, from the base weights at slotted pixels when a shared delta wraps it
+        (a shared LoRA session's ``to_out.0``)."""
+        out = attn.to_out[0](hidden_states)
+        base = self.base.get(f"{self.layer_names[attn]}.to_out.0")
+        if base is None:
+            return out
+        slotted = layout.pixel_slots(hidden_states.shape[1], hidden_states.device) >= 0
+        return torch.where(slotted[..., None], F.linear(hidden_states, base[0], base[1]), out)
 
 
 def split_by_item(saved: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
