@@ -41,6 +41,8 @@ class Operation:
         out = {"kind": self.kind}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "source_item_file" and value is None:
+                continue        # only a bank source is recorded: other requests read as they always did
             if isinstance(value, np.ndarray):
                 value = mask_fingerprint(value)
             elif f.name == "source_session" and value is not None and not isinstance(value, str):

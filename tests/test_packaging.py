@@ -46,7 +46,7 @@ LAYERS = {"session": ["items", "schema", "store", "checkpoints", "bank", "core"]
           "models": ["devices", "text", "adapters", "delta", "core", "loading"],
           "memory": ["allocator", "tracker", "configs", "kernels", "workload", "fit", "__main__"],
           "finetune": ["config", "state", "loop", "per_item", "stages"],
-          "bank": ["files", "__main__"]}
+          "bank": ["files", "use", "__main__"]}
 
 
 def dedit_nb_imports(lazy: bool) -> dict[str, set[str]]:
