@@ -67,13 +67,19 @@ class ItemLayout:
     labels: ``(B, H, W)`` integer item index per latent pixel, for each batch element.
     spans: for each batch element, a list over items of ``(start, end)`` token ranges into
         ``encoder_hidden_states``; item ``k`` of element ``b`` attends to keys ``spans[b][k]`` only.
+    adapters, slots: per-item adapters (:class:`dedit_nb.models.adapters.ItemAdapters`) and, for each batch
+        element, the adapter slot of each item (``-1``: none); item ``k``'s slot acts on its pixels' queries
+        and its span's keys and values.
     """
 
     labels: torch.Tensor
     spans: Sequence[Sequence[Span]]
+    adapters: object = None
+    slots: Sequence[Sequence[int]] | None = None
     _plans: dict = field(default_factory=dict, repr=False)
     _masks: dict = field(default_factory=dict, repr=False)
     _groups: list = field(default_factory=list, repr=False)
+    _slot_maps: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.labels.ndim != 3:
@@ -85,6 +91,10 @@ class ItemLayout:
             top = int(self.labels[b].max())
             if int(self.labels[b].min()) < 0 or top >= len(spans):
                 raise ValueError(f"batch element {b}: labels reach item {top} but only {len(spans)} prompt spans given")
+        if (self.adapters is None) != (self.slots is None):
+            raise ValueError("ItemLayout takes per-item adapters and their slots together, or neither")
+        if self.slots is not None and [len(s) for s in self.slots] != [len(s) for s in self.spans]:
+            raise ValueError("ItemLayout.slots must give one adapter slot per item of every batch element")
         # Batch elements with the same label map and spans (e.g. repeated samples) share one plan.
         keys: dict = {}
         for b in range(self.labels.shape[0]):
@@ -125,6 +135,30 @@ class ItemLayout:
         mask = (labels[:, :, None] == owner[:, None, :]).unsqueeze(1).to(device)
         self._masks[(num_tokens, num_keys, device)] = mask
         return mask
+
+    def pixel_slots(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """``(B, N)``: the adapter slot of each pixel of a layer with ``num_tokens`` pixels (its item's)."""
+        key = ("pixels", num_tokens, device)
+        if key not in self._slot_maps:
+            table = self._slot_table()
+            labels = self.level_labels(num_tokens).reshape(self.labels.shape[0], -1)
+            self._slot_maps[key] = torch.gather(table.to(labels.device), 1, labels).to(device)
+        return self._slot_maps[key]
+
+    def token_slots(self, num_keys: int, device: torch.device) -> torch.Tensor:
+        """``(B, S)``: the adapter slot of each key (its item's; ``-1`` for padding)."""
+        key = ("tokens", num_keys, device)
+        if key not in self._slot_maps:
+            owner = torch.full((self.labels.shape[0], num_keys), -1, dtype=torch.long)
+            for b, (spans, slots) in enumerate(zip(self.spans, self._slot_table().tolist())):
+                for (s, e), slot in zip(spans, slots):
+                    owner[b, s:e] = slot
+            self._slot_maps[key] = owner.to(device)
+        return self._slot_maps[key]
+
+    def _slot_table(self) -> torch.Tensor:
+        width = max(len(s) for s in self.spans)
+        return torch.tensor([list(s) + [-1] * (width - len(s)) for s in self.slots], dtype=torch.long)
 
     def plan(self, num_tokens: int, device: torch.device) -> _Plan:
         cached = self._plans.get((num_tokens, device))
@@ -239,6 +273,9 @@ class GroupedAttnProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
+        if is_cross and item_layout is not None and item_layout.adapters is not None:
+            query, key, value = item_layout.adapters.route(attn, hidden_states, encoder_hidden_states,
+                                                           query, key, value, item_layout)
 
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
@@ -257,7 +294,10 @@ class GroupedAttnProcessor:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
+        if is_cross and item_layout is not None and item_layout.adapters is not None:
+            hidden_states = item_layout.adapters.route_out(attn, hidden_states, item_layout)
+        else:
+            hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)

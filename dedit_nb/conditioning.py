@@ -25,13 +25,16 @@ class PromptTooLongError(ValueError):
 @dataclass
 class Conditioning:
     """One image's prompts end to end: states ``(1, S, D)``, each item's span, the pooled embedding, and
-    what each prompt became once fitted to its length (``encoded``; the words cut off in ``dropped``)."""
+    what each prompt became once fitted to its length (``encoded``; the words cut off in ``dropped``), and,
+    with per-item adapters, each item's adapter ``slots`` (``-1``: none) into ``adapters``."""
 
     states: torch.Tensor
     spans: list[Span]
     pooled: torch.Tensor | None
     encoded: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    slots: list[int] | None = None
+    adapters: object = None
 
 
 def fit_prompts(model: DEditModel, prompts: Sequence[str], lengths: Sequence[int], names: Sequence[str] | None = None
@@ -116,7 +119,13 @@ def batch(conds: Sequence[Conditioning], labels: Sequence[torch.Tensor]
     """Stack several images' conditionings (padded with unused zero keys) and their item layout."""
     length = max(c.states.shape[1] for c in conds)
     states = torch.cat([torch.nn.functional.pad(c.states, (0, 0, 0, length - c.states.shape[1])) for c in conds])
-    layout = ItemLayout(torch.stack([l.to(states.device) for l in labels]), [c.spans for c in conds])
+    adapters = next((c.adapters for c in conds if c.adapters is not None), None)
+    if any(c.adapters not in (None, adapters) for c in conds):
+        raise ValueError("the conditionings of one batch route their items through different per-item adapters")
+    slots = None if adapters is None else [c.slots if c.adapters is not None else [-1] * len(c.spans)
+                                           for c in conds]
+    layout = ItemLayout(torch.stack([l.to(states.device) for l in labels]), [c.spans for c in conds],
+                        adapters, slots)
     pooled = None
     if conds[0].pooled is not None:
         pooled = torch.cat([c.pooled for c in conds])

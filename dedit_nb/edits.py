@@ -10,7 +10,7 @@ import copy
 import json
 import re
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from . import conditioning as C
 from . import masks as M
+from .bank.use import bank_adapters
 from .display import region_legend_handles, region_picture
 from .models import DEditModel
 from .operations import (ImageOp, MoveOp, ReconOp, RemoveOp, TextOp, flat_operation, mask_png,
@@ -173,7 +174,12 @@ class Editor:
         areas = M.item_areas(plan.labels, n).astype(float).tolist()
         self.session.check_weights_current()
         self.model.use_session(self.session)
+        adapters = self.model.delta.item_adapters   # a per-item session: each prompt's item brings its adapter
+        if plan.bank:                                # bank items bring their tokens and adapters for this edit
+            adapters = bank_adapters(self.model, self.session, plan.bank)
         cond = C.encode_items(self.model, plan.prompts, plan.lengths, areas, plan.names)
+        if adapters is not None:
+            cond = replace(cond, slots=adapters.slots_for(plan.prompts), adapters=adapters)
         images = masked_sample(self.model, cond, C.latent_labels(self.model, plan.labels, n), entry.working,
                                regions, config, progress=self.progress, **callbacks)
         kinds = {op.kind for op in ops}
@@ -264,12 +270,13 @@ def _as_move(value) -> M.ItemMove:
 
 def run_edit(editor: Editor, kind: str | None = None, image=0, item=None, prompt=None, dx=0.0, dy=0.0, scale=1.0,
              source_image=None, source_item=None, source_session=None, name=None, box=None, mask_file=None,
-             edits: Sequence | None = None, priority: Sequence | None = None, **sampling) -> EditResult:
+             edits: Sequence | None = None, priority: Sequence | None = None, source_item_file=None,
+             **sampling) -> EditResult:
     """One edit by name with flat parameters (what papermill and batch runs pass), or, when ``edits`` (a list
     of operation dicts) is given, those operations instead; ``sampling`` holds :class:`SamplingConfig`
     settings (or ``config``) and, optionally, ``callback_on_step_end`` (see :class:`Editor`)."""
     if not edits:
         edits = [flat_operation(kind, item=item, prompt=prompt, dx=dx, dy=dy, scale=scale, source_image=source_image,
                                 source_item=source_item, source_session=source_session, name=name, box=box,
-                                mask_file=mask_file)]
+                                mask_file=mask_file, source_item_file=source_item_file)]
     return editor.run(image, edits, priority, **sampling)

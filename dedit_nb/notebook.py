@@ -68,7 +68,7 @@ NOTEBOOK_PARAMETERS: dict[str, dict[str, Field]] = {
     "03_edit": _fields(
         _text("session_dir"), _text("model"), Field("edit", "text", "text", choices=EDIT_KINDS),
         *(EDIT_FIELDS[n] for n in ("item", "prompt", "dx", "dy", "scale", "source_session", "source_image",
-                                   "source_item", "name", "box", "mask_file")), EDITS,
+                                   "source_item", "source_item_file", "name", "box", "mask_file")), EDITS,
         *(SAMPLING[n] for n in ("strength", "guidance", "steps", "edge_thickness", "seed", "num_images",
                                 "scheduler")),
         _text("output_dir"), _flag("overwrite"), _text("device", optional=True), _flag("auto_memory"),
@@ -160,7 +160,8 @@ def segmenter_kwargs(segmenter: str, num_items: int = 6, checkpoint: str | None 
 
 def check_edit_params(session: Session, edit: str, item=None, prompt: str = "", source_session: str | None = None,
                       source_item=None, image=0, source_image=0, edits: Sequence | None = None,
-                      priority: Sequence | None = None, **sampling) -> SamplingConfig:
+                      priority: Sequence | None = None, source_item_file: str | None = None,
+                      **sampling) -> SamplingConfig:
     """Check an edit's parameters against the session before any model is loaded: the operations (``edits``,
     else the single edit of the flat parameters) by their schemas and, once the session is finetuned, by
     planning them (items, source items, masks), and the sampling settings; returns the one
@@ -171,7 +172,7 @@ def check_edit_params(session: Session, edit: str, item=None, prompt: str = "", 
         else:
             operations = [operation_from_dict(flat_operation(
                 edit, item=item, prompt=prompt, source_session=source_session, source_image=source_image,
-                source_item=source_item))]
+                source_item=source_item, source_item_file=source_item_file))]
         if session.has_weights:
             plan_edit(session.image(image), session, operations, priority)
     except (SessionError, PartitionError) as exc:
@@ -198,20 +199,21 @@ def headless_edit(model: DEditModel, session: Session, edit: str, output_dir: st
                   prompt: str = "", dx: float = 0.0, dy: float = 0.0, scale: float = 1.0,
                   source_session: str | None = None, source_image=0, source_item=None, image=0,
                   progress: bool = True, record: bool = True, edits: Sequence | None = None,
-                  priority: Sequence | None = None, config: SamplingConfig | None = None, **sampling) -> EditResult:
+                  priority: Sequence | None = None, config: SamplingConfig | None = None,
+                  source_item_file: str | None = None, **sampling) -> EditResult:
     """One edit from flat parameters, or the operations of ``edits`` (a list of operation dicts) in one
     sampling pass; writes images, regions and manifest.json into ``output_dir``, and records it in the
     session's history when ``record``. ``config``: the :class:`SamplingConfig` :func:`check_edit_params`
     returned (else it is made from ``sampling``)."""
     if config is None:
         config = check_edit_params(session, edit, item, prompt, source_session, source_item, image, source_image,
-                                   edits, priority, **sampling)
+                                   edits, priority, source_item_file, **sampling)
     elif sampling:
         raise TypeError(f"give the sampling settings as config or as keywords, not both ({sorted(sampling)})")
     editor = Editor(model, session, progress=progress, record=record)
     result = run_edit(editor, edit, image=image, item=item, prompt=prompt, dx=dx, dy=dy, scale=scale,
                       source_image=source_image, source_item=source_item, source_session=source_session,
-                      edits=edits, priority=priority, config=config)
+                      source_item_file=source_item_file, edits=edits, priority=priority, config=config)
     result.save(output_dir)
     return result
 

@@ -8,6 +8,8 @@
     {"kind": "move", "item": 1, "dx": 4, "dy": 0, "scale": 1.0}            # or "mask": a boolean array
     {"kind": "remove", "item": 3}
     {"kind": "add", "name": "hat", "prompt": "a red hat", "box": [x0, y0, x1, y1]}   # or "mask" / "mask_file"
+    {"kind": "image", "item": 1, "source_item_file": "cup.safetensors"}   # a bank item (dedit_nb.bank)
+    {"kind": "add", "name": "cup", "source_item_file": "cup.safetensors", "box": [x0, y0, x1, y1]}
     {"kind": "reshape", "item": 2, "mask_file": "hat.png"}                 # or "mask" / "box"
 
 Items are named by index or name (``Item.name``). Each kind's fields, defaults and ranges are its schema,
@@ -39,6 +41,8 @@ class Operation:
         out = {"kind": self.kind}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "source_item_file" and value is None:
+                continue        # only a bank source is recorded: other requests read as they always did
             if isinstance(value, np.ndarray):
                 value = mask_fingerprint(value)
             elif f.name == "source_session" and value is not None and not isinstance(value, str):
@@ -69,6 +73,7 @@ class ImageOp(Operation):
     source_item: int | str = None
     template: str | None = None
     source_session: Any = None          # a session folder, or a Session
+    source_item_file: str | None = None  # a bank file, or a bank item of the session, instead of source_item
 
 
 @dataclass(eq=False)
@@ -96,6 +101,7 @@ class AddOp(Operation):
     mask: np.ndarray | None = None
     box: Sequence[float] | None = None
     mask_file: str | None = None
+    source_item_file: str | None = None  # a bank item drawn in the mask (its prompt, or ``prompt`` as template)
 
 
 @dataclass(eq=False)

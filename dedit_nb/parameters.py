@@ -243,6 +243,8 @@ FINETUNE = Schema("finetune", (
           "checkbox"),
     Field("lora_rank", "int", 4, "rank of the LoRA", "int", low=1),
     Field("lora_lr", "number", None, "learning rate of the LoRA", "text", low=0, low_open=True, profile="lora_lr"),
+    Field("per_item", "bool", False, "stage 2 trains one LoRA per item (lora_rank, lora_lr), routed by the item "
+          "map, so items can be exported to the bank", "checkbox"),
     Field("batch_size", "int", None, "images per step", "int", low=1, profile="batch_size"),
     Field("grad_accum", "int", 1, "steps whose gradients add up before an update", "int", low=1),
     Field("checkpoint_every", "int", 50, "steps between saved checkpoints", "int", low=1),
@@ -294,6 +296,9 @@ MASK_FIELDS = (
     Field("mask_file", "text", None, "the item's new pixels as a .png (non-zero pixels) or .npy file", "text",
           optional=True),
 )
+SOURCE_ITEM_FILE = Field("source_item_file", "text", None, "a bank file (.safetensors), or the name of one of the "
+                         "session's bank items, holding the item put in: no joint finetune needed", "text",
+                         optional=True)
 OPERATIONS: dict[str, Schema] = {
     "recon": Schema("recon", ()),
     "text": Schema("text", (
@@ -301,11 +306,12 @@ OPERATIONS: dict[str, Schema] = {
                     "the item ('a photo of * in gold')", "text", required=True))),
     "image": Schema("image", (
         ITEM, Field("source_image", "image", 0, "the image the source item is in", "dropdown", low=0),
-        Field("source_item", "item", None, "the item put in the item's place", "item", low=0, required=True),
+        Field("source_item", "item", None, "the item put in the item's place", "item", low=0, optional=True),
         Field("template", "text", None, "optional text around the source item's tokens ('a photo of * in gold')",
               "text", optional=True),
         Field("source_session", "text", None, "the session folder of the source image, when it is another "
-              "session finetuned jointly with this one", "text", optional=True))),
+              "session finetuned jointly with this one", "text", optional=True),
+        SOURCE_ITEM_FILE)),
     "move": Schema("move", (
         ITEM, Field("dx", "number", 0.0, "shift to the right, in pixels", "slider"),
         Field("dy", "number", 0.0, "shift down, in pixels", "slider"),
@@ -315,8 +321,9 @@ OPERATIONS: dict[str, Schema] = {
     "remove": Schema("remove", (ITEM,)),
     "add": Schema("add", (
         Field("name", "text", "new item", "the new item's name", "text"),
-        Field("prompt", "text", "", "the new item's text prompt ('a red hat')", "text", required=True),
-        *MASK_FIELDS)),
+        Field("prompt", "text", "", "the new item's text prompt ('a red hat'); with source_item_file, an optional "
+              "template around the bank item's tokens", "text"),
+        *MASK_FIELDS, SOURCE_ITEM_FILE)),
     "reshape": Schema("reshape", (ITEM, *MASK_FIELDS)),
 }
 EDIT_KINDS = tuple(OPERATIONS)

@@ -47,6 +47,7 @@ class Plan:
     params: dict                        # what the manifest says of the operations (item names and indices)
     masks: dict[int, np.ndarray] = field(default_factory=dict)   # operation index -> the pixels it drew
     text: str | None = None             # what the edit asked for in words (text scores of the quality record)
+    bank: list = field(default_factory=list)   # the bank items the edit puts in (dedit_nb.bank.files.BankItem)
 
 
 class Draft:
@@ -65,6 +66,7 @@ class Draft:
         self.params: list[dict] = []
         self.masks: dict[int, np.ndarray] = {}
         self.texts: list[str] = []
+        self.bank: list = []                       # bank items put in by image and add operations
 
     def item(self, ref, parameter: str = "item") -> int:
         with about(parameter):
@@ -118,7 +120,8 @@ class Draft:
         names = unique_names([it.name for it in self.entry.items] + [name for name, _, _ in self.added])
         prompts = self.prompts + [prompt for _, prompt, _ in self.added]
         lengths = self.lengths + [C.TEXT_PROMPT_LENGTH] * len(self.added)
-        return Plan(labels, active, prompts, lengths, names, {}, self.masks, ", ".join(self.texts) or None)
+        return Plan(labels, active, prompts, lengths, names, {}, self.masks, ", ".join(self.texts) or None,
+                    self.bank)
 
 
 # --- one planner per kind: (draft, operation, its index) -> what the manifest says of it ------------------
@@ -137,7 +140,30 @@ def plan_text(draft: Draft, op, i: int) -> dict:
     return {"item": item.name, "item_index": k, "prompt": op.prompt}
 
 
+def banked(draft: Draft, ref) -> object:
+    """The bank item an operation's ``source_item_file`` names (a bank file, or one of the session's bank items)."""
+    from .bank import BankFileError
+    from .bank.use import source_item
+    try:
+        item = source_item(draft.session, ref)
+    except BankFileError as exc:
+        raise ParameterError("source_item_file", str(exc)) from exc
+    draft.bank.append(item)
+    return item
+
+
 def plan_image(draft: Draft, op, i: int) -> dict:
+    if op.source_item_file is not None:
+        k = draft.item(op.item)
+        item = banked(draft, op.source_item_file)
+        length = C.TEXT_PROMPT_LENGTH if op.template else draft.item_prompt_length
+        if draft.set_prompt(k, item.prompt(op.template), length) and op.template:
+            draft.texts.append(op.template)
+        return {"item": draft.entry.items[k].name, "item_index": k, "source_item_file": str(op.source_item_file),
+                "source_item": item.name, "template": op.template}
+    if op.source_item is None:
+        raise ParameterError("source_item", "the image operation needs source_item (the item put in the item's "
+                                            "place), or source_item_file (a bank item)")
     owner = draft.session
     with about("source_session"):
         if op.source_session is not None:
@@ -183,6 +209,14 @@ def plan_remove(draft: Draft, op, i: int) -> dict:
 
 
 def plan_add(draft: Draft, op, i: int) -> dict:
+    if op.source_item_file is not None:     # a bank item drawn where the mask says, its template or op.prompt
+        item = banked(draft, op.source_item_file)
+        mask = operation_pixels(op, draft.entry.labels.shape)
+        draft.added.append((op.name, item.prompt(op.prompt or None), mask))
+        draft.masks[i] = mask
+        return {"name": op.name, "item_index": len(draft.entry.items) + len(draft.added) - 1,
+                "source_item_file": str(op.source_item_file), "source_item": item.name, "prompt": op.prompt,
+                "pixels": int(mask.sum())}
     if not op.prompt.strip() or "*" in op.prompt:
         raise ParameterError("prompt", f"a new item needs a text prompt without '*' (it has no learned tokens), "
                                        f"e.g. 'a red hat'; got {op.prompt!r}")

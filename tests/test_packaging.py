@@ -42,10 +42,11 @@ def test_dedit_nb_imports_no_ui():
 
 
 # the packages of dedit_nb, bottom to top: each module imports only those before it
-LAYERS = {"session": ["items", "schema", "store", "checkpoints", "core"],
-          "models": ["devices", "text", "delta", "core", "loading"],
+LAYERS = {"session": ["items", "schema", "store", "checkpoints", "bank", "core"],
+          "models": ["devices", "text", "adapters", "delta", "core", "loading"],
           "memory": ["allocator", "tracker", "configs", "kernels", "workload", "fit", "__main__"],
-          "finetune": ["config", "schedules", "stopping", "state", "loop", "stages"]}
+          "finetune": ["config", "schedules", "stopping", "state", "loop", "per_item", "stages"],
+          "bank": ["files", "use", "__main__"]}
 
 
 def dedit_nb_imports(lazy: bool) -> dict[str, set[str]]:

@@ -33,7 +33,7 @@ class ItemsEditor(W.VBox):
         self.session, self.image = session, image
         self.state = ItemState.from_session(session, image)
         self.mask_editor = MaskEditor(self.state, display_width=display_width, prompter=prompter, tools=MASK_TOOLS)
-        self.palette = ItemPalette(self.state)
+        self.palette = ItemPalette(self.state, session=session)
         self.save_button = W.Button(description="save items to session", icon="save", button_style="success",
                                     layout=W.Layout(width="auto"),
                                     tooltip="write the items into the session (02_finetune learns them)")

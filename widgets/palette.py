@@ -42,8 +42,11 @@ def _header() -> W.HBox:
 
 
 class ItemPalette(W.VBox):
-    def __init__(self, state: ItemState, **kwargs):
-        self.state = state
+    """``session`` (optional) adds "import item…": a bank file (an item learned in another session,
+    ``dedit_nb.bank``) joins the session's bank items, for image edits, without training."""
+
+    def __init__(self, state: ItemState, session=None, **kwargs):
+        self.state, self.session = state, session
         self.rows = W.VBox()
         auto = lambda: W.Layout(width="auto", flex="0 0 auto")  # noqa: E731 - a Layout each: hiding one hides one
         self.add_button = W.Button(description="add item", icon="plus", layout=auto(),
@@ -63,7 +66,14 @@ class ItemPalette(W.VBox):
         self.delete_button.on_click(lambda _: self._guard(lambda: self.state.delete(self.state.selected)))
         self._checks: list[W.Checkbox] = []
         state.observe(lambda _: self.refresh(), names=["version", "selected"])
-        buttons = W.HBox([self.add_button, self.merge_button, self.split_button, self.delete_button],
+        self.bank_path = W.Text(placeholder="path/to/item.safetensors", layout=W.Layout(width="220px"),
+                                description_allow_html=False)
+        self.import_button = W.Button(description="import item…", icon="download", layout=auto(),
+                                      tooltip="add a bank item (exported from another session) to this session's "
+                                              "bank items, for image edits: no training")
+        self.import_button.on_click(lambda _: self.import_item(self.bank_path.value))
+        buttons = W.HBox([self.add_button, self.merge_button, self.split_button, self.delete_button]
+                         + ([self.bank_path, self.import_button] if session is not None else []),
                          layout=W.Layout(flex_flow="row wrap"))
         kwargs.setdefault("layout", W.Layout(max_width="100%", min_width="0"))
         super().__init__([_header(), self.rows, buttons, self.message], **kwargs)
@@ -74,6 +84,21 @@ class ItemPalette(W.VBox):
         self.message.value = (f"<span class='{'dedit-error' if error else 'dedit-note'}' style='color:{colour}'>"
                               f"{'⚠ ' if error else ''}{html.escape(str(text))}</span>")
         self._message_version = self.state.version
+
+    def import_item(self, path: str) -> str | None:
+        """Import a bank file into the session's bank items; says what happened (the name it got, or why not)."""
+        from dedit_nb.bank import BankFileError
+        from dedit_nb.session import SessionError
+        if not path.strip():
+            self.say("give the path of a bank file (.safetensors) to import", error=True)
+            return None
+        try:
+            name = self.session.import_item(path.strip())
+        except (BankFileError, SessionError, OSError) as exc:
+            self.say(str(exc), error=True)
+            return None
+        self.say(f"imported bank item {name!r}: use it as an image edit's source (source_item_file)")
+        return name
 
     def _guard(self, action) -> None:
         try:

@@ -34,6 +34,7 @@ class FinetuneConfig:
     lora: bool = False
     lora_rank: int = 4
     lora_lr: float = SD1.lora_lr
+    per_item: bool = False                 # stage 2: one LoRA per item (lora_rank, lora_lr), routed by the item map
     batch_size: int = SD1.batch_size
     grad_accum: int = 1
     checkpoint_every: int = 50
@@ -65,6 +66,9 @@ class FinetuneConfig:
         if self.stop_when == "plateau" and not (self.validate_every and self.patience):
             raise ValueError("stop_when='plateau' needs validate_every >= 1 and patience >= 1 (it stops on the "
                              "validation loss); set them, or stop_when='steps'")
+        if self.per_item and self.lora:
+            raise ValueError("FinetuneConfig: per_item=True trains one LoRA per item in place of the shared one; "
+                             "pass lora=False with it")
 
     def resumable_with(self, other: "FinetuneConfig") -> bool:
         """Whether a finetune started with ``other`` can continue under these settings (only the step

@@ -13,6 +13,7 @@ from ..images import rgb_to_tensor
 from ..session import Session
 from .config import LORA_TARGETS, Callback, FinetuneConfig, FinetuneResult
 from .loop import _ImageData, _Run, _Stage, _train
+from .per_item import PerItemStage
 from .state import (MASTER, FP32Masters, _resumable_state, _weights_meta, flatten_optimizer_state,
                     restore_optimizer_state)
 from .stopping import finished_at
@@ -153,7 +154,10 @@ def _stage2(run: _Run, start: int, saved_unet: dict[str, torch.Tensor]) -> bool:
     """Train the UNet's cross-attention q/k/v (fp32 masters of the model-dtype weights) or a LoRA (fp32),
     with the item tokens frozen and their text states computed once."""
     model, config = run.model, run.config
-    if config.lora:
+    per_item = PerItemStage(run, saved_unet) if config.per_item else None
+    if per_item is not None:
+        params, saved_unet = per_item.parameters, per_item.stacked_saved
+    elif config.lora:
         model.delta.add_lora(config.lora_rank, float(config.lora_rank), LORA_TARGETS, seed=config.seed)
         params = model.delta.lora_parameters()
     else:
@@ -166,15 +170,17 @@ def _stage2(run: _Run, start: int, saved_unet: dict[str, torch.Tensor]) -> bool:
     masters = FP32Masters(params, resumed)
     for p in params.values():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(list(masters.masters.values()), lr=config.lora_lr if config.lora else config.stage2_lr,
-                            weight_decay=0.0)
+    lr = config.lora_lr if config.lora or config.per_item else config.stage2_lr
+    opt = torch.optim.AdamW(list(masters.masters.values()), lr=lr, weight_decay=0.0)
     restore_optimizer_state(opt, {k: v for k, v in resumed.items() if not k.startswith(MASTER)})
     tokens = run.sessions[0].load_weights("tokens")   # stage 1's fp32 rows, as saved at its end
     with torch.no_grad():
         cached = [run.conditioning(d) for d in run.images]
+    if per_item is not None:
+        cached = per_item.route(cached)
 
     def saved() -> dict[str, dict]:
-        unet = {n: p.detach() for n, p in params.items()}
+        unet = per_item.saved() if per_item is not None else {n: p.detach() for n, p in params.items()}
         resume = {**flatten_optimizer_state(opt), **masters.resume_tensors()}
         return {"tokens": tokens, "unet": unet, "optimizer": resume}
 

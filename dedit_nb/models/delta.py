@@ -1,11 +1,12 @@
 """The learned UNet delta: the parameters a finetune's stage 2 trained, in place on the UNet or not.
 
-One owner for both modes: ``'attn'`` replaces the q/k/v weights of the cross-attention layers (the loaded
+One owner for the modes: ``'attn'`` replaces the q/k/v weights of the cross-attention layers (the loaded
 values are kept on the CPU to restore them); ``'lora'`` gives each session its own peft adapter, named after
 the session and switched with diffusers' ``set_adapter``, so swapping back to a session whose adapter is still
 loaded copies nothing. At most :data:`MAX_SESSION_ADAPTERS` stay loaded, the least recently used deleted
 beyond that (an adapter is 3 MiB at rank 4 on SD 1.5, 22 MiB on SDXL). An attention-mode session needs the
-UNet's own parameter names, so putting one in place unloads every adapter.
+UNet's own parameter names, so putting one in place unloads every adapter. ``'per_item'`` leaves the UNet as
+loaded and holds each item's adapter (:mod:`.adapters`), which the item layouts route.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import torch
+
+from .adapters import PER_ITEM_MODE, ItemAdapters
 
 if TYPE_CHECKING:
     from ..session import Session
@@ -36,6 +39,7 @@ class UNetDelta:
         # LoRA adapters on the UNet, least recently used first -> the session tensors each holds (None: the
         # adapter a finetune trains, which holds no saved session's weights)
         self.adapters: OrderedDict[str, dict | None] = OrderedDict()
+        self.item_adapters: ItemAdapters | None = None  # a per-item session's adapters (the UNet stays as loaded)
         self._delta_source: dict | None = None          # the session tensors whose delta is in place now
 
     @property
@@ -103,6 +107,7 @@ class UNetDelta:
             for n, value in self._pristine.items():
                 params[n].data = value.to(params[n].device, copy=True)
         self._pristine.clear()
+        self.item_adapters = None
         self._delta_source = None
 
     def load_unet_delta(self, mode: str, tensors: dict[str, torch.Tensor], lora: dict | None = None,
@@ -111,6 +116,11 @@ class UNetDelta:
         adapter named ``adapter``, loaded unless it holds these very tensors already)."""
         if not tensors:
             self._base_unet()
+            return
+        if mode == PER_ITEM_MODE:
+            self._base_unet()
+            self.item_adapters = ItemAdapters.from_saved(self.unet, tensors, lora["rank"], lora["alpha"])
+            self._delta_source = tensors
             return
         if mode == "lora":
             self._use_adapter(adapter, tensors, lora)

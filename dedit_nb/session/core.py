@@ -17,6 +17,7 @@ import numpy as np
 from .. import masks as M
 from ..images import fit_working_size, to_rgb_array
 from ..profiles import SD1
+from .bank import BankItems
 from .checkpoints import _generation, save_joint_weights
 from .items import DEFAULT_TEMPLATE, ImageEntry, Item, SessionError, _slug, unique_names
 from .schema import FORMAT, SESSION_FILE, SessionRecord, _check_session, _load_images, _read_json, _read_weights_file
@@ -30,8 +31,8 @@ if TYPE_CHECKING:
 SESSION_ID = re.compile(r"[0-9a-z]{1,16}")   # it starts token names: "<{id}{image}.{item}{k}_{t}>"
 
 
-class Session:
-    """Images, their items, the model they were finetuned on, learned weights and the edit history."""
+class Session(BankItems):
+    """Images, their items, the model they were finetuned on, learned weights, bank items and the edit history."""
 
     def __init__(self, folder: Path, data: dict, images: list[ImageEntry], base: dict | None = None,
                  overwrite: bool = False):

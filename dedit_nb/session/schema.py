@@ -134,6 +134,12 @@ class SessionRecord:
         for key in ("weights", "pending"):
             if data.get(key) is not None:
                 _check_weights_entry(data, key, path)
+        bank = data.get("bank", [])
+        if not isinstance(bank, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                 and isinstance(e.get("file"), str) for e in bank):
+            _fail(path, "'bank' should be a list of objects with a 'name' and a 'file'")
+        for i, entry in enumerate(bank):
+            _check_relpath(path, f"bank[{i}].file", entry["file"])
         if (data.get("weights") is None) != (data.get("finetune") is None):
             _fail(path, "has learned weights without a finetune state, or a finetune state without weights",
                   "restore session.json from a backup, or finetune the session again (resume=False)")
@@ -155,8 +161,8 @@ def _check_weights_entry(data: dict, key: str, path: Path) -> None:
     if missing:
         _fail(path, f"{key}.files lists no {' or '.join(missing)} weights although the finetune reached stage "
               f"{state['stage']}; edits would run without them", fix)
-    if info.get("mode") not in ("attn", "lora"):
-        _fail(path, f"{key}.mode should be 'attn' or 'lora', got {json.dumps(info.get('mode'))}", fix)
+    if info.get("mode") not in ("attn", "lora", "per_item"):
+        _fail(path, f"{key}.mode should be 'attn', 'lora' or 'per_item', got {json.dumps(info.get('mode'))}", fix)
 
 
 def _load_images(folder: Path, records: list[ImageRecord]) -> list[ImageEntry]:

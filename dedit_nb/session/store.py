@@ -225,7 +225,7 @@ def _referenced(data: dict) -> set[str]:
     for key in ("weights", "pending"):
         if data.get(key):
             refs |= set(data[key]["files"].values())
-    return refs
+    return refs | {entry["file"] for entry in data.get("bank", [])}
 
 
 def _collect_garbage(folder: Path, data: dict) -> None:
