@@ -343,6 +343,14 @@ def test_edit_panel_collects_operations_and_samples_them_in_one_pass(tmp_path, t
     assert shown_in(panel, panel.box) and shown_in(panel, panel.canvas) and not shown_in(panel, panel.draw_canvas)
     boxed = panel.run()                                      # the list is empty: the edit the controls show
     assert boxed.kind == "add" and (boxed.labels == 2).sum() == 8 * 4 and (boxed.labels[2:6, 2:10] == 2).all()
+    earlier = panel.operations
+    assert len(earlier.requests) == 2 and [k for _, k in earlier.earlier.options] == [1, 0]   # newest first
+    earlier.reopen(1)                                        # the boxed add, back in the list as it was sent
+    assert [{k: v for k, v in op.items() if v is not None} for op in earlier.operations] == [
+        {"kind": "add", "name": "hat", "prompt": "a red hat", "box": [2, 2, 10, 6]}]
+    earlier.clear()
+    earlier.reopen(0)                                        # the composed edit: its drawn mask was not kept
+    assert earlier.operations == [] and "fingerprint" in panel.error.value
     panel.box.value = "2, 2"
     assert panel.run() is None and "two corners" in panel.error.value
 

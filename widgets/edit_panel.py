@@ -126,7 +126,7 @@ class EditPanel(W.VBox):
                                                                c["edge_thickness"])
         self.seed, self.num_images, self.scheduler = c["seed"], c["num_images"], c["scheduler"]
         self.operations = OperationList(self.current_operations, [it.name for it in entry.items], self.show_error,
-                                        edits)
+                                        edits, self.earlier_requests())
         self.generate = W.Button(description="Generate", icon="magic", button_style="primary",
                                  layout=W.Layout(width="auto"))
         self.error = W.HTML()
@@ -264,4 +264,9 @@ class EditPanel(W.VBox):
             self.progress.layout.display = self.preview.layout.display = "none"
             self._finished = time.monotonic()
         self.gallery.add(result)
+        self.operations.set_requests(self.earlier_requests())
         return result
+
+    def earlier_requests(self) -> list[dict]:
+        """This image's recorded edit requests, oldest first."""
+        return [r for r in self.session.edit_requests() if r.get("image") == self.entry.name]

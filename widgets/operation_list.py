@@ -6,6 +6,8 @@ from typing import Callable, Sequence
 import ipywidgets as W
 import numpy as np
 
+from dedit_nb.operations import operations_from
+
 
 def describe(operation: dict, item_names: Sequence[str] = ()) -> str:
     """One line for an operation dict: its kind and the values it sets (a mask as its pixel count, an item
@@ -24,12 +26,19 @@ def describe(operation: dict, item_names: Sequence[str] = ()) -> str:
     return f"{operation['kind']}: " + ", ".join(parts) if parts else operation["kind"]
 
 
+def describe_request(request: dict, item_names: Sequence[str] = ()) -> str:
+    """One line for a recorded request (``Session.edit_requests()``): when, and its operations."""
+    when = str(request.get("time") or "")[:19].replace("T", " ")
+    return f"{when} · " + "; ".join(describe(op, item_names) for op in request.get("operations", []))
+
+
 class OperationList(W.VBox):
     """Operations waiting for Generate. ``collect()`` returns the operations the panel's controls describe
-    now (a move: one per dragged item); "add to list" appends them, "remove" drops the chosen one."""
+    now (a move: one per dragged item); "add to list" appends them, "remove" drops the chosen one. ``requests``
+    (the session's recorded requests for this image, oldest first) can be opened again into the list."""
 
     def __init__(self, collect: Callable[[], list[dict]], item_names: Sequence[str], on_error: Callable,
-                 operations: Sequence[dict] | None = None):
+                 operations: Sequence[dict] | None = None, requests: Sequence[dict] = ()):
         self.operations: list[dict] = [dict(op) for op in operations or ()]
         self.collect, self.item_names, self.on_error = collect, list(item_names), on_error
         self.chooser = W.Select(options=[], rows=3, description="to do", layout=W.Layout(width="auto"))
@@ -42,7 +51,34 @@ class OperationList(W.VBox):
         self.add_button.on_click(lambda _: self.add())
         self.remove_button.on_click(lambda _: self.remove(self.chooser.index))
         self.clear_button.on_click(lambda _: self.clear())
-        super().__init__([W.HBox([self.add_button, self.remove_button, self.clear_button]), self.chooser])
+        self.earlier = W.Dropdown(options=[], description="earlier", layout=W.Layout(width="auto"))
+        self.open_button = button("open", "folder-open", "put the chosen earlier edit's operations in the list, "
+                                                         "in place of what it holds")
+        self.open_button.on_click(lambda _: self.reopen(self.earlier.value))
+        super().__init__([W.HBox([self.add_button, self.remove_button, self.clear_button]), self.chooser,
+                          W.HBox([self.earlier, self.open_button])])
+        self.set_requests(requests)
+        self._show()
+
+    def set_requests(self, requests: Sequence[dict]) -> None:
+        """The earlier requests that can be opened, newest first."""
+        self.requests = list(requests)
+        self.earlier.options = [(describe_request(r, self.item_names), k)
+                                for k, r in reversed(list(enumerate(self.requests)))]
+        self.earlier.layout.display = self.open_button.layout.display = None if self.requests else "none"
+
+    def reopen(self, index: int | None) -> None:
+        """The operations of earlier request ``index`` become the list; one whose drawn mask was not kept (the
+        history holds only its fingerprint) is refused, naming how to replay it."""
+        if index is None or not 0 <= index < len(self.requests):
+            return
+        operations = [dict(op) for op in self.requests[index].get("operations", [])]
+        try:
+            operations_from(operations)
+        except Exception as exc:  # noqa: BLE001 - shown in the panel
+            self.on_error(exc)
+            return
+        self.operations = operations
         self._show()
 
     def add(self) -> None:
