@@ -119,7 +119,7 @@ from dedit_nb.images import rgb_to_tensor   # noqa: E402
 from dedit_nb.finetune import FinetuneConfig, finetune   # noqa: E402
 from dedit_nb.models import load_model   # noqa: E402
 from dedit_nb.session import Session   # noqa: E402
-from conftest import three_item_labels   # noqa: E402
+from conftest import finetune_stopping_at, three_item_labels   # noqa: E402
 
 PER_ITEM = dict(num_tokens=2, batch_size=1, checkpoint_every=2, stage1_steps=2, stage1_lr=1e-2, per_item=True,
                 lora_lr=2e-2)
@@ -170,7 +170,7 @@ def test_per_item_finetune_resumes_to_the_same_adapters(tmp_path, photo, tiny_mo
     finetune(model, straight, cfg, progress=False)
     interrupted = per_item_session(tmp_path, photo, model, "interrupted", session_id=straight.id)
     assert not finetune(model, interrupted, cfg, progress=False,
-                        callback=lambda stage, step, loss: (stage, step) != ("stage2", 1)).completed
+                        callback=finetune_stopping_at("stage2", 1)).completed
     assert finetune(load_model(str(tiny_model_dirs["sd"])), Session.open(tmp_path / "interrupted"), cfg,
                     progress=False).completed
     a, b = straight.load_weights("unet"), Session.open(tmp_path / "interrupted").load_weights("unet")

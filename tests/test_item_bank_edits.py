@@ -83,7 +83,7 @@ def test_a_banked_items_pixels_see_the_base_weights_and_its_own_adapter(bank, re
             routed[name] = (hidden, states, GroupedAttnProcessor()(attn, hidden, states, item_layout=ItemLayout(
                 labels, spans, bank_adapters(model, receivers[mode], [item]), slots)),
                 GroupedAttnProcessor()(attn, hidden, states, item_layout=ItemLayout(labels, spans)))
-        model.reset_unet()
+        model.delta.reset_unet()
         alone = ItemAdapters.combine(model.unet, {item.key: (item.adapter, item.rank, item.alpha)})
         for name, attn in cross_attention_layers(model.unet):
             hidden, states, with_bank, without = routed[name]

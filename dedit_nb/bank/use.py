@@ -33,7 +33,8 @@ def base_projections(model) -> dict[str, tuple[torch.Tensor, torch.Tensor | None
     for name, module in cross_attention_layers(model.unet):
         for proj, layer in [(p, getattr(module, p)) for p in PROJECTIONS] + [("to_out.0", module.to_out[0])]:
             key = f"{name}.{proj}"
-            if f"{key}.weight" in pristine or layer is not _linear(layer):
+            lora_on = layer is not _linear(layer) and not layer.disable_adapters   # loaded adapters may be off
+            if f"{key}.weight" in pristine or lora_on:
                 linear = _linear(layer)
                 weight = pristine.get(f"{key}.weight", linear.weight)
                 bias = pristine.get(f"{key}.bias", linear.bias)
@@ -54,6 +55,6 @@ def bank_adapters(model, session: Session, items: list[files.BankItem]) -> ItemA
                  for key, tensors in split_by_item(session.load_weights("unet")).items()}
     for item in items:
         check_base(item, model)
-        model.text.set_token_rows(item.rows)
+        model.conditioner.set_token_rows(item.rows)
         slots[item.key] = (item.adapter, item.rank, item.alpha)
     return ItemAdapters.combine(model.unet, slots, base_projections(model))
