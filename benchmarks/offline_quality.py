@@ -151,8 +151,8 @@ def generation(model, n: int, seed: int, vocabulary: str, sampling: dict = SAMPL
     generated image) pairs. Every vocabulary gets the same scenes (one to three objects in turn) and noise."""
     stats, kept = {k: [] for k in GENERATION_METRICS}, []
     scenes, words = np.random.default_rng([seed, 1]), np.random.default_rng([seed, 3])
-    tokenizer = model.text.slots[0].tokenizer
-    fits = lambda caption: len(tokenizer(caption)["input_ids"]) <= model.text.max_length     # noqa: E731
+    tokenizer = model.conditioner.slots[0].tokenizer
+    fits = lambda caption: len(tokenizer(caption)["input_ids"]) <= model.conditioner.max_length     # noqa: E731
     for i in range(n):
         scene = random_scene(scenes, held_out=i % 4 == 0, num_objects=1 + i % 3)
         if vocabulary != W.PLAIN:
@@ -314,19 +314,19 @@ def word_table(model) -> None:
     fair guess of what it can carry to an unseen word. The same ridge probe on MiniLM's sentence embeddings
     (mean of the token states, normalised: what the encoder was trained to make similar for synonyms), at
     three regularisations, says whether the encoder carries the word's meaning at all."""
-    tokenizer = model.text.slots[0].tokenizer
+    tokenizer = model.conditioner.slots[0].tokenizer
 
     def state(sentence: str, word: str) -> np.ndarray:
         start = sentence.index(word)
         offsets = tokenizer(sentence, return_offsets_mapping=True)["offset_mapping"]
         idx = [i for i, (a, b) in enumerate(offsets) if b > a and a >= start and b <= start + len(word)]
-        states, _ = model.text.encode([sentence], model.text.max_length)
+        states, _ = model.conditioner.encode([sentence], model.conditioner.max_length)
         return states[0, idx].float().mean(0).cpu().numpy()
 
     def sentence_embedding(sentence: str) -> np.ndarray:
         """MiniLM's own use: the mean of its token states over the sentence, normalised."""
         n = len(tokenizer(sentence)["input_ids"])
-        states, _ = model.text.encode([sentence], model.text.max_length)
+        states, _ = model.conditioner.encode([sentence], model.conditioner.max_length)
         mean = states[0, :n].float().mean(0).cpu().numpy()
         return mean / np.linalg.norm(mean)
 

@@ -219,7 +219,7 @@ def ratios(model, session: Session, config: FinetuneConfig, rounds: int, steps: 
     pooled = None if cond.pooled is None else cond.pooled.to(dtype)
 
     def plain_predict(x, states, batch):
-        added = model.text.added_cond_kwargs(None if pooled is None else pooled.expand(batch, -1), h * 8, w * 8)
+        added = model.conditioner.added_cond_kwargs(None if pooled is None else pooled.expand(batch, -1), h * 8, w * 8)
         kwargs = {} if added is None else {"added_cond_kwargs": added}
         return unet(x, 500, encoder_hidden_states=states, **kwargs).sample
 

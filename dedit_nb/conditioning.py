@@ -46,8 +46,8 @@ def fit_prompts(model: DEditModel, prompts: Sequence[str], lengths: Sequence[int
     """
     encoded, dropped = [], []
     for k, (prompt, length) in enumerate(zip(prompts, lengths)):
-        length = min(length, model.text.max_length)
-        kept, lost_words, lost_items = model.text.fit(prompt, length)
+        length = min(length, model.conditioner.max_length)
+        kept, lost_words, lost_items = model.conditioner.fit(prompt, length)
         name = names[k] if names is not None else f"#{k}"
         if lost_items:
             raise PromptTooLongError(
@@ -73,10 +73,10 @@ def encode_items(model: DEditModel, prompts: Sequence[str], lengths: Sequence[in
     pieces, pooled_rows, spans, start = [], [], [], 0
     by_length: dict[int, list[int]] = {}
     for k, length in enumerate(lengths):
-        by_length.setdefault(min(length, model.text.max_length), []).append(k)
+        by_length.setdefault(min(length, model.conditioner.max_length), []).append(k)
     encoded_states: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for length, ks in by_length.items():
-        states, pooled = model.text.encode([prompts[k] for k in ks], length)
+        states, pooled = model.conditioner.encode([prompts[k] for k in ks], length)
         for j, k in enumerate(ks):
             encoded_states[k] = (states[j], None if pooled is None else pooled[j])
     for k in range(len(prompts)):
@@ -98,7 +98,7 @@ def encode_items(model: DEditModel, prompts: Sequence[str], lengths: Sequence[in
 def unconditional(model: DEditModel, length: int = TEXT_PROMPT_LENGTH) -> Conditioning:
     """The classifier-free guidance branch: the empty prompt over the whole image (zeros for models
     trained that way, e.g. SDXL's ``force_zeros_for_empty_prompt``)."""
-    states, pooled = model.text.encode([""], length)
+    states, pooled = model.conditioner.encode([""], length)
     if model.zero_uncond:
         states = torch.zeros_like(states)
         pooled = None if pooled is None else torch.zeros_like(pooled)

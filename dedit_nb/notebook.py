@@ -135,7 +135,7 @@ def check_session_model(session: Session, model: str) -> None:
 
 
 def segmenter_kwargs(segmenter: str, num_items: int = 6, checkpoint: str | None = None,
-                     panoptic_model: str | None = None, detector: str | None = None, text: str = "") -> dict:
+                     panoptic_model: str | None = None, detector: str | None = None, phrases: str = "") -> dict:
     """Keyword arguments of ``segment`` for a segmenter chosen by name, checked."""
     if segmenter not in METHODS:
         raise ParameterError("segmenter", f"{segmenter!r} is not one of {METHODS}")
@@ -143,19 +143,19 @@ def segmenter_kwargs(segmenter: str, num_items: int = 6, checkpoint: str | None 
         if int(num_items) < 1:
             raise ParameterError("num_items", f"must be >= 1, got {num_items}")
         return {"num_items": int(num_items)}
-    if segmenter in ("sam", "text") and not checkpoint:
+    if segmenter in ("sam", "grounded") and not checkpoint:
         raise ParameterError("checkpoint", f"segmenter {segmenter!r} needs a SAM .pth checkpoint path "
                                            "(sam_vit_b_01ec64.pth from the segment-anything README)")
-    if segmenter in ("sam", "text") and not Path(checkpoint).is_file():
+    if segmenter in ("sam", "grounded") and not Path(checkpoint).is_file():
         raise ParameterError("checkpoint", f"{checkpoint} is not a file; download a SAM checkpoint "
                                            "(sam_vit_b_01ec64.pth from the segment-anything README) and pass its path")
     if segmenter == "sam":
         return {"checkpoint": checkpoint}
     if segmenter == "panoptic":
         return {"model": panoptic_model or "facebook/mask2former-swin-base-coco-panoptic"}
-    if not text.strip():
-        raise ParameterError("text", "segmenter 'text' needs phrases such as 'bag. table.'")
-    return {"text": text, "checkpoint": checkpoint, "detector": detector or "IDEA-Research/grounding-dino-tiny"}
+    if not phrases.strip():
+        raise ParameterError("phrases", "segmenter 'grounded' needs phrases such as 'bag. table.'")
+    return {"phrases": phrases, "checkpoint": checkpoint, "detector": detector or "IDEA-Research/grounding-dino-tiny"}
 
 
 def check_edit_params(session: Session, edit: str, item=None, prompt: str = "", source_session: str | None = None,

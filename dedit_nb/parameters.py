@@ -26,7 +26,7 @@ SCHEDULERS = {
 }
 MAX_SEED = 2**64 - 1             # the largest seed torch.Generator takes
 MAX_FINETUNE_SEED = 2**32 - 1    # each step's noise is seeded from (seed, stage, step), which must stay below 2**64
-SEGMENTERS = ("offline", "sam", "panoptic", "text")    # dedit_nb.segment's methods (segment.METHODS)
+SEGMENTERS = ("offline", "sam", "panoptic", "grounded")    # dedit_nb.segment's methods (segment.METHODS)
 
 
 class OneLineError(Exception):
@@ -280,10 +280,10 @@ SEGMENTATION = Schema("segmentation", (
     Field("multiple", "int", None, "working sides are multiples of this", "int", low=1, profile="multiple"),
     Field("segmenter", "text", "offline", "how the image is split into items", "dropdown", choices=SEGMENTERS),
     Field("num_items", "int", 6, "items the offline segmenter makes", "int", low=1),
-    Field("checkpoint", "text", None, "a SAM .pth checkpoint (segmenters 'sam' and 'text')", "text", optional=True),
+    Field("checkpoint", "text", None, "a SAM .pth checkpoint (segmenters 'sam' and 'grounded')", "text", optional=True),
     Field("panoptic_model", "text", None, "a Mask2Former/OneFormer panoptic model id", "text", optional=True),
-    Field("detector", "text", None, "a Grounding DINO model id (segmenter 'text')", "text", optional=True),
-    Field("text", "text", "", "phrases to find (segmenter 'text'), e.g. 'bag. table.'", "text"),
+    Field("detector", "text", None, "a Grounding DINO model id (segmenter 'grounded')", "text", optional=True),
+    Field("phrases", "text", "", "phrases to find (segmenter 'grounded'), e.g. 'bag. table.'", "text"),
 ))
 
 # --- edit operations ---------------------------------------------------------------------------------------

@@ -146,8 +146,8 @@ def test_unet_with_grouped_processor_isolates_items_in_cross_attention(tiny_mode
     h = w = 8
     labels = torch.zeros(1, h, w, dtype=torch.long)
     labels[0, :, 4:] = 1
-    states, _ = model.text.encode(["a cat", "a dog"], 8)
-    other, _ = model.text.encode(["a cat", "a red car"], 8)
+    states, _ = model.conditioner.encode(["a cat", "a dog"], 8)
+    other, _ = model.conditioner.encode(["a cat", "a red car"], 8)
     layout = ItemLayout(labels, [[(0, 8), (8, 16)]])
     pooled = torch.zeros(1, 32) if model.family == "sdxl" else None
     lat = torch.randn(1, model.latent_channels, h, w)
@@ -203,7 +203,7 @@ def test_a_unet_at_an_odd_latent_size_groups_its_coarse_levels_exactly(tiny_mode
     labels = torch.zeros(1, 13, 9, dtype=torch.long)
     labels[0, :, 5:] = 1
     labels[0, 8:, :] = 2
-    states, _ = model.text.encode(["a cat", "a dog", "grass"], 6)
+    states, _ = model.conditioner.encode(["a cat", "a dog", "grass"], 6)
     _CheckingProcessor.calls.clear()
     with torch.no_grad():
         out = model.predict(torch.randn(1, 3, 13, 9), 10, states.reshape(1, 18, -1),
@@ -221,7 +221,7 @@ def test_grouped_processor_goes_on_cross_attention_only(tiny_model):
     unet.set_attn_processor(AttnProcessor())            # e.g. the user's choice of backend
     labels = torch.zeros(1, 8, 8, dtype=torch.long)
     labels[0, :, 4:] = 1
-    states, _ = tiny_model.text.encode(["a cat", "a dog"], 8)
+    states, _ = tiny_model.conditioner.encode(["a cat", "a dog"], 8)
     pooled = torch.zeros(1, 32) if tiny_model.family == "sdxl" else None
     run = lambda: tiny_model.predict(torch.randn(1, tiny_model.latent_channels, 8, 8), 10,  # noqa: E731
                                      states.reshape(1, 16, -1), ItemLayout(labels, [[(0, 8), (8, 16)]]), pooled)

@@ -28,12 +28,12 @@ def test_stage1_changes_only_the_new_embedding_rows(tmp_path, photo, tiny_model)
     model = tiny_model
     s = make_session(tmp_path, photo, model)
     tokens = s.assign_tokens(FAST["num_tokens"])
-    model.text.add_tokens(tokens)
+    model.conditioner.add_tokens(tokens)
     unet_before = snapshot(model.unet)
-    encoders_before = [snapshot(slot.encoder) for slot in model.text.slots]
+    encoders_before = [snapshot(slot.encoder) for slot in model.conditioner.slots]
     finetune(model, s, FinetuneConfig(stage1_steps=3, stage2_steps=0, stage1_lr=1e-2, **FAST), progress=False)
     assert len(tokens) == 3 * 2 and s.all_tokens() == tokens
-    for slot, before, ids in zip(model.text.slots, encoders_before, model.text.token_ids(tokens)):
+    for slot, before, ids in zip(model.conditioner.slots, encoders_before, model.conditioner.token_ids(tokens)):
         table = slot.embedding().weight
         name = next(n for n, p in slot.encoder.named_parameters() if p is table)
         new = torch.zeros(table.shape[0], dtype=torch.bool)
@@ -51,8 +51,8 @@ def test_stage1_new_rows_move_from_their_initialisation(tmp_path, photo, tiny_mo
     model = load_model(str(tiny_model_dirs["sd"]))
     s = make_session(tmp_path, photo, model)
     tokens = s.assign_tokens(2)
-    model.text.add_tokens(tokens, generator=torch.Generator().manual_seed(0))
-    init = model.text.get_token_rows(tokens)
+    model.conditioner.add_tokens(tokens, generator=torch.Generator().manual_seed(0))
+    init = model.conditioner.get_token_rows(tokens)
     finetune(model, s, FinetuneConfig(stage1_steps=3, stage2_steps=0, stage1_lr=1e-2, **FAST), progress=False)
     learned = s.load_weights("tokens")
     assert set(learned) == set(init)
@@ -118,7 +118,7 @@ def test_stage1_optimizer_state_holds_only_the_trained_rows(tmp_path, photo, tin
     finetune(model, s, FinetuneConfig(stage1_steps=3, stage2_steps=1, **FAST), progress=False,
              callback=finetune_stopping_at("stage1", 1))
     moments = {k: v for k, v in s.load_weights("optimizer").items() if not k.endswith(".step")}
-    width = sum(slot.embedding().weight.shape[1] for slot in model.text.slots)
+    width = sum(slot.embedding().weight.shape[1] for slot in model.conditioner.slots)
     assert sum(v.numel() for v in moments.values()) == 2 * len(s.all_tokens()) * width   # Adam's two moments
 
 

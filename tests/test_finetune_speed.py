@@ -87,7 +87,7 @@ def test_item_tokens_start_from_the_mean_embedding_of_their_names_words(tmp_path
         weights = s.load_weights("tokens")
         rows[init] = [[weights[f"0/{t}"] for t in item.tokens] for item in s.images[0].items]
         names = [item.name for item in s.images[0].items]
-    slot = model.text.slots[0]
+    slot = model.conditioner.slots[0]
     table = slot.embedding().weight
     for k in (0, 1):
         words = slot.tokenizer(names[k], add_special_tokens=False).input_ids
@@ -113,8 +113,8 @@ def test_the_first_token_update_is_the_scheduled_share_of_the_rate(tmp_path, pho
     model = load_model(str(tiny_model_dirs["sd"]))
     s = make_session(tmp_path, photo, model)
     tokens = s.assign_tokens(FAST["num_tokens"])
-    model.text.add_tokens(tokens, generator=torch.Generator().manual_seed(0), restart=True)
-    before = model.text.get_token_rows(tokens)
+    model.conditioner.add_tokens(tokens, generator=torch.Generator().manual_seed(0), restart=True)
+    before = model.conditioner.get_token_rows(tokens)
     finetune(model, s, FinetuneConfig(stage1_steps=1, stage2_steps=0, stage1_lr=1e-2, **settings, **FAST),
              progress=False)
     after = s.load_weights("tokens")

@@ -190,7 +190,7 @@ def test_text_encoders_and_vae_wait_on_the_cpu_and_come_back(tiny_model_dirs):
     base = memory.estimate(folder, dtype="fp32", work=memory.Workload(resolution=64, items=3))
     off = memory.estimate(folder, dtype="fp32", work=memory.Workload(resolution=64, items=3, offload_text_and_vae=True))
     model = memory.model_from_configs(folder, "fp32")
-    text = sum(p.nbytes for s in model.text.slots for p in s.encoder.parameters())
+    text = sum(p.nbytes for s in model.conditioner.slots for p in s.encoder.parameters())
     vae = sum(p.nbytes for p in model.vae.parameters())
     assert base.phase("stage 1").lower - off.phase("stage 1").lower >= vae                # off during stage 1
     assert base.phase("stage 2").lower - off.phase("stage 2").lower >= vae + text         # both off in stage 2
@@ -221,9 +221,9 @@ def test_live_bytes_are_told_apart_by_what_made_them():
 
 def test_estimating_a_loaded_model_leaves_it_as_it_was(tiny_model_dirs):
     model = load_model(str(tiny_model_dirs["sd"]), device="cpu", dtype="fp16")
-    vocabulary = len(model.text.slots[0].tokenizer)
+    vocabulary = len(model.conditioner.slots[0].tokenizer)
     before = {n: p.clone() for n, p in model.unet.named_parameters()}
     estimate = memory.estimate(model, work=memory.Workload(resolution=64, items=3))
     assert estimate.settings["dtype"] == "float16" and estimate.phase("stage 2").lower > estimate.phase("load").lower
-    assert len(model.text.slots[0].tokenizer) == vocabulary and not model.text.learned   # no item tokens added
+    assert len(model.conditioner.slots[0].tokenizer) == vocabulary and not model.conditioner.learned   # no item tokens added
     assert all(torch.equal(p, before[n]) for n, p in model.unet.named_parameters())

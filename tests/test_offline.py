@@ -65,7 +65,7 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     assert all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta if k.startswith("ema."))
     target = T.export(tmp_path / "straight", tmp_path / "exported", schedule=schedule)
     model = load_model(str(target))
-    assert model.family == "offline" and model.vae is None and model.text.max_length == T.TEXT_LENGTH
+    assert model.family == "offline" and model.vae is None and model.conditioner.max_length == T.TEXT_LENGTH
     assert json.loads((target / "model_index.json").read_text())["_dedit_schedule_legs"] == 2
 
 

@@ -25,14 +25,14 @@ def model_dirs(tmp_path_factory, tiny_model_dirs):
 
 def _check_half_precision_run(tmp_path, photo, folder, dtype, lora):
     model = load_model(str(folder), dtype=dtype)
-    assert model.unet.dtype == DTYPES[dtype] and model.text.slots[0].encoder.dtype == DTYPES[dtype]
+    assert model.unet.dtype == DTYPES[dtype] and model.conditioner.slots[0].encoder.dtype == DTYPES[dtype]
     s = Session.create(tmp_path / "s", photo, resolution=16, multiple=model.latent_factor)
     h, w = s.images[0].labels.shape
     s.set_items(0, three_item_labels(h, w), ["left", "right", "top"])
     s.add_image(photo[::-1].copy(), name="flipped")
     tokens = s.assign_tokens(2)
-    model.text.add_tokens(tokens, generator=torch.Generator().manual_seed(0))
-    init_rows = model.text.get_token_rows(tokens)
+    model.conditioner.add_tokens(tokens, generator=torch.Generator().manual_seed(0))
+    init_rows = model.conditioner.get_token_rows(tokens)
     unet_before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
     cfg = FinetuneConfig(num_tokens=2, stage1_steps=2, stage2_steps=2, stage1_lr=1e-2, stage2_lr=1e-2,
                          lora_lr=1e-2, lora=lora)

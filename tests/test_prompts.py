@@ -52,11 +52,11 @@ def test_sdxl_pooled_embedding_is_read_at_the_end_of_text_even_with_the_legacy_c
     """Real SD/SDXL text-encoder configs say ``eos_token_id: 2``, for which transformers pools at the highest token
     id: an added item token. The pooled embedding SDXL conditions on must come from the end-of-text token."""
     model = load_model(str(tiny_model_dirs["sdxl"]))
-    slot = model.text.slots[1]
+    slot = model.conditioner.slots[1]
     assert slot.gives_pooled and slot.encoder.config.eos_token_id == 2      # the legacy value, as in SDXL's
-    token = model.text.add_tokens(["<item-7>"], generator=torch.Generator().manual_seed(0))[0]
+    token = model.conditioner.add_tokens(["<item-7>"], generator=torch.Generator().manual_seed(0))[0]
     prompt = f"a {token} cat"
-    _, pooled = model.text.encode([prompt], 16)
+    _, pooled = model.conditioner.encode([prompt], 16)
     ids = slot.tokenizer([prompt], padding="max_length", max_length=16, truncation=True,
                          return_tensors="pt").input_ids
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_sdxl_pooled_embedding_is_read_at_the_end_of_text_even_with_the_legacy_c
     assert not torch.allclose(out.text_embeds[0], expected)
     # each prompt of a batch at its own end of text
     prompts = [prompt, f"{token} on a long table by the window"]
-    _, pooled = model.text.encode(prompts, 40)
+    _, pooled = model.conditioner.encode(prompts, 40)
     ids = slot.tokenizer(prompts, padding="max_length", max_length=40, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         states = slot.encoder(ids).last_hidden_state

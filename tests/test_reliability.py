@@ -194,7 +194,7 @@ def test_an_interrupted_finetune_leaves_no_gradients_for_the_next_one_on_the_mod
     with pytest.raises(KeyboardInterrupt):
         F.finetune(shared, interrupted, cfg, progress=False)
     monkeypatch.setattr(F._Run, "loss", loss)
-    modules = [shared.unet, *(slot.encoder for slot in shared.text.slots)]
+    modules = [shared.unet, *(slot.encoder for slot in shared.conditioner.slots)]
     assert all(p.grad is None for m in modules for p in m.parameters())
     F.finetune(shared, other, cfg, progress=False)
     F.finetune(load_model(folder), reference, cfg, progress=False)

@@ -276,13 +276,13 @@ def test_text_prompted_items_and_the_nothing_found_fallback(tmp_path, tiny_sam_p
                            tokenizer=tok).save_pretrained(tmp_path / "gd")
     img = resize_rgb(data.coffee(), (64, 48))
     sam = load_sam(tiny_sam_path, "tiny")
-    p = segment(img, method="text", text="cup. table.", sam=sam, detector=str(tmp_path / "gd"),
+    p = segment(img, method="grounded", phrases="cup. table.", sam=sam, detector=str(tmp_path / "gd"),
                 box_threshold=0.0, text_threshold=0.0, max_items=3)
     assert p.areas().sum() == 48 * 64 and (p.areas() > 0).all()
     assert all(n.split(" ")[0] in {"cup", "table", "background"} or n.startswith("cup") or n.startswith("table")
                for n in p.item_names)
     with pytest.warns(UserWarning, match="nothing detected"):
-        none = segment(img, method="text", text="cup.", sam=sam, detector=str(tmp_path / "gd"), box_threshold=1.1)
+        none = segment(img, method="grounded", phrases="cup.", sam=sam, detector=str(tmp_path / "gd"), box_threshold=1.1)
     assert none.item_names == ["image"] and (none.labels == 0).all()
     with pytest.raises(SamLoadError, match="needs SAM"):
-        segment(img, method="text", text="cup.", detector=str(tmp_path / "gd"))
+        segment(img, method="grounded", phrases="cup.", detector=str(tmp_path / "gd"))

@@ -33,7 +33,7 @@ def lora_sessions(tmp_path_factory, tiny_model_dirs):
 def prediction(model, session) -> torch.Tensor:
     """One UNet call with the session in place, on fixed inputs that reach every LoRA-wrapped layer."""
     model.use_session(session)
-    states, _ = model.text.encode([f"a photo of {' '.join(session.all_tokens())}"])
+    states, _ = model.conditioner.encode([f"a photo of {' '.join(session.all_tokens())}"])
     latents = torch.randn(1, model.latent_channels, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return model.predict(latents, 500, states, None)

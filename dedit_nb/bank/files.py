@@ -187,7 +187,7 @@ def file_size(model, num_tokens: int = 5, rank: int = 4, crop_side: int = CROP_S
     from ..attention import cross_attention_layers
     from ..models.adapters import PROJECTIONS, _linear
     tokens = [f"<bank.{0:012x}_{t}>" for t in range(num_tokens)]
-    rows = {f"{s}/{t}": torch.zeros(slot.embedding().weight.shape[1]) for s, slot in enumerate(model.text.slots)
+    rows = {f"{s}/{t}": torch.zeros(slot.embedding().weight.shape[1]) for s, slot in enumerate(model.conditioner.slots)
             for t in tokens}
     adapter = {}
     for name, module in cross_attention_layers(model.unet):

@@ -122,7 +122,7 @@ def _memory_options(model, config: FinetuneConfig):
         yield
         return
     model.unet.enable_gradient_checkpointing()
-    encoders = [s.encoder for s in model.text.slots if getattr(s.encoder, "supports_gradient_checkpointing", False)]
+    encoders = [s.encoder for s in model.conditioner.slots if getattr(s.encoder, "supports_gradient_checkpointing", False)]
     for e in encoders:
         e.gradient_checkpointing_enable()
     try:

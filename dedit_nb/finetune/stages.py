@@ -56,7 +56,7 @@ def finetune(model, session: Session, config: FinetuneConfig | None = None, call
 
 
 def _clear_gradients(model) -> None:
-    for module in (model.unet, *(slot.encoder for slot in model.text.slots)):
+    for module in (model.unet, *(slot.encoder for slot in model.conditioner.slots)):
         module.zero_grad(set_to_none=True)
 
 
@@ -65,7 +65,7 @@ def _finetune(model, session: Session, sessions: list[Session], config: Finetune
     model.delta.reset_unet()
     _clear_gradients(model)
     tokens = [t for s in sessions for t in s.assign_tokens(config.num_tokens)]
-    model.text.add_tokens(tokens, generator=torch.Generator().manual_seed(config.seed), restart=state is None)
+    model.conditioner.add_tokens(tokens, generator=torch.Generator().manual_seed(config.seed), restart=state is None)
     if state is None and config.init_tokens_from_name:
         _start_tokens_from_names(model, sessions)
     saved = state or {}
@@ -75,7 +75,7 @@ def _finetune(model, session: Session, sessions: list[Session], config: Finetune
                             stopped=dict(saved.get("stopped", {})))
     stage, start = (state["stage"], state["step"]) if state is not None else (1, 0)
     if state is not None:
-        model.text.set_token_rows(session.load_weights("tokens"))
+        model.conditioner.set_token_rows(session.load_weights("tokens"))
         if state.get("done") and stage == 2 and config.stage2_steps <= finished_at(state, config.stop_when):
             model.use_session(session)
             result.completed = True
@@ -111,7 +111,7 @@ def _start_tokens_from_names(model, sessions: Sequence[Session]) -> None:
     """Textual inversion's initializer token: every token of an item starts from the mean embedding of its
     name's words, in each encoder whose tokenizer knows them all (elsewhere it keeps its random draw)."""
     items = [it for s in sessions for e in s.images for it in e.items]
-    for slot in model.text.slots:
+    for slot in model.conditioner.slots:
         table = slot.embedding().weight
         unknown = getattr(slot.tokenizer, "unk_token_id", None)
         for item in items:
@@ -137,7 +137,7 @@ def _encode_images(model, sessions: Sequence[Session]) -> list[_ImageData]:
 def _stage1(run: _Run, start: int) -> bool:
     """Learn the item tokens' embedding rows (fp32 masters; nothing else of the encoders changes)."""
     model, config = run.model, run.config
-    with model.text.trainable_rows(run.tokens, run.resumed.get("rows")) as rows:
+    with model.conditioner.trainable_rows(run.tokens, run.resumed.get("rows")) as rows:
         opt = torch.optim.AdamW(rows, lr=config.stage1_lr, weight_decay=0.0)
         restore_optimizer_state(opt, run.resumed.get("optimizer", {}))
 
@@ -184,7 +184,7 @@ def _stage2(run: _Run, start: int, saved_unet: dict[str, torch.Tensor]) -> bool:
         resume = {**flatten_optimizer_state(opt), **masters.resume_tensors()}
         return {"tokens": tokens, "unet": unet, "optimizer": resume}
 
-    encoders = [slot.encoder for slot in model.text.slots] if config.offload_text_and_vae else []
+    encoders = [slot.encoder for slot in model.conditioner.slots] if config.offload_text_and_vae else []
     try:
         with _waiting_on_cpu(model, encoders):   # the item prompts' states are cached: no encoder runs in stage 2
             return _train(run, _Stage(2, config.stage2_steps, opt, lambda: cached, saved, masters), start)

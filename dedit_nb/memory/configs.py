@@ -125,8 +125,8 @@ def meta_like(model: DEditModel) -> DEditModel:
         vae = None if model.vae is None else type(model.vae).from_config(model.vae.config).to(model._vae_dtype())
         slots = [dataclasses.replace(s, tokenizer=copy.deepcopy(s.tokenizer),
                                      encoder=type(s.encoder)._from_config(s.encoder.config).to(model.dtype))
-                 for s in model.text.slots]
+                 for s in model.conditioner.slots]
     diffusers_logging.set_verbosity(verbosity)
     return DEditModel(model.model_id, model.family, unet, model.scheduler_config,
-                      TextConditioner(slots, added_time_ids=model.text.added_time_ids), vae=vae,
+                      TextConditioner(slots, added_time_ids=model.conditioner.added_time_ids), vae=vae,
                       device=torch.device("meta"), dtype=model.dtype, zero_uncond=model.zero_uncond)

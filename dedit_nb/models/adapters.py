@@ -185,7 +185,7 @@ def model_identity(model) -> dict[str, str]:
     cached = _identities.get(model)
     if cached is not None:
         return dict(cached)
-    configs = [dict(model.unet.config)] + [slot.encoder.config.to_dict() for slot in model.text.slots]
+    configs = [dict(model.unet.config)] + [slot.encoder.config.to_dict() for slot in model.conditioner.slots]
     for c in configs:
         for volatile in ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash",
                          "torch_dtype", "dtype", "_use_default_values"):

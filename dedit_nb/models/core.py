@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 class DEditModel:
     """A diffusion model as D-Edit uses it: UNet with grouped attention, optional VAE, text conditioning."""
 
-    def __init__(self, model_id: str, family: str, unet, scheduler_config: dict, text: TextConditioner,
+    def __init__(self, model_id: str, family: str, unet, scheduler_config: dict, conditioner: TextConditioner,
                  vae=None, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
                  zero_uncond: bool = False):
         self.model_id = model_id
@@ -24,7 +24,7 @@ class DEditModel:
         self.family = family
         self.unet = unet
         self.vae = vae
-        self.text = text
+        self.conditioner = conditioner
         self.scheduler_config = dict(scheduler_config)
         self.device = device or torch.device("cpu")
         self.dtype = dtype
@@ -38,7 +38,7 @@ class DEditModel:
             module.eval()
 
     def modules(self) -> list[torch.nn.Module]:
-        mods = [self.unet] + [s.encoder for s in self.text.slots]
+        mods = [self.unet] + [s.encoder for s in self.conditioner.slots]
         return mods + ([self.vae] if self.vae is not None else [])
 
     # --- geometry ------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ class DEditModel:
                                    "call dedit_nb.attention.install_grouped_attention(model.unet) after choosing "
                                    "an attention backend (self-attention layers keep theirs)")
         h, w = latents.shape[-2:]
-        added = self.text.added_cond_kwargs(pooled, h * self.vae_scale, w * self.vae_scale)
+        added = self.conditioner.added_cond_kwargs(pooled, h * self.vae_scale, w * self.vae_scale)
         kwargs = {"cross_attention_kwargs": {"item_layout": layout}}
         if added is not None:
             kwargs["added_cond_kwargs"] = added
@@ -103,7 +103,7 @@ class DEditModel:
     def use_session(self, session: Session) -> None:
         """Put exactly this finetuned session's item tokens and UNet delta in place (every run calls it, so
         one loaded model serves many sessions: the delta is swapped only when another one is in place)."""
-        self.text.set_token_rows(session.load_weights("tokens"))
+        self.conditioner.set_token_rows(session.load_weights("tokens"))
         self.delta.use_session(session)
 
     @property
@@ -129,7 +129,7 @@ class DEditModel:
         self.dtype = dtype or self.dtype
         for m in self.modules():
             m.to(self.device)
-        for m in [self.unet] + [s.encoder for s in self.text.slots]:
+        for m in [self.unet] + [s.encoder for s in self.conditioner.slots]:
             if next(m.parameters()).dtype != self.dtype:
                 m.to(dtype=self.dtype)
         return self

@@ -57,15 +57,15 @@ def scheduler_config() -> dict:
 class PhraseCache:
     """MiniLM states of prompts, computed once per distinct string."""
 
-    def __init__(self, text: TextConditioner):
-        self.text, self.cache = text, {}
-        self.tokenizer = text.slots[0].tokenizer
+    def __init__(self, conditioner: TextConditioner):
+        self.conditioner, self.cache = conditioner, {}
+        self.tokenizer = conditioner.slots[0].tokenizer
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> list[torch.Tensor]:
         missing = sorted({p for p in prompts if p not in self.cache})
         if missing:
-            states, _ = self.text.encode(missing, TEXT_LENGTH)
+            states, _ = self.conditioner.encode(missing, TEXT_LENGTH)
             for p, s in zip(missing, states):
                 self.cache[p] = s
         if len(self.cache) > 200_000:

@@ -27,9 +27,9 @@ def segment(image, method: str = "offline", **kwargs) -> Partition:
     if method == "panoptic":
         from .panoptic import segment_panoptic
         return segment_panoptic(image, **kwargs)
-    if method == "text":
-        from .grounded import segment_text
-        return segment_text(image, **kwargs)
+    if method == "grounded":
+        from .grounded import segment_grounded
+        return segment_grounded(image, **kwargs)
     raise ValueError(f"unknown segmenter {method!r}; choose one of {METHODS}")
 
 

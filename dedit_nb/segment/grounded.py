@@ -39,19 +39,20 @@ def _match(label: str, phrases: list[str]) -> str:
 
 
 @torch.no_grad()
-def segment_text(image: np.ndarray, text: str, sam=None, checkpoint=None, model_type: str | None = None,
-                 detector="IDEA-Research/grounding-dino-tiny", processor=None, box_threshold: float = 0.35,
-                 text_threshold: float = 0.25, max_items: int = 16, min_area_fraction: float = 0.002,
-                 background_min_fraction: float = 0.05) -> Partition:
-    """Items for the phrases of ``text``; everything not found becomes a background item."""
-    phrases = phrases_of(text)
-    if not phrases:
+def segment_grounded(image: np.ndarray, phrases: str, sam=None, checkpoint=None, model_type: str | None = None,
+                     detector="IDEA-Research/grounding-dino-tiny", processor=None, box_threshold: float = 0.35,
+                     text_threshold: float = 0.25, max_items: int = 16, min_area_fraction: float = 0.002,
+                     background_min_fraction: float = 0.05) -> Partition:
+    """Items for ``phrases`` ('bag. table.'), found by Grounding DINO and cut out by SAM; everything not found
+    becomes a background item."""
+    wanted = phrases_of(phrases)
+    if not wanted:
         raise ValueError("text-prompted segmentation needs phrases, e.g. 'bag. table.'")
     if sam is None and checkpoint is None:
         raise SamLoadError("text-prompted segmentation needs SAM for the masks: pass checkpoint='sam_vit_b_01ec64.pth'")
     if isinstance(detector, str):
         detector, processor = load_detector(detector)
-    query = ". ".join(phrases) + "."
+    query = ". ".join(wanted) + "."
     inputs = processor(images=image, text=query, return_tensors="pt").to(detector.device)
     outputs = detector(**inputs)
     found = processor.post_process_grounded_object_detection(
@@ -59,7 +60,7 @@ def segment_text(image: np.ndarray, text: str, sam=None, checkpoint=None, model_
         target_sizes=[image.shape[:2]])[0]
     boxes = found["boxes"].cpu().numpy()
     if len(boxes) == 0:
-        warnings.warn(f"nothing detected for {phrases}: one item covers the image", stacklevel=2)
+        warnings.warn(f"nothing detected for {wanted}: one item covers the image", stacklevel=2)
         return Partition(np.zeros(image.shape[:2], np.int32), ["image"])
     scores = found["scores"].cpu().numpy()
     order = np.argsort(-scores)[:max_items]
@@ -69,7 +70,7 @@ def segment_text(image: np.ndarray, text: str, sam=None, checkpoint=None, model_
     masks = prompter.boxes([boxes[i] for i in order])
     names, counts = [], {}
     for i in order:
-        name = _match(str(labels[i]), phrases)
+        name = _match(str(labels[i]), wanted)
         counts[name] = counts.get(name, 0) + 1
         names.append(name if counts[name] == 1 else f"{name} {counts[name]}")
     return partition_from_masks(masks, [float(scores[i]) for i in order], names,
