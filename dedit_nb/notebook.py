@@ -27,7 +27,6 @@ from .plans import plan_edit
 from .profiles import Resolved, model_facts, resolve
 from .reruns import choose_folder
 from .sampler import MAX_SEED, SCHEDULERS, SamplingConfig
-from .segment import METHODS, Partition, segment_session
 from .session import Session, SessionError
 
 if TYPE_CHECKING:
@@ -137,11 +136,8 @@ def check_session_model(session: Session, model: str) -> None:
 def segmenter_kwargs(segmenter: str, num_items: int = 6, checkpoint: str | None = None,
                      panoptic_model: str | None = None, detector: str | None = None, phrases: str = "") -> dict:
     """Keyword arguments of ``segment`` for a segmenter chosen by name, checked."""
-    if segmenter not in METHODS:
-        raise ParameterError("segmenter", f"{segmenter!r} is not one of {METHODS}")
+    SEGMENTATION.check({"segmenter": segmenter, "num_items": num_items}, resolved=True)   # the schema's checks
     if segmenter == "offline":
-        if int(num_items) < 1:
-            raise ParameterError("num_items", f"must be >= 1, got {num_items}")
         return {"num_items": int(num_items)}
     if segmenter in ("sam", "grounded") and not checkpoint:
         raise ParameterError("checkpoint", f"segmenter {segmenter!r} needs a SAM .pth checkpoint path "

@@ -182,3 +182,12 @@ def test_a_grid_varies_edits_and_checks_every_run_by_the_schemas():
                       ({"strength": 2}, "strength"), ({"edit": "add", "name": 3}, "name")]:
         with pytest.raises(GridError, match=f"parameter '{name}'"):
             expand({"parameters": bad}, "03_edit")
+
+
+def test_segmenter_kwargs_refuses_what_the_segmentation_schema_refuses():
+    from dedit_nb.notebook import segmenter_kwargs
+    with pytest.raises(ParameterError, match=r"parameter 'segmenter': 'nope' is not one of"):
+        segmenter_kwargs("nope")
+    with pytest.raises(ParameterError, match=r"parameter 'num_items': should be an integer >= 1, got 0"):
+        segmenter_kwargs("offline", 0)
+    assert segmenter_kwargs("offline", 3) == {"num_items": 3}
